@@ -17,6 +17,8 @@ from rlformer.registry import register
 
 @register("attention", "full")
 class FullAttention(Attention):
+    """Full softmax attention over [memory; segment] (Vaswani et al. 2017, eq. 1)."""
+
     def attend(self, q, k, v, ctx):
         dropout = self.dropout if self.training else 0.0
         pos = self.score_position
