@@ -21,6 +21,8 @@ def rotate_half(x: Tensor) -> Tensor:
 
 @register("position", "rope")
 class RotaryPosition(Position):
+    """RoPE (Su et al. 2021): rotate q and k pairwise by position-dependent angles."""
+
     hooks = frozenset({"rotary"})
 
     def __init__(self, cfg: EncoderConfig):
