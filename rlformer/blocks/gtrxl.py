@@ -33,6 +33,8 @@ class GRUGate(nn.Module):
 
 @register("block", "gtrxl")
 class GTrXLBlock(Block):
+    """LN on the input stream only, ReLU on each submodule output, GRU gates for residuals (Parisotto 2019)."""
+
     def __init__(self, cfg, attention):
         super().__init__(cfg, attention)
         self.norm1 = nn.LayerNorm(cfg.d_model)

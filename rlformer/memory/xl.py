@@ -26,6 +26,8 @@ def append_fifo(mem, mem_valid, h, valid, length: int):
 
 @register("memory", "xl")
 class XLMemory(Memory):
+    """Per-layer FIFO of the last mem_len layer inputs, gradient-stopped (Dai et al. 2019, sec. 3.2)."""
+
     @classmethod
     def validate(cls, cfg: EncoderConfig) -> None:
         if cfg.mem_len < 1:
