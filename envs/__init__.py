@@ -6,3 +6,4 @@ from envs.datasets import (  # noqa: F401  (light: numpy only; minari is importe
     load_dataset,
     resolve_dataset,
 )
+from envs import registration as _registration  # noqa: F401  (registers the rlformer/* gymnasium ids)
