@@ -75,37 +75,59 @@ class Encoder(nn.Module):
         aux = AuxCollector()
         new_slots = list(state.slots)
 
-        def run(slot: int, block: nn.Module, h: Tensor) -> Tensor:
-            old = state.slots[slot]
-            mem, mem_valid = self.memory.read(old.get("memory", {}))
-            n_mem = 0 if mem is None else mem.shape[1]
-            key_valid = None
-            if mem_valid is not None or valid is not None:
-                ones = torch.ones(b, t, dtype=torch.bool, device=x.device)
-                key_valid = torch.cat([mem_valid if mem is not None else ones[:, :0],
-                                       valid if valid is not None else ones], dim=1)
-            index = torch.arange(n_mem + t, device=x.device)
-
-            def call(h_in: Tensor, mem_in: Optional[Tensor]):
-                local = AuxCollector(info=aux.info)
-                ctx = AttentionContext(causal=self.cfg.causal, q_index=index[n_mem:], k_index=index, q_pos=q_pos,
-                                       key_valid=key_valid, state=old.get("attention", {}), aux=local,
-                                       layer=slot, training=self.training)
-                out, attn_state = block(h_in, mem_in, ctx)
-                return out, attn_state, local.total(out)
-
-            if self.cfg.checkpointing and self.training and torch.is_grad_enabled():
-                out, attn_state, loss = torch.utils.checkpoint.checkpoint(call, h, mem, use_reentrant=False)
-            else:
-                out, attn_state, loss = call(h, mem)
-            aux.add(loss)
-            new_slots[slot] = {"memory": self.memory.write(old.get("memory", {}), h, valid, block, aux),
-                               "attention": attn_state}
-            return out
-
+        run = LayerRunner(self, state, new_slots, valid, q_pos, aux)
         h = self.norm(self.depth(h, run, aux))
         new_state = EncoderState(state.offset + t, new_slots) if self.stateful else None
         return EncoderOutput(h, new_state, aux.total(h), aux.info)
+
+
+class LayerRunner:
+    """``run(slot, block, h) -> h``: one block over one segment, with its memory and state.
+
+    Depth schemes call it once per block application; ``context(slot, n_mem, key_valid)`` builds
+    the attention context for schemes that drive blocks themselves (reversible stacks).
+    """
+
+    def __init__(self, enc: Encoder, state: EncoderState, new_slots: list, valid: Optional[Tensor],
+                 q_pos: Tensor, aux: AuxCollector):
+        self.enc, self.state, self.new_slots, self.valid, self.q_pos, self.aux = enc, state, new_slots, valid, q_pos, aux
+
+    def context(self, slot: int, n_mem: int = 0, key_valid: Optional[Tensor] = None,
+                aux: Optional[AuxCollector] = None) -> AttentionContext:
+        t = self.q_pos.shape[1]
+        index = torch.arange(n_mem + t, device=self.q_pos.device)
+        return AttentionContext(causal=self.enc.cfg.causal, q_index=index[n_mem:], k_index=index, q_pos=self.q_pos,
+                                key_valid=key_valid, state=self.state.slots[slot].get("attention", {}),
+                                aux=aux if aux is not None else self.aux, layer=slot, training=self.enc.training)
+
+    def key_valid(self, mem: Optional[Tensor], mem_valid: Optional[Tensor]) -> Optional[Tensor]:
+        """(B, M + T) validity of [memory; segment] keys, or None when all are valid."""
+        if mem_valid is None and self.valid is None:
+            return None
+        b, t = self.q_pos.shape
+        ones = torch.ones(b, t, dtype=torch.bool, device=self.q_pos.device)
+        return torch.cat([mem_valid if mem is not None else ones[:, :0],
+                          self.valid if self.valid is not None else ones], dim=1)
+
+    def __call__(self, slot: int, block: nn.Module, h: Tensor) -> Tensor:
+        enc, old = self.enc, self.state.slots[slot]
+        mem, mem_valid = enc.memory.read(old.get("memory", {}))
+        n_mem = 0 if mem is None else mem.shape[1]
+        key_valid = self.key_valid(mem, mem_valid)
+
+        def call(h_in: Tensor, mem_in: Optional[Tensor]):
+            local = AuxCollector(info=self.aux.info)
+            out, attn_state = block(h_in, mem_in, self.context(slot, n_mem, key_valid, local))
+            return out, attn_state, local.total(out)
+
+        if enc.cfg.checkpointing and enc.training and torch.is_grad_enabled():
+            out, attn_state, loss = torch.utils.checkpoint.checkpoint(call, h, mem, use_reentrant=False)
+        else:
+            out, attn_state, loss = call(h, mem)
+        self.aux.add(loss)
+        self.new_slots[slot] = {"memory": enc.memory.write(old.get("memory", {}), h, self.valid, block, self.aux),
+                                "attention": attn_state}
+        return out
 
 
 def build_encoder(cfg: EncoderConfig) -> Encoder:
