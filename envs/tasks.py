@@ -8,21 +8,20 @@ so trainers can report a success rate.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-__all__ = ["TMazeEnv", "RepeatFirstEnv"]
+__all__ = ["RepeatFirstEnv", "TMazeEnv"]
 
 
 def _check_int(name: str, value: Any, minimum: int, hint: str = "") -> int:
     """Validate an integer kwarg and return it as ``int`` (clear error otherwise)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(
-            f"{name} must be an integer >= {minimum}, got {value!r}."
-            + (f" {hint}" if hint else "")
+            f"{name} must be an integer >= {minimum}, got {value!r}." + (f" {hint}" if hint else "")
         )
     return int(value)
 
@@ -70,7 +69,7 @@ class TMazeEnv(gym.Env[np.ndarray, np.int64]):
     remembers the cue succeeds with probability 1 in ``L + 1`` steps.
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi"], "render_fps": 4}
 
     FORWARD, UP, BACK, DOWN = 0, 1, 2, 3
     _MOVES = ((1, 0), (0, 1), (-1, 0), (0, -1))
@@ -147,8 +146,7 @@ class TMazeEnv(gym.Env[np.ndarray, np.int64]):
     def step(self, action):
         if not self.action_space.contains(action):
             raise ValueError(
-                f"Invalid action {action!r}; expected an integer in [0, 4): "
-                f"0=forward, 1=up, 2=back, 3=down."
+                f"Invalid action {action!r}; expected an integer in [0, 4): 0=forward, 1=up, 2=back, 3=down."
             )
         self._t += 1
         dx, dy = self._MOVES[int(action)]
@@ -177,7 +175,10 @@ class TMazeEnv(gym.Env[np.ndarray, np.int64]):
         if self.render_mode != "ansi":
             return None
         L = self.corridor_length
-        arm = lambda y: " " * L + ("A" if (self._x, self._y) == (L, y) else "o")  # noqa: E731
+
+        def arm(y: int) -> str:
+            return " " * L + ("A" if (self._x, self._y) == (L, y) else "o")
+
         row = "".join("A" if (i == self._x and self._y == 0) else "." for i in range(L + 1))
         cue = "up" if self._goal_y == 1 else "down"
         return f"{arm(1)}\n{row}   t={self._t} cue={cue}\n{arm(-1)}\n"
@@ -210,7 +211,7 @@ class RepeatFirstEnv(gym.Env[np.ndarray, np.int64]):
     succeeds with probability exactly ``1 / K``; remembering ``s`` gives 1.
     """
 
-    metadata = {"render_modes": []}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
 
     def __init__(
         self,
@@ -228,9 +229,7 @@ class RepeatFirstEnv(gym.Env[np.ndarray, np.int64]):
         self.correct_reward = float(correct_reward)
         self.wrong_reward = float(wrong_reward)
         self.action_space = spaces.Discrete(self.num_symbols)
-        self.observation_space = spaces.Box(
-            0.0, 1.0, shape=(self.num_symbols + 1,), dtype=np.float32
-        )
+        self.observation_space = spaces.Box(0.0, 1.0, shape=(self.num_symbols + 1,), dtype=np.float32)
         self._t = 0
         self._symbol = 0
 
@@ -252,13 +251,10 @@ class RepeatFirstEnv(gym.Env[np.ndarray, np.int64]):
 
     def step(self, action):
         if not self.action_space.contains(action):
-            raise ValueError(
-                f"Invalid action {action!r}; expected an integer in [0, {self.num_symbols})."
-            )
+            raise ValueError(f"Invalid action {action!r}; expected an integer in [0, {self.num_symbols}).")
         if self._t > self.delay + 1:
             raise RuntimeError(
-                "step() called after the episode ended (the query was answered); "
-                "call reset() first."
+                "step() called after the episode ended (the query was answered); call reset() first."
             )
         answered = self._t == self.delay + 1
         self._t += 1

@@ -9,13 +9,14 @@ PositionOnlyCartPole / PositionOnlyPendulum (Morad et al. 2023).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-__all__ = ["MaskVelocity", "position_indices", "make_pomdp", "masked_env"]
+__all__ = ["MaskVelocity", "make_pomdp", "masked_env", "position_indices"]
 
 _SUPPORTED = (
     "CartPole, Pendulum, MountainCar, MountainCarContinuous, Acrobot, and MuJoCo "
@@ -88,9 +89,7 @@ def _mujoco_indices(unwrapped: gym.Env) -> list[int] | None:
         return None
     if hasattr(unwrapped, "_exclude_current_positions_from_observation"):  # v4 envs
         skipped = (
-            _horizontal_root_coords(model)
-            if unwrapped._exclude_current_positions_from_observation
-            else 0
+            _horizontal_root_coords(model) if unwrapped._exclude_current_positions_from_observation else 0
         )
         n_pos = int(model.nq) - skipped
         if n_pos + int(model.nv) <= obs_dim:
