@@ -13,9 +13,10 @@ import multiprocessing as mp
 import os
 import shutil
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class CollectConfig:
 
     env: str = "hopper-medium"
     """Short name (hopper-medium) or full Minari id of the dataset to build."""
-    policy: Optional[str] = None
+    policy: str | None = None
     """SB3 SAC .zip to roll out; default: the shipped policy for the name, else train one."""
     steps: int = 1_000_000
     """Collect whole episodes until at least this many steps."""
@@ -52,17 +53,17 @@ class CollectConfig:
     """Parallel rollout processes (spawn; 1 torch thread each)."""
     seed_start: int = 123
     """Episode i is seeded seed_start + i (env reset, torch sampling)."""
-    root: Optional[str] = None
+    root: str | None = None
     """Minari store to write to; default: MINARI_DATASETS_PATH or ~/.minari/datasets."""
     overwrite: bool = False
     """Replace an existing dataset with the same id in the store."""
     train: bool = False
     """Train a new SAC policy even when one is shipped for this dataset."""
-    gym_env: Optional[str] = None
+    gym_env: str | None = None
     """Gymnasium env id; default: the one Minari's dataset uses (e.g. Hopper-v5)."""
     train_steps: int = 1_000_000
     """When training a policy: most environment steps of SAC."""
-    target_return: Optional[float] = None
+    target_return: float | None = None
     """When training: stop once the deterministic evaluation mean reaches this return."""
     eval_every: int = 10_000
     """When training: evaluate every this many steps."""
@@ -70,11 +71,11 @@ class CollectConfig:
     """When training: episodes per evaluation."""
     train_seed: int = 0
     """When training: SAC seed."""
-    save_policy: Optional[str] = None
+    save_policy: str | None = None
     """When training: where to save the policy; default runs/policies/<name>_sac.zip."""
-    ref_min_score: Optional[float] = None
+    ref_min_score: float | None = None
     """Reference return for normalized score 0; default D4RL's random return when known."""
-    ref_max_score: Optional[float] = None
+    ref_max_score: float | None = None
     """Reference return for normalized score 100; default D4RL's expert return when known."""
     author: str = "rlformer maintainers (local rebuild)"
     """Author recorded in the dataset metadata."""
@@ -201,7 +202,7 @@ def _rollout(seed: int):
     while True:
         act, _ = model.predict(obs, deterministic=False)
         obs, r, te, tr, _ = env.step(act)
-        O.append(obs); A.append(act); R.append(r); TE.append(te); TR.append(tr)  # noqa: E702
+        O.append(obs); A.append(act); R.append(r); TE.append(te); TR.append(tr)
         if te or tr:
             break
     return seed, np.array(O), np.array(A, dtype=np.float32), np.array(R), np.array(TE), np.array(TR)
@@ -289,13 +290,15 @@ def collect(cfg: CollectConfig) -> CollectResult:
                           terminations=list(TE), truncations=list(TR))
             for i, (s, O, A, R, TE, TR) in enumerate(episodes)
         ]
-        minari.create_dataset_from_buffers(
-            dataset_id=did, buffer=buffers, env=env_id, eval_env=env_id,
-            algorithm_name="sb3/SAC", author=cfg.author,
-            ref_min_score=lo, ref_max_score=hi,
-            description=description, data_format="hdf5",
-            requirements=["mujoco>=3", "gymnasium>=1.0"],
-        )
+        with warnings.catch_warnings():  # provenance is in the description; no permalink or email to give
+            warnings.filterwarnings("ignore", message=r"`(code_permalink|author_email)` is set to None")
+            minari.create_dataset_from_buffers(
+                dataset_id=did, buffer=buffers, env=env_id, eval_env=env_id,
+                algorithm_name="sb3/SAC", author=cfg.author,
+                ref_min_score=lo, ref_max_score=hi,
+                description=description, data_format="hdf5",
+                requirements=["mujoco>=3", "gymnasium>=1.0"],
+            )
     result = CollectResult(did, root, len(episodes), total, rets, target, policy, time.time() - t0)
     print(result.summary(), flush=True)
     return result

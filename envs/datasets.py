@@ -170,15 +170,16 @@ def _hub_host() -> str:
     return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
 
 
-def _hub_reachable(timeout: float = _HUB_TIMEOUT_S) -> bool:
-    """A TCP connect to Minari's hub within ``timeout`` seconds (DNS included)."""
+def _hub_reachable(timeout: float = _HUB_TIMEOUT_S, host: str | None = None, port: int = 443) -> bool:
+    """A TCP connect to Minari's hub (``host``: default the hub) within ``timeout`` s, DNS included."""
     import socket
 
     ok: list[bool] = []
+    host = host or _hub_host()
 
     def probe() -> None:
         try:
-            with socket.create_connection((_hub_host(), 443), timeout=timeout):
+            with socket.create_connection((host, port), timeout=timeout):
                 ok.append(True)
         except OSError:
             pass
@@ -225,14 +226,14 @@ def resolve_dataset(name: str, download: bool = True) -> str:
     return did
 
 
-def load_dataset(name: str, download: bool = True) -> "minari.MinariDataset":
+def load_dataset(name: str, download: bool = True) -> minari.MinariDataset:
     """The ``minari.MinariDataset`` for a short name or Minari id, local copy first."""
     import minari
 
     return minari.load_dataset(resolve_dataset(name, download=download))
 
 
-def reference_scores(dataset: "minari.MinariDataset | str") -> RefScores:
+def reference_scores(dataset: minari.MinariDataset | str) -> RefScores:
     """(min, max, source): the dataset's Minari ref scores when present, else D4RL's."""
     if isinstance(dataset, str):
         did = dataset_id(dataset)
@@ -257,7 +258,7 @@ def reference_scores(dataset: "minari.MinariDataset | str") -> RefScores:
     )
 
 
-def normalized_score(ret, ref: "RefScores | tuple[float, float] | minari.MinariDataset | str"):
+def normalized_score(ret, ref: RefScores | tuple[float, float] | minari.MinariDataset | str):
     """D4RL-style score 100 * (R - R_min) / (R_max - R_min); ``ref`` is (min, max) or a dataset."""
     if isinstance(ref, tuple):
         lo, hi = float(ref[0]), float(ref[1])

@@ -11,10 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
 
-import tyro  # noqa: E402
+import tyro
 
-from envs.collect import CollectConfig, CollectResult, collect  # noqa: E402
-from envs.datasets import DatasetError, exit_with_message  # noqa: E402
+from envs.collect import CollectConfig, CollectResult, collect
+from envs.datasets import DatasetError, exit_with_message
 
 
 def main(argv: list[str] | None = None) -> CollectResult:
