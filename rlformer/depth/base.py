@@ -47,6 +47,9 @@ class FixedDepth(Depth):
         return len(self.blocks)
 
     def forward(self, h, run, aux):
+        if getattr(self.blocks[0], "reversible", False):
+            from rlformer.blocks.reversible import run_reversible
+            return run_reversible(self.blocks, h, [run.context(i) for i in range(len(self.blocks))])
         for i, block in enumerate(self.blocks):
             h = run(i, block, h)
         return h
