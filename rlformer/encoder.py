@@ -32,13 +32,18 @@ class Encoder(nn.Module):
     x: (B, T, d_model). state: from the previous segment. reset: (B,) bool, rows whose
     episode ended start from empty memory and position 0 *before* this segment. mask: (B, T)
     bool, False for padding tokens (they are never attended to by other tokens and are
-    stored as invalid in memory).
+    stored as invalid in memory). extra: inputs handed to every layer as ``ctx.extra`` (e.g. the
+    source sequence a decoder block cross-attends to).
+
+    ``block_cls`` replaces the registered ``cfg.block`` class, e.g. a decoder block with
+    cross-attention (rlformer.blocks.cross); ``cfg.block`` is still validated.
     """
 
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, block_cls: Optional[type] = None):
         super().__init__()
         cls = validate(cfg)
         self.cfg = cfg
+        block_cls = block_cls or cls["block"]
         pos_cls = cls["position"]
         self.input_position = pos_cls(cfg) if "input" in pos_cls.hooks else None
         layer_position = bool(set(pos_cls.hooks) - {"input"})
@@ -46,11 +51,11 @@ class Encoder(nn.Module):
 
         def make_block(i: int) -> nn.Module:
             attention = cls["attention"](cfg, i, pos_cls(cfg) if layer_position else None)
-            return cls["block"](cfg, self.memory.wrap_attention(i, attention))
+            return block_cls(cfg, self.memory.wrap_attention(i, attention))
 
         self.depth = cls["depth"](cfg, make_block)
         self.drop = nn.Dropout(cfg.dropout)
-        self.norm = nn.LayerNorm(cfg.d_model) if cls["block"].final_norm else nn.Identity()
+        self.norm = nn.LayerNorm(cfg.d_model) if block_cls.final_norm else nn.Identity()
         self.stateful = (self.memory.keeps_state or cls["attention"].stateful
                          or self.input_position is not None)
 
@@ -58,7 +63,7 @@ class Encoder(nn.Module):
         return EncoderState.fresh(batch, self.depth.n_slots, device)
 
     def forward(self, x: Tensor, state: Optional[EncoderState] = None, reset: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None) -> EncoderOutput:
+                mask: Optional[Tensor] = None, extra: Optional[dict] = None) -> EncoderOutput:
         if x.dim() != 3 or x.shape[-1] != self.cfg.d_model:
             raise ValueError(f"expected x of shape (batch, time, {self.cfg.d_model}), got {tuple(x.shape)}")
         b, t, _ = x.shape
@@ -75,7 +80,7 @@ class Encoder(nn.Module):
         aux = AuxCollector()
         new_slots = list(state.slots)
 
-        run = LayerRunner(self, state, new_slots, valid, q_pos, aux)
+        run = LayerRunner(self, state, new_slots, valid, q_pos, aux, extra)
         h = self.norm(self.depth(h, run, aux))
         new_state = EncoderState(state.offset + t, new_slots) if self.stateful else None
         return EncoderOutput(h, new_state, aux.total(h), aux.info)
@@ -89,8 +94,9 @@ class LayerRunner:
     """
 
     def __init__(self, enc: Encoder, state: EncoderState, new_slots: list, valid: Optional[Tensor],
-                 q_pos: Tensor, aux: AuxCollector):
+                 q_pos: Tensor, aux: AuxCollector, extra: Optional[dict] = None):
         self.enc, self.state, self.new_slots, self.valid, self.q_pos, self.aux = enc, state, new_slots, valid, q_pos, aux
+        self.extra = extra if extra is not None else {}
 
     def context(self, slot: int, n_mem: int = 0, key_valid: Optional[Tensor] = None,
                 aux: Optional[AuxCollector] = None) -> AttentionContext:
@@ -98,7 +104,8 @@ class LayerRunner:
         index = torch.arange(n_mem + t, device=self.q_pos.device)
         return AttentionContext(causal=self.enc.cfg.causal, q_index=index[n_mem:], k_index=index, q_pos=self.q_pos,
                                 key_valid=key_valid, state=self.state.slots[slot].get("attention", {}),
-                                aux=aux if aux is not None else self.aux, layer=slot, training=self.enc.training)
+                                aux=aux if aux is not None else self.aux, layer=slot, training=self.enc.training,
+                                extra=dict(self.extra))
 
     def key_valid(self, mem: Optional[Tensor], mem_valid: Optional[Tensor]) -> Optional[Tensor]:
         """(B, M + T) validity of [memory; segment] keys, or None when all are valid."""
