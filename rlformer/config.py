@@ -101,8 +101,13 @@ class LSHConfig:
     """Reformer LSH attention (Kitaev et al. 2020)."""
 
     n_buckets: int = 8
+    """buckets per hash round (1, or even: h(x) = argmax([xR; -xR]) over n_buckets/2 rotations)"""
     n_hashes: int = 2
+    """hash rounds, combined with the logsumexp weighting"""
     chunk_size: int = 64
+    """length of the chunks of the sorted sequence; each attends to itself and the previous chunk"""
+    seed: int = 0
+    """seed of the fixed random rotations (each layer draws its own from seed and its index)"""
 
 
 @dataclass
@@ -111,10 +116,15 @@ class RoutingConfig:
 
     n_clusters: int = 4
     window: int = 64
-    """local attention window combined with routing"""
+    """local attention window combined with routing (keys at distance < window)"""
     ema_decay: float = 0.999
+    """centroid EMA: mu <- decay * mu + (1 - decay) * mean of the vectors assigned to mu"""
     local_heads: int = 0
-    """heads that use local attention; 0 = half of the heads"""
+    """heads that use local attention; 0 = half of the heads (rounded down); the rest are routed"""
+    chunk_size: int = 64
+    """chunk length of the cluster-sorted sequence; each chunk attends to itself and the previous one"""
+    seed: int = 0
+    """seed of the initial centroids (each layer draws its own from seed and its index)"""
 
 
 @dataclass
@@ -126,6 +136,8 @@ class LinformerConfig:
     max_len: int = 1024
     """sequence length the projections E, F are built for"""
     sharing: Literal["none", "headwise", "kv", "layerwise"] = "headwise"
+    """none: E_i, F_i per head; headwise: E, F shared by the heads; kv: also E = F; layerwise: one E for
+    keys, values, heads and all layers of an encoder"""
 
 
 @dataclass
@@ -133,12 +145,15 @@ class RandomFeatureConfig:
     """Performer FAVOR+ (Choromanski et al. 2021) and RFA (Peng et al. 2021)."""
 
     n_features: int = 64
+    """m random features (RFA's trigonometric map has 2m outputs: sin and cos)"""
     gate: bool = False
-    """RFA gating (recency bias) in the causal recurrence"""
+    """RFA gating (recency bias) in the causal recurrence; rfa with causal=True only"""
     chunk_size: int = 64
     """chunk length of the causal prefix sums"""
     redraw: bool = False
-    """redraw features every training step"""
+    """redraw features every training forward (the recurrent state is then only valid within a call)"""
+    seed: int = 0
+    """seed of the fixed random features (each layer draws its own from seed and its index)"""
 
 
 @dataclass

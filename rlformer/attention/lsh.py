@@ -1,0 +1,98 @@
+"""Reformer LSH attention (Kitaev et al. 2020, "Reformer: The Efficient Transformer")."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rlformer.attention.base import Attention, split_heads
+from rlformer.attention.chunked import bucket_attention, combine_rounds, naive_bucket_attention
+from rlformer.config import EncoderConfig
+from rlformer.registry import register
+
+
+def layer_generator(seed: int, layer: int, salt: int) -> torch.Generator:
+    """A CPU generator for a layer's fixed random draws (hash rotations, centroids, features)."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(layer) * 7919 + salt)
+
+
+def lsh_buckets(x: Tensor, rotations: Tensor) -> Tensor:
+    """Angular LSH (Reformer sec. 2, after Andoni et al. 2015): h(x) = argmax([xR; -xR]).
+
+    x: (B, H, T, dh); rotations: (H, R, dh, n_buckets / 2) -> buckets (B, H, R, T) in [0, n_buckets).
+    One bucket (rotations with 0 columns) sends everything to bucket 0. Invariant to scaling x > 0.
+    """
+    b, h, t, _ = x.shape
+    n_rounds, half = rotations.shape[1], rotations.shape[-1]
+    if half == 0:
+        return torch.zeros(b, h, n_rounds, t, dtype=torch.long, device=x.device)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    rotated = torch.einsum("bhtd,hrdn->bhrtn", x.to(acc), rotations.to(acc))
+    return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+
+
+@register("attention", "lsh")
+class LSHAttention(Attention):
+    """Reformer LSH attention (Kitaev et al. 2020): shared-QK, hashed, sorted, chunked.
+
+    - Shared-QK (sec. 2): keys are the unit-normalized queries, k_j = q_j / |q_j|; the key half
+      of the usual projection does not exist (``kv_proj`` projects values only).
+    - Hashing (sec. 2): h(x) = argmax([xR; -xR]) with a random (dh, n_buckets/2) matrix R per
+      round and head, drawn once per layer from ``cfg.lsh.seed`` and kept as a buffer, so the
+      forward pass is deterministic.
+    - Attention (eq. 3-4 with the chunked P~_i): sort by (bucket, position), cut into chunks of
+      ``chunk_size``; each chunk attends to itself and the previous chunk, only to keys of the
+      query's bucket, only to j <= i when causal; the own key's score is lowered by 10^5, so a
+      token attends to itself only when nothing else is available. Chunks are cut per bucket
+      (see rlformer.attention.chunked) so that the causal form is exactly causal.
+    - n_hashes rounds (sec. 2, "Multi-round LSH attention"): o_i = sum_r exp(z(i, P_i^r) -
+      z(i, P_i)) o_i^r with the per-round logsumexp z, scores lowered by log N_ij (the number of
+      rounds in which i and j share a bucket) so duplicates count once.
+
+    Scores use the usual 1/sqrt(dh) scale. Time and memory O(T * n_hashes * chunk_size).
+    Positions: "input" and "rotary" (scores are only formed inside chunks). No memory prefix.
+    """
+
+    supports_memory = False
+    position_hooks = frozenset({"input", "rotary"})
+
+    def __init__(self, cfg: EncoderConfig, layer: int, position=None):
+        super().__init__(cfg, layer, position)
+        self.kv_proj = nn.Linear(cfg.d_model, cfg.d_model)          # values only (shared-QK)
+        c = cfg.lsh
+        gen = layer_generator(c.seed, layer, salt=1)
+        half = c.n_buckets // 2 if c.n_buckets > 1 else 0
+        self.register_buffer("rotations", torch.randn(cfg.n_heads, c.n_hashes, cfg.d_head, half, generator=gen))
+
+    @classmethod
+    def validate(cls, cfg: EncoderConfig) -> None:
+        c = cfg.lsh
+        if c.n_buckets < 1 or (c.n_buckets > 1 and c.n_buckets % 2):
+            raise ValueError(f"lsh.n_buckets={c.n_buckets}: angular LSH argmax([xR; -xR]) makes an even number "
+                             f"of buckets; use 1 (no hashing) or an even number such as {max(2, c.n_buckets + 1)}")
+        if c.n_hashes < 1:
+            raise ValueError(f"lsh.n_hashes={c.n_hashes}: need at least one hash round (Reformer uses 1-8)")
+        if c.chunk_size < 1:
+            raise ValueError(f"lsh.chunk_size={c.chunk_size}: need a positive chunk length, e.g. 64")
+
+    def project(self, x: Tensor, kv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q = split_heads(self.q_proj(x), self.n_heads)
+        return q, F.normalize(q, dim=-1), split_heads(self.kv_proj(kv), self.n_heads)
+
+    def buckets(self, k: Tensor) -> Tensor:
+        """(B, H, n_hashes, T) bucket of every key (= its query, shared-QK) in every round."""
+        return lsh_buckets(k, self.rotations)
+
+    def attend(self, q, k, v, ctx):
+        c = self.cfg.lsh
+        buckets = self.buckets(k)
+        out, lse = bucket_attention(q, k, v, buckets, c.n_buckets, c.chunk_size, self.scale, causal=ctx.causal,
+                                    self_penalty=True, key_valid=ctx.key_valid, round_buckets=buckets,
+                                    dropout=self.dropout, training=self.training)
+        return combine_rounds(out, lse), {}
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, key_valid=None) -> Tensor:
+        """Naive version of ``attend`` (explicit loops over rounds, buckets and positions)."""
+        out, lse = naive_bucket_attention(q, k, v, self.buckets(k), self.cfg.lsh.chunk_size, self.scale,
+                                          causal=causal, self_penalty=True, key_valid=key_valid, dedup=True)
+        return combine_rounds(out, lse)
