@@ -1,6 +1,7 @@
 """Attention mechanisms; importing this package registers every variant."""
 from rlformer.attention import full  # noqa: F401
 from rlformer.attention import lsh  # noqa: F401
+from rlformer.attention import routing  # noqa: F401
 from rlformer.attention.base import Attention
 
 __all__ = ["Attention"]

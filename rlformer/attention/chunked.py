@@ -160,14 +160,21 @@ def combine_rounds(out: Tensor, lse: Tensor) -> Tensor:
     return (w[..., None] * out).sum(2)
 
 
-def naive_bucket_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, chunk_size: int, scale: float, *,
-                           causal: bool, before: int = 1, after: int = 0, self_penalty: bool = False,
-                           key_valid: Optional[Tensor] = None, window: Optional[int] = None,
-                           dedup: bool = False) -> tuple[Tensor, Tensor]:
-    """Reference for ``bucket_attention``: explicit loops build a dense (T, T) mask per (b, h, round).
+def naive_bucket_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, n_buckets: int, chunk_size: int,
+                           scale: float, *, causal: bool, before: int = 1, after: int = 0,
+                           self_penalty: bool = False, key_valid: Optional[Tensor] = None,
+                           window: Optional[int] = None, round_buckets: Optional[Tensor] = None,
+                           dropout: float = 0.0, training: bool = False) -> tuple[Tensor, Tensor]:
+    """Reference for ``bucket_attention`` (same arguments): explicit loops over (b, h, round), buckets
+    and positions build a dense (T, T) mask; scores are dense. No dropout.
 
     Returns (out (B, H, R, T, dh), lse (B, H, R, T)) like the fast path.
     """
+    if dropout > 0 and training:
+        raise ValueError("naive_bucket_attention is deterministic; call it with dropout=0 or training=False")
+    if int(buckets.max()) >= n_buckets:
+        raise ValueError(f"bucket {int(buckets.max())} out of range for n_buckets={n_buckets}")
+    dedup = round_buckets is not None
     b, h, t, _ = q.shape
     r = buckets.shape[2]
     bk = buckets.tolist()

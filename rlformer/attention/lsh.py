@@ -93,6 +93,7 @@ class LSHAttention(Attention):
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, key_valid=None) -> Tensor:
         """Naive version of ``attend`` (explicit loops over rounds, buckets and positions)."""
-        out, lse = naive_bucket_attention(q, k, v, self.buckets(k), self.cfg.lsh.chunk_size, self.scale,
-                                          causal=causal, self_penalty=True, key_valid=key_valid, dedup=True)
+        c, buckets = self.cfg.lsh, self.buckets(k)
+        out, lse = naive_bucket_attention(q, k, v, buckets, c.n_buckets, c.chunk_size, self.scale, causal=causal,
+                                          self_penalty=True, key_valid=key_valid, round_buckets=buckets)
         return combine_rounds(out, lse)

@@ -1,0 +1,120 @@
+"""Routing Transformer attention (Roy et al. 2021, "Efficient Content-Based Sparse Attention
+with Routing Transformers", TACL)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rlformer.attention.base import Attention
+from rlformer.attention.chunked import bucket_attention, naive_bucket_attention
+from rlformer.attention.lsh import layer_generator
+from rlformer.config import EncoderConfig
+from rlformer.registry import register
+
+
+@register("attention", "routing")
+class RoutingAttention(Attention):
+    """Routing Transformer (Roy et al. 2021): online k-means routing plus local attention.
+
+    Heads are split (``routing.local_heads``; 0 = half): the first ``n_local`` heads use local
+    attention (key j visible to query i when i - j < window, causal; |i - j| < window otherwise),
+    the others are routed:
+
+    - Routing (sec. 4.1): unit-normalized vectors are assigned to the nearest of n_clusters
+      centroids mu shared by queries and keys, c(x) = argmax_c mu_c^T x / |mu_c|; query i
+      attends to key j only when c(Q_i) = c(K_j) (and j <= i when causal), eq.
+      X'_i = sum_{j: K_j in mu(Q_i), j <= i} A_ij V_j.
+    - Routing heads share queries and keys, K = Q / |Q| (as Reformer's shared-QK), so a query and
+      its own key land in the same cluster and one sort order serves both; the own key's score is
+      lowered by 10^5 (attend to self only when alone). Attention within a cluster is computed by
+      sorting by (cluster, position) and chunking (``routing.chunk_size``; each chunk sees itself
+      and the previous chunk of its cluster), see rlformer.attention.chunked.
+    - Online k-means (sec. 4.1): in training, after assignment, each centroid moves by an
+      exponential moving average toward the mean of the vectors assigned to it,
+      mu <- lambda mu + (1 - lambda) mean{x : c(x) = mu}, lambda = ``routing.ema_decay``;
+      centroids are buffers updated under no_grad, never parameters. Eval leaves them fixed.
+
+    Positions: "input" and "rotary". No memory prefix (the state would need the clusters).
+    """
+
+    supports_memory = False
+    position_hooks = frozenset({"input", "rotary"})
+
+    def __init__(self, cfg: EncoderConfig, layer: int, position=None):
+        super().__init__(cfg, layer, position)
+        self.n_local = self.local_head_count(cfg)
+        n_routed = cfg.n_heads - self.n_local
+        gen = layer_generator(cfg.routing.seed, layer, salt=2)
+        centroids = F.normalize(torch.randn(n_routed, cfg.routing.n_clusters, cfg.d_head, generator=gen), dim=-1)
+        self.register_buffer("centroids", centroids)
+
+    @staticmethod
+    def local_head_count(cfg: EncoderConfig) -> int:
+        return cfg.routing.local_heads if cfg.routing.local_heads > 0 else cfg.n_heads // 2
+
+    @classmethod
+    def validate(cls, cfg: EncoderConfig) -> None:
+        r = cfg.routing
+        if not 0 <= r.local_heads <= cfg.n_heads:
+            raise ValueError(f"routing.local_heads={r.local_heads} must be in [0, n_heads={cfg.n_heads}] "
+                             f"(0 means half of the heads)")
+        if r.n_clusters < 1:
+            raise ValueError(f"routing.n_clusters={r.n_clusters}: need at least one cluster, e.g. sqrt(T)")
+        if r.window < 1 or r.chunk_size < 1:
+            raise ValueError(f"routing.window={r.window} and routing.chunk_size={r.chunk_size} must be >= 1")
+        if not 0.0 <= r.ema_decay < 1.0:
+            raise ValueError(f"routing.ema_decay={r.ema_decay} must be in [0, 1), e.g. 0.999")
+
+    def clusters(self, x: Tensor) -> Tensor:
+        """(B, Hr, T) index of the nearest centroid to each (normalized) routing-head vector."""
+        acc = torch.promote_types(x.dtype, torch.float32)
+        return torch.einsum("bhtd,hcd->bhtc", x.to(acc), F.normalize(self.centroids.to(acc), dim=-1)).argmax(-1)
+
+    @torch.no_grad()
+    def update_centroids(self, x: Tensor, clusters: Tensor, valid: Tensor | None = None) -> None:
+        """One online k-means step: mu_c <- decay mu_c + (1 - decay) mean{x_t : c(x_t) = c} (x: (B, Hr, T, dh))."""
+        onehot = F.one_hot(clusters, self.cfg.routing.n_clusters).to(self.centroids.dtype)   # (B, Hr, T, C)
+        if valid is not None:
+            onehot = onehot * valid[:, None, :, None].to(onehot.dtype)
+        sums = torch.einsum("bhtc,bhtd->hcd", onehot, x.to(self.centroids.dtype))
+        counts = onehot.sum(dim=(0, 2))[..., None]
+        decay = self.cfg.routing.ema_decay
+        moved = decay * self.centroids + (1 - decay) * sums / counts.clamp(min=1)
+        self.centroids.copy_(torch.where(counts > 0, moved, self.centroids))
+
+    def _routed(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        k = F.normalize(q, dim=-1)
+        return k, self.clusters(k)
+
+    def attend(self, q, k, v, ctx):
+        return self._attend(q, k, v, ctx, bucket_attention)
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, ctx) -> Tensor:
+        """Naive version of ``attend`` (dense masks built with explicit loops); no centroid update."""
+        training = self.training
+        self.train(False)
+        try:
+            return self._attend(q, k, v, ctx, naive_bucket_attention)[0]
+        finally:
+            self.train(training)
+
+    def _attend(self, q, k, v, ctx, attention):
+        r, L = self.cfg.routing, self.n_local
+        outs = []
+        if L:
+            zeros = torch.zeros(q.shape[0], L, 1, q.shape[2], dtype=torch.long, device=q.device)
+            out, _ = attention(q[:, :L], k[:, :L], v[:, :L], zeros, 1, r.window, self.scale, causal=ctx.causal,
+                               before=1, after=0 if ctx.causal else 1, key_valid=ctx.key_valid, window=r.window,
+                               dropout=self.dropout, training=self.training)
+            outs.append(out[:, :, 0])
+        if L < self.n_heads:
+            qr = q[:, L:]
+            kr, clusters = self._routed(qr)
+            out, _ = attention(qr, kr, v[:, L:], clusters[:, :, None], r.n_clusters, r.chunk_size, self.scale,
+                               causal=ctx.causal, self_penalty=True, key_valid=ctx.key_valid,
+                               dropout=self.dropout, training=self.training)
+            outs.append(out[:, :, 0])
+            if self.training:
+                self.update_centroids(kr, clusters, ctx.key_valid)
+        return torch.cat(outs, dim=1), {}
