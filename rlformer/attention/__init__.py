@@ -1,5 +1,6 @@
 """Attention mechanisms; importing this package registers every variant."""
 from rlformer.attention import full  # noqa: F401
+from rlformer.attention import linformer  # noqa: F401
 from rlformer.attention import lsh  # noqa: F401
 from rlformer.attention import routing  # noqa: F401
 from rlformer.attention.base import Attention
