@@ -39,6 +39,8 @@ class KNNConfig:
     """gate: learned per-head scalar gate (Memorizing Transformer); spalm: per-token sigmoid gate"""
     use_faiss: bool = False
     """use faiss for retrieval when installed (exact inner-product index)"""
+    chunk: int = 32_768
+    """store entries scored per batched matmul + top-k step (bounds the (B, H, T, chunk) score tensor)"""
 
 
 @dataclass
