@@ -11,6 +11,7 @@ from rlformer.config import (ACTConfig, AdaptiveSpanConfig, CompressiveConfig, E
                              GlobalLocalConfig, KNNConfig, LinformerConfig, LocalConfig, LSHConfig,
                              RandomFeatureConfig, RoutingConfig, SparseConfig)
 from rlformer.encoder import Encoder, EncoderOutput, build_encoder
+from rlformer.encoder_decoder import EncoderDecoder, build_encoder_decoder  # noqa: F401
 from rlformer.registry import available, register
 from rlformer.state import EncoderState
 
