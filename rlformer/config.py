@@ -163,12 +163,13 @@ class AdaptiveSpanConfig:
     """Adaptive attention span (Sukhbaatar et al. 2019)."""
 
     max_span: int = 256
+    """S: largest attention distance (keys at distance >= S are never attended)"""
     ramp: int = 32
     """R: length of the soft ramp"""
     init: float = 0.5
     """initial span as a fraction of max_span"""
     penalty: float = 2e-6
-    """L1 coefficient on spans in aux_loss"""
+    """L1 coefficient on spans in aux_loss (per layer: penalty * mean span over heads)"""
     dynamic: bool = False
     """z = S * sigmoid(v^T x + b) per token"""
 
@@ -182,6 +183,8 @@ class ACTConfig:
     """1 - epsilon halting threshold"""
     ponder_cost: float = 1e-2
     """tau: weight of the ponder cost in aux_loss"""
+    halting_bias_init: float = 1.0
+    """initial bias b of the halting unit sigmoid(w^T s + b) (tensor2tensor's default)"""
 
 
 @dataclass
@@ -194,6 +197,11 @@ class EarlyExitConfig:
     n_classes: int = 0
     """output size of the exit heads (0 = no heads: only saturation/classifier work)"""
     shared_head: bool = True
+    """one exit head (and exit classifier) for all layers instead of one per layer"""
+    loss_weights: Literal["uniform", "linear"] = "uniform"
+    """weights of the per-exit losses in exit_losses: 1/L each, or n / sum(n) (Elbayad et al. 2020)"""
+    classifier_weight: float = 1.0
+    """weight of the exit classifier's training loss in aux_loss (confidence='classifier')"""
 
 
 @dataclass

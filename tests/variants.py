@@ -28,7 +28,8 @@ def base_config(**kw) -> rlformer.EncoderConfig:
     cfg.linformer = rlformer.LinformerConfig(k=8, max_len=T)
     cfg.random_features = rlformer.RandomFeatureConfig(n_features=16, chunk_size=4)
     cfg.adaptive_span = rlformer.AdaptiveSpanConfig(max_span=16, ramp=4)
-    cfg.act = rlformer.ACTConfig(max_steps=3)
+    cfg.act = rlformer.ACTConfig(max_steps=3, threshold=0.9, halting_bias_init=-1.0)
+    cfg.early_exit = rlformer.EarlyExitConfig(confidence="classifier", threshold=0.5)
     return dataclasses.replace(cfg, **kw)
 
 
