@@ -3,6 +3,7 @@ from rlformer.attention import adaptive_span  # noqa: F401
 from rlformer.attention import full  # noqa: F401
 from rlformer.attention import linformer  # noqa: F401
 from rlformer.attention import lsh  # noqa: F401
+from rlformer.attention import random_features  # noqa: F401
 from rlformer.attention import routing  # noqa: F401
 from rlformer.attention.base import Attention
 
