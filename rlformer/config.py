@@ -72,7 +72,8 @@ class SparseConfig:
     n_blocks: int = 4
     """blockwise (Qiu et al. 2020): number of blocks"""
     seed: int = 0
-    """blockwise: seed of the block permutation"""
+    """blockwise: 0 = head h uses the cyclic shift a -> (a + h) mod n (the paper's); > 0 = seeded random
+    permutation per head and layer"""
 
 
 @dataclass
@@ -80,7 +81,7 @@ class GlobalLocalConfig:
     """Longformer / BigBird / ETC settings."""
 
     window: int = 64
-    """sliding-window width (keys each side for bidirectional; preceding keys for causal)"""
+    """sliding-window width (keys each side for bidirectional; preceding keys for causal); ETC: l2l radius"""
     layer_windows: Tuple[int, ...] = ()
     """per-layer windows (Longformer: smaller low, larger high); empty = `window` everywhere"""
     dilation: int = 1
@@ -90,12 +91,15 @@ class GlobalLocalConfig:
     global_positions: Tuple[int, ...] = (0,)
     """positions with global attention (Longformer) / global tokens (BigBird)"""
     n_random: int = 3
-    """BigBird random keys per query block"""
+    """BigBird random key blocks per query block (and head)"""
     block_size: int = 64
     """BigBird block length"""
+    window_blocks: int = 1
+    """BigBird sliding window in blocks each side (1 = the paper's 3-block window)"""
     n_global_tokens: int = 8
-    """ETC: size of the global input"""
+    """ETC: size of the global input (learned tokens per layer)"""
     seed: int = 0
+    """BigBird: seed of the random blocks (combined with the layer index)"""
 
 
 @dataclass

@@ -1,0 +1,75 @@
+"""FlexAttention fast path of the mask-shaped attentions (CUDA only).
+
+``flex_pattern_attention`` runs a compiled ``flex_attention`` with a BlockMask made from a
+``masks.Pattern`` (the same rule the dense CPU mask uses). BlockMasks are cached per (pattern,
+shape, causality, device) when the mask does not depend on data; with a key-validity mask
+(padding, partly empty XL memory) the BlockMask has a batch dimension and is rebuilt each call
+(compiled ``create_block_mask``, so still no (Tq, Tk) tensor). FlexAttention has no backward on
+CPU, so callers use it only for CUDA tensors.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from rlformer.attention.masks import Pattern, flex_mask_mod
+
+_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
+_CACHE_SIZE = 64
+_COMPILED: dict = {}
+
+
+def flex_available() -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _flex():
+    if "flex" not in _COMPILED:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
+        _COMPILED["create_block_mask"] = create_block_mask
+    return _COMPILED["flex"], _COMPILED["create_block_mask"]
+
+
+def block_mask_for(pattern: Pattern, batch: int, n_heads: int, tq: int, tk: int, n_mem: int, k_offset: int,
+                   causal: bool, key_valid: Optional[Tensor], device: torch.device):
+    """The BlockMask of ``pattern`` for these shapes (cached unless it depends on ``key_valid``)."""
+    _, create_block_mask = _flex()
+    mask_mod = flex_mask_mod(pattern, n_mem, k_offset, causal, key_valid, device)
+    heads = n_heads if pattern.per_head else None
+    if key_valid is not None:
+        return create_block_mask(mask_mod, batch, heads, tq, tk, device=device, _compile=True)
+    key = (pattern.key, heads, tq, tk, n_mem, k_offset, causal, str(device))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    block_mask = create_block_mask(mask_mod, None, heads, tq, tk, device=device, _compile=True)
+    _CACHE[key] = block_mask
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return block_mask
+
+
+def flex_pattern_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, n_mem: int, k_offset: int,
+                           causal: bool, key_valid: Optional[Tensor], scale: float,
+                           alibi_slopes: Optional[Tensor] = None) -> Tensor:
+    """softmax(scale q k^T [- m_h |i - j|], masked by the pattern) v with FlexAttention."""
+    flex, _ = _flex()
+    b, h, tq, _ = q.shape
+    block_mask = block_mask_for(pattern, b, h, tq, k.shape[2], n_mem, k_offset, causal, key_valid, q.device)
+    score_mod = None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(device=q.device, dtype=torch.float32)
+
+        def score_mod(score, b_, h_, q_idx, kv_idx):
+            dist = (q_idx + n_mem - (kv_idx - k_offset)).abs()
+            return score - slopes[h_] * dist
+
+    return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)

@@ -1,0 +1,256 @@
+"""Sliding windows plus global attention: Longformer, BigBird, ETC."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlformer.attention.base import merge_heads, split_heads
+from rlformer.attention.masks import Pattern, PatternAttention, block_of, is_global, loop_mask, mix_hash
+from rlformer.attention.reference import dense_attention
+from rlformer.config import EncoderConfig
+from rlformer.registry import register
+
+
+def _check_globals(name: str, cfg: EncoderConfig) -> None:
+    bad = [p for p in cfg.global_local.global_positions if p < 0]
+    if bad:
+        raise ValueError(f"attention={name!r}: global_local.global_positions are positions in the segment "
+                         f"(0 = first token) and must be >= 0; got {bad}")
+
+
+@register("attention", "longformer")
+class LongformerAttention(PatternAttention):
+    """Longformer attention (Beltagy et al. 2020, sec. 3.1): sliding window + dilated window + global.
+
+    With w = this layer's window (``global_local.layer_windows[layer]``, else ``window``; the paper
+    grows it from low to high layers), dilation d and G the global positions, for query i and key j
+    (key-sequence indices; global positions count from the segment start, i - M with M memory slots):
+
+        normal heads:   |i - j| <= w                                   (w keys on each side)
+        dilated heads:  |i - j| <= w*d  and  (i - j) mod d = 0         (the first ``dilated_heads`` heads)
+        global:         i - M in G  (attends everywhere)  or  j - M in G  (seen by everyone)
+
+    causal adds j <= i (the paper's autoregressive setting: w preceding keys). The paper's separate
+    projections Q_g, K_g, V_g for the global rows are not implemented: global attention reuses the
+    layer's projections. A window covering the sequence gives full attention.
+    """
+
+    @classmethod
+    def validate(cls, cfg: EncoderConfig) -> None:
+        gl = cfg.global_local
+        if gl.window < 0 or gl.dilation < 1:
+            raise ValueError(f"attention='longformer' needs global_local.window >= 0 and dilation >= 1; got "
+                             f"window={gl.window}, dilation={gl.dilation}")
+        if not 0 <= gl.dilated_heads <= cfg.n_heads:
+            raise ValueError(f"attention='longformer' needs 0 <= global_local.dilated_heads <= n_heads="
+                             f"{cfg.n_heads}; got {gl.dilated_heads}")
+        if gl.layer_windows and (len(gl.layer_windows) != cfg.n_layers or min(gl.layer_windows) < 0):
+            raise ValueError(f"global_local.layer_windows gives one window >= 0 per layer: expected {cfg.n_layers} "
+                             f"values (n_layers), got {tuple(gl.layer_windows)}; leave it empty to use "
+                             f"window={gl.window} everywhere")
+        _check_globals("longformer", cfg)
+
+    @property
+    def window(self) -> int:
+        gl = self.cfg.global_local
+        return gl.layer_windows[self.layer] if gl.layer_windows else gl.window
+
+    def pattern(self, ctx, tk):
+        gl, w = self.cfg.global_local, self.window
+        d, n_dil, glob, m = gl.dilation, gl.dilated_heads, tuple(gl.global_positions), ctx.n_mem
+
+        def rule(h, i, j):
+            dist = i - j
+            normal = dist.abs() <= w
+            dilated = (dist.abs() <= w * d) & (dist % d == 0)
+            window = torch.where(h < n_dil, dilated, normal)
+            return window | is_global(i - m, glob) | is_global(j - m, glob)
+
+        return Pattern(rule, ("longformer", w, d, n_dil, glob, m), per_head=n_dil > 0)
+
+    def reference_rule(self, ctx, tk):
+        gl, w, m = self.cfg.global_local, self.window, ctx.n_mem
+
+        def rule(h, i, j):
+            if i - m in gl.global_positions or j - m in gl.global_positions:
+                return True
+            if h < gl.dilated_heads:
+                return j in range(i - w * gl.dilation, i + w * gl.dilation + 1, gl.dilation)
+            return j in range(i - w, i + w + 1)
+
+        return rule
+
+
+@register("attention", "bigbird")
+class BigBirdAttention(PatternAttention):
+    """BigBird block-sparse attention (Zaheer et al. 2020, sec. 2 and App. D, BigBird-ITC).
+
+    Keys and queries are grouped in blocks of b = ``global_local.block_size`` (key-sequence indices;
+    a short last block is fine); a query in block a = floor(i / b) attends to
+        window:  key blocks a - w_b .. a + w_b  (w_b = ``window_blocks``; 3 blocks for w_b = 1)
+        global:  every key if i is a global token; every global token j (ITC: existing tokens made
+                 global, ``global_positions`` counted from the segment start)
+        random:  r = ``n_random`` key blocks per query block and head, drawn with a fixed seed per
+                 layer (``seed``): a deterministic hash of (seed, layer, head, a, t), t < r, picks a
+                 block uniformly among the nb = ceil(N / b) blocks; causal: among the preceding blocks
+                 0 .. a - 1 (the restriction of the pattern to j <= i, so no random key is wasted).
+    causal adds j <= i. Random blocks may coincide with window blocks.
+    """
+
+    @classmethod
+    def validate(cls, cfg: EncoderConfig) -> None:
+        gl = cfg.global_local
+        if gl.block_size < 1 or gl.window_blocks < 0 or gl.n_random < 0:
+            raise ValueError(f"attention='bigbird' needs global_local.block_size >= 1, window_blocks >= 0 and "
+                             f"n_random >= 0; got block_size={gl.block_size}, window_blocks={gl.window_blocks}, "
+                             f"n_random={gl.n_random}")
+        _check_globals("bigbird", cfg)
+
+    def _random_block(self, h, a, t, n_blocks, causal):
+        """The t-th random key block of query block a in head h (ints or tensors alike)."""
+        seed = self.cfg.global_local.seed
+        eligible = a if causal else n_blocks
+        return mix_hash(seed, self.layer, h, a, t) % eligible
+
+    def pattern(self, ctx, tk):
+        gl = self.cfg.global_local
+        bs, wb, n_rand, glob, m = gl.block_size, gl.window_blocks, gl.n_random, tuple(gl.global_positions), ctx.n_mem
+        n_blocks, causal, seed, layer = -(-tk // bs), ctx.causal, gl.seed, self.layer
+
+        def rule(h, i, j):
+            a, c = block_of(i, bs), block_of(j, bs)
+            allowed = ((a - c).abs() <= wb) | is_global(i - m, glob) | is_global(j - m, glob)
+            eligible = a if causal else a * 0 + n_blocks
+            for t in range(n_rand):
+                target = mix_hash(seed, layer, h, a, t) % eligible.clamp(min=1)
+                allowed = allowed | ((c == target) & (eligible > 0))
+            return allowed
+
+        key = ("bigbird", bs, wb, n_rand, glob, m, gl.seed, self.layer, n_blocks, causal)
+        return Pattern(rule, key, per_head=n_rand > 0)
+
+    def reference_rule(self, ctx, tk):
+        gl = self.cfg.global_local
+        bs, m = gl.block_size, ctx.n_mem
+        n_blocks = -(-tk // bs)
+
+        def rule(h, i, j):
+            if i - m in gl.global_positions or j - m in gl.global_positions:
+                return True
+            a, c = i // bs, j // bs
+            if abs(a - c) <= gl.window_blocks:
+                return True
+            eligible = a if ctx.causal else n_blocks
+            chosen = {self._random_block(h, a, t, n_blocks, ctx.causal) for t in range(gl.n_random)} if eligible else set()
+            return c in chosen
+
+        return rule
+
+
+@register("attention", "etc")
+class ETCAttention(PatternAttention):
+    """ETC global-local attention (Ainslie et al. 2020, sec. 3.1, Fig. 2).
+
+    Two inputs: the long (local) input x_l (the segment, plus any XL memory) and a small global input
+    x_g of n_g = ``global_local.n_global_tokens`` tokens. Here x_g is n_g learned vectors per layer (a
+    parameter; the paper derives them from sentences/segments of the input). Attention is split in
+    four pieces, all softmax(q k^T / sqrt(d)) v with shared projections:
+
+        g2g + g2l:  every global token attends to all global and all (valid) local tokens:
+                    u = x_g + W_o Attn(x_g W_q, [x_g; x_l] W_k, [x_g; x_l] W_v)
+        l2g + l2l:  local token i attends to every global token (of u) and to the local tokens j with
+                    |i - j| <= r (r = ``global_local.window``):
+                    y_i = Attn(x_i W_q, [u; x_l] W_k, [u; x_l] W_v) restricted to {globals} U {|i - j| <= r}
+
+    The block interface carries one sequence between layers, so the updated global states u feed the
+    same layer's l2g attention (instead of the next layer's global input) and only the local sequence
+    is returned. Global tokens have no position (rotary is applied to the local tokens only); score
+    positions are not supported. Causal use is rejected: g2l lets the globals read every local token
+    and l2g hands that to every query, future included.
+    """
+
+    supports_causal = False
+    causal_note = ("Its global tokens attend to the whole input (g2l) and every local token reads them (l2g), "
+                   "so information flows from later tokens to earlier ones; longformer or bigbird are causal.")
+    position_hooks = frozenset({"input", "rotary"})
+
+    def __init__(self, cfg, layer, position):
+        super().__init__(cfg, layer, position)
+        self.global_tokens = nn.Parameter(torch.randn(cfg.global_local.n_global_tokens, cfg.d_model) * 0.02)
+
+    @classmethod
+    def validate(cls, cfg: EncoderConfig) -> None:
+        gl = cfg.global_local
+        if gl.n_global_tokens < 1 or gl.window < 0:
+            raise ValueError(f"attention='etc' needs global_local.n_global_tokens >= 1 and window (the l2l radius) "
+                             f">= 0; got n_global_tokens={gl.n_global_tokens}, window={gl.window}")
+
+    def pattern(self, ctx, tk):
+        radius = self.cfg.global_local.window
+
+        def rule(h, i, j):
+            return (j < 0) | ((i - j).abs() <= radius)
+
+        return Pattern(rule, ("etc", radius))
+
+    def reference_rule(self, ctx, tk):
+        radius = self.cfg.global_local.window
+        return lambda h, i, j: j < 0 or j in range(i - radius, i + radius + 1)
+
+    def global_states(self, kv, key_valid):
+        """u = x_g + W_o Attn(g2g + g2l): (B, n_g, D). Dense: n_g queries, O(n_g N) memory."""
+        b = kv.shape[0]
+        g = self.global_tokens[None].expand(b, -1, -1).to(kv.dtype)
+        q, k, v = self.project(g, torch.cat([g, kv], 1))
+        mask = None
+        if key_valid is not None:
+            ones = key_valid.new_ones(b, g.shape[1])
+            mask = torch.cat([ones, key_valid], 1)[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return g + self.out_proj(merge_heads(out))
+
+    def extended(self, q, k, v, kv, ctx):
+        """Keys/values [u; local] with key indices [-n_g .. -1; ctx.k_index] and validity."""
+        u = self.global_states(kv, ctx.key_valid)
+        gk, gv = self.kv_proj(u).chunk(2, dim=-1)
+        n_g = u.shape[1]
+        k = torch.cat([split_heads(gk, self.n_heads), k], 2)
+        v = torch.cat([split_heads(gv, self.n_heads), v], 2)
+        k_index = torch.cat([torch.arange(-n_g, 0, device=ctx.k_index.device), ctx.k_index])
+        valid = None
+        if ctx.key_valid is not None:
+            valid = torch.cat([ctx.key_valid.new_ones(ctx.key_valid.shape[0], n_g), ctx.key_valid], 1)
+        return k, v, k_index, valid, n_g
+
+    def forward(self, x, kv, ctx):
+        q, k, v = self.project(x, kv)
+        if self.position is not None and "rotary" in self.position.hooks:
+            q, k = self.position.rotate(q, k, ctx.q_index, ctx.k_index)
+        k, v, k_index, valid, n_g = self.extended(q, k, v, kv, ctx)
+        out = self.attend_pattern(q, k, v, ctx, self.pattern(ctx, k.shape[2]), k_index, valid, n_g)
+        return self.out_proj(merge_heads(out)), {}
+
+    def reference_forward(self, x, kv, ctx):
+        """Naive ETC: the same two stages with dense scores and loop-built masks (tests compare)."""
+        q, k, v = self.project(x, kv)
+        if self.position is not None and "rotary" in self.position.hooks:
+            q, k = self.position.rotate(q, k, ctx.q_index, ctx.k_index)
+        b, n_g = kv.shape[0], self.global_tokens.shape[0]
+        g = self.global_tokens[None].expand(b, -1, -1).to(kv.dtype)
+        gq, gk, gv = self.project(g, torch.cat([g, kv], 1))
+        g_mask = torch.ones(b, 1, n_g, gk.shape[2], dtype=torch.bool)
+        for row in range(b):
+            for key in range(kv.shape[1]):
+                g_mask[row, :, :, n_g + key] = ctx.key_valid is None or bool(ctx.key_valid[row, key])
+        u = g + self.out_proj(merge_heads(dense_attention(gq, gk, gv, g_mask, self.scale)))
+        uk, uv = self.kv_proj(u).chunk(2, dim=-1)
+        k = torch.cat([split_heads(uk, self.n_heads), k], 2)
+        v = torch.cat([split_heads(uv, self.n_heads), v], 2)
+        k_index = torch.tensor(list(range(-n_g, 0)) + ctx.k_index.tolist())
+        valid = None if ctx.key_valid is None else torch.cat([torch.ones(b, n_g, dtype=torch.bool), ctx.key_valid], 1)
+        mask = loop_mask(self.reference_rule(ctx, k.shape[2]), ctx.q_index, k_index, self.n_heads, False, valid)
+        return self.out_proj(merge_heads(dense_attention(q, k, v, mask, self.scale)))
+
+    def attend(self, q, k, v, ctx):
+        raise RuntimeError("attention='etc' needs the layer input for its global tokens; call the module")

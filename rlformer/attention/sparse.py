@@ -1,0 +1,198 @@
+"""Sparse Transformer factorized attention (Child et al. 2019) and blockwise attention (Qiu et al. 2020)."""
+from __future__ import annotations
+
+import torch
+
+from rlformer.attention.masks import Pattern, PatternAttention, block_of
+from rlformer.config import EncoderConfig
+from rlformer.registry import register
+
+
+class FactorizedAttention(PatternAttention):
+    """Two factorized patterns A^(1), A^(2) used as in Child et al. 2019, sec. 4.3 (``sparse.mode``):
+
+    - ``interleaved``: attention(X) = W_p attend(X, A^(r mod 2)), r the layer index (one pattern per
+      residual block, alternating);
+    - ``merged``: attend(X, A^(1) U A^(2)) in every head;
+    - ``split``: multi-head, head h attends with A^(h mod 2 + 1).
+    """
+
+    name = ""
+
+    @classmethod
+    def validate(cls, cfg: EncoderConfig) -> None:
+        sp = cfg.sparse
+        if sp.stride < 1:
+            raise ValueError(f"attention={cls.name!r} needs sparse.stride >= 1, got {sp.stride}")
+        if sp.mode not in ("interleaved", "merged", "split"):
+            raise ValueError(f"sparse.mode must be 'interleaved', 'merged' or 'split', got {sp.mode!r}")
+        if sp.mode == "split" and cfg.n_heads < 2:
+            raise ValueError(f"attention={cls.name!r} with sparse.mode='split' gives the two patterns to different "
+                             f"heads, so it needs n_heads >= 2 (got {cfg.n_heads}); use mode='merged' or "
+                             f"'interleaved' with one head")
+        if sp.mode == "interleaved" and cfg.n_layers < 2:
+            raise ValueError(f"attention={cls.name!r} with sparse.mode='interleaved' alternates the two patterns "
+                             f"across layers, so it needs n_layers >= 2 (got {cfg.n_layers}); use mode='merged'")
+
+    def parts(self, tk: int):
+        """(A1, A2) as tensor rules and (A1, A2) as plain-Python rules."""
+        raise NotImplementedError
+
+    def _select(self, a1, a2):
+        mode = self.cfg.sparse.mode
+        if mode == "merged":
+            return lambda h, i, j: a1(h, i, j) | a2(h, i, j)
+        if mode == "interleaved":
+            return a1 if self.layer % 2 == 0 else a2
+        return lambda h, i, j: torch.where(h % 2 == 0, a1(h, i, j), a2(h, i, j))
+
+    def pattern(self, ctx, tk):
+        (a1, a2), _ = self.parts(tk)
+        sp = self.cfg.sparse
+        key = (self.name, sp.stride, sp.summary, sp.mode, self.layer % 2 if sp.mode == "interleaved" else 0)
+        return Pattern(self._select(a1, a2), key, per_head=sp.mode == "split")
+
+    def reference_rule(self, ctx, tk):
+        _, (a1, a2) = self.parts(tk)
+        mode = self.cfg.sparse.mode
+        if mode == "merged":
+            return lambda h, i, j: a1(i, j) or a2(i, j)
+        if mode == "interleaved":
+            return (lambda h, i, j: a1(i, j)) if self.layer % 2 == 0 else (lambda h, i, j: a2(i, j))
+        return lambda h, i, j: a1(i, j) if h % 2 == 0 else a2(i, j)
+
+
+@register("attention", "strided")
+class StridedAttention(FactorizedAttention):
+    """Sparse Transformer strided attention (Child et al. 2019, sec. 4.2, Fig. 3b).
+
+    With stride l = ``sparse.stride``, for query i (key-sequence index) and key j:
+        A^(1)_i = { j : |i - j| <= l }                      (the previous l positions when causal)
+        A^(2)_i = { j : (i - j) mod l = 0 }                  (every l-th position)
+    causal adds j <= i, which gives the paper's A^(1)_i = {t, ..., i}, t = max(0, i - l), and
+    A^(2)_i = {j <= i : (i - j) mod l = 0}; bidirectional uses both sides. Combined per
+    ``sparse.mode`` (see FactorizedAttention). ``merged`` with l >= T is full attention.
+    """
+
+    name = "strided"
+
+    def parts(self, tk):
+        stride = self.cfg.sparse.stride
+
+        def a1(h, i, j):
+            return (i - j).abs() <= stride
+
+        def a2(h, i, j):
+            return (i - j) % stride == 0
+
+        def a1_ref(i, j):
+            return j in range(i - stride, i + stride + 1)
+
+        def a2_ref(i, j):
+            return j in range(i % stride, tk, stride)
+
+        return (a1, a2), (a1_ref, a2_ref)
+
+
+@register("attention", "fixed")
+class FixedAttention(FactorizedAttention):
+    """Sparse Transformer fixed attention (Child et al. 2019, sec. 4.2, Fig. 3c).
+
+    With block length l = ``sparse.stride`` and c = ``sparse.summary`` summary positions per block:
+        A^(1)_i = { j : floor(j / l) = floor(i / l) }        (own block)
+        A^(2)_i = { j : j mod l in {l - c, ..., l - 1} } U {i}   (the last c cells of every block)
+    causal adds j <= i. A query always sees itself in A^(2) too: without it the causal rows before the
+    first summary cell (i < l - c) would be empty when A^(2) is used alone (split / interleaved).
+    ``merged`` with l >= T is full attention.
+    """
+
+    name = "fixed"
+
+    @classmethod
+    def validate(cls, cfg: EncoderConfig) -> None:
+        super().validate(cfg)
+        if not 1 <= cfg.sparse.summary <= cfg.sparse.stride:
+            raise ValueError(f"attention='fixed' needs 1 <= sparse.summary (c) <= sparse.stride (l); got "
+                             f"c={cfg.sparse.summary}, l={cfg.sparse.stride}")
+
+    def parts(self, tk):
+        block, c = self.cfg.sparse.stride, self.cfg.sparse.summary
+
+        def a1(h, i, j):
+            return block_of(i, block) == block_of(j, block)
+
+        def a2(h, i, j):
+            return (j % block >= block - c) | (i == j)
+
+        def a1_ref(i, j):
+            start = (i // block) * block
+            return j in range(start, start + block)
+
+        def a2_ref(i, j):
+            summaries = {s + t for s in range(0, tk, block) for t in range(block - c, block)}
+            return j in summaries or j == i
+
+        return (a1, a2), (a1_ref, a2_ref)
+
+
+@register("attention", "blockwise")
+class BlockwiseAttention(PatternAttention):
+    """BlockBERT blockwise self-attention (Qiu et al. 2020, sec. 3, eq. 3-4).
+
+    The key sequence of length N is split into n = ``sparse.n_blocks`` blocks, block(x) = floor(x n / N)
+    (lengths not divisible by n give blocks differing by one). Head h has a permutation pi_h of the
+    blocks and a query in block a attends only to the keys of block pi_h(a):
+
+        M^h_ij = 1  iff  pi_h(block(i)) = block(j),   Attention(Q, K, V, M) = softmax(QK^T/sqrt(d) masked by M) V.
+
+    The paper's permutations are the cyclic shifts (1 2 .. n), (2 3 .. n 1), ...: with ``sparse.seed``
+    = 0 head h uses the shift pi_h(a) = (a + h) mod n; with seed > 0 each head (and layer) draws a random
+    permutation from that seed. n = 1 is full attention. With a validity mask (padding or memory) a
+    query also sees itself, so a query whose partner block is all padding still has a key.
+    """
+
+    supports_causal = False
+    causal_note = ("Its heads attend to permuted blocks, e.g. block 1 -> block 2, so restricting to "
+                   "j <= i would leave those queries with no keys at all.")
+
+    @classmethod
+    def validate(cls, cfg: EncoderConfig) -> None:
+        if cfg.sparse.n_blocks < 1:
+            raise ValueError(f"attention='blockwise' needs sparse.n_blocks >= 1, got {cfg.sparse.n_blocks}")
+
+    def permutations(self) -> torch.Tensor:
+        """(H, n) long: pi_h(a) for every head h and block a."""
+        n, seed = self.cfg.sparse.n_blocks, self.cfg.sparse.seed
+        if seed == 0:
+            return (torch.arange(n)[None, :] + torch.arange(self.n_heads)[:, None]) % n
+        gen = torch.Generator().manual_seed(seed * 100_003 + self.layer)
+        return torch.stack([torch.randperm(n, generator=gen) for _ in range(self.n_heads)])
+
+    def _check(self, tk):
+        if tk < self.cfg.sparse.n_blocks:
+            raise ValueError(f"attention='blockwise' splits the keys into sparse.n_blocks={self.cfg.sparse.n_blocks} "
+                             f"blocks but got only {tk} keys; use sequences of at least n_blocks tokens")
+
+    def pattern(self, ctx, tk):
+        self._check(tk)
+        n = self.cfg.sparse.n_blocks
+
+        def rule(h, i, j, perm):
+            a, b = block_of(i * n, tk), block_of(j * n, tk)
+            return perm[h, a] == b
+
+        perm = self.permutations()
+        return Pattern(rule, ("blockwise", n, tk, tuple(perm.flatten().tolist())), per_head=True,
+                       tables={"perm": perm})
+
+    def reference_rule(self, ctx, tk):
+        self._check(tk)
+        n = self.cfg.sparse.n_blocks
+        perm = self.permutations().tolist()
+        blocks = [[x for x in range(tk) if x * n // tk == a] for a in range(n)]
+
+        def rule(h, i, j):
+            own = next(a for a in range(n) if i in blocks[a])
+            return j in blocks[perm[h][own]]
+
+        return rule

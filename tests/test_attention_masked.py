@@ -1,0 +1,407 @@
+"""Mask-shaped attentions (local, local2d, strided, fixed, blockwise, longformer, bigbird, etc).
+
+Fast path (SDPA + the masks.py pattern) == naive loop-built reference, outputs and gradients, in
+float64 with padding and XL memory prefixes; hand-checked pattern entries from the papers;
+degenerate settings == full attention; the FlexAttention mask_mod == the dense mask; build-time
+errors; and (CUDA only) FlexAttention == the dense path.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rlformer
+from rlformer.attention.masks import PatternAttention, dense_mask, flex_mask_mod
+from rlformer.context import AttentionContext
+from rlformer.registry import lookup
+
+torch.set_num_threads(1)
+
+H, D = 4, 32
+
+
+def config(attention, causal, **family):
+    cfg = rlformer.EncoderConfig(d_model=D, n_heads=H, n_layers=2, attention=attention, causal=causal,
+                                 position="none", dropout=0.0)
+    for name, kw in family.items():
+        setattr(cfg, name, dataclasses.replace(getattr(cfg, name), **kw))
+    return cfg
+
+
+def module(cfg, layer=0, position=None, dtype=torch.float64):
+    torch.manual_seed(0)
+    rlformer.validate(cfg)
+    pos = None if position is None else lookup("position", position)(cfg)
+    return lookup("attention", cfg.attention)(cfg, layer, pos).to(dtype)
+
+
+def context(t, n_mem=0, causal=True, pad=False, b=2):
+    index = torch.arange(n_mem + t)
+    valid = None
+    if pad:
+        valid = torch.ones(b, n_mem + t, dtype=torch.bool)
+        valid[0, : n_mem + 2] = False        # empty memory slots + left padding
+        valid[1, -2:] = False                # right padding
+    q_pos = torch.arange(t)[None].expand(b, -1)
+    return AttentionContext(causal=causal, q_index=index[n_mem:], k_index=index, q_pos=q_pos, key_valid=valid)
+
+
+CASES = {
+    "local": dict(local=dict(block_size=4, lookback=3)),
+    "local2d": dict(local=dict(grid=(3, 5), query_shape=(2, 2), memory_flange=(1, 2))),
+    "strided-merged": dict(sparse=dict(stride=3, mode="merged")),
+    "strided-split": dict(sparse=dict(stride=3, mode="split")),
+    "strided-interleaved": dict(sparse=dict(stride=3, mode="interleaved")),
+    "fixed-merged": dict(sparse=dict(stride=4, summary=2, mode="merged")),
+    "fixed-split": dict(sparse=dict(stride=4, summary=1, mode="split")),
+    "fixed-interleaved": dict(sparse=dict(stride=4, summary=2, mode="interleaved")),
+    "blockwise": dict(sparse=dict(n_blocks=3)),
+    "blockwise-seeded": dict(sparse=dict(n_blocks=4, seed=5)),
+    "longformer": dict(global_local=dict(window=2, dilation=2, dilated_heads=2, global_positions=(0, 5),
+                                         layer_windows=(1, 3))),
+    "bigbird": dict(global_local=dict(block_size=3, window_blocks=1, n_random=2, global_positions=(1,), seed=3)),
+    "etc": dict(global_local=dict(window=2, n_global_tokens=3)),
+}
+
+
+def variant(case):
+    return case.split("-")[0]
+
+
+def settings():
+    out = []
+    for case in CASES:
+        cls = lookup("attention", variant(case))
+        for causal in (True, False):
+            if (causal and not cls.supports_causal) or (not causal and not cls.supports_bidirectional):
+                continue
+            for n_mem in ((0, 5) if cls.supports_memory else (0,)):
+                for pad in (False, True):
+                    out.append((case, causal, n_mem, pad))
+    return out
+
+
+SETTINGS = settings()
+
+
+def seq_len(case):
+    return 15 if variant(case) == "local2d" else 11
+
+
+def run_both(attn, t, ctx, layer_input=False):
+    """(fast, reference) outputs and gradients w.r.t. the inputs (and ETC's parameters)."""
+    b = ctx.q_pos.shape[0]
+    torch.manual_seed(1)
+    if layer_input:
+        x = torch.randn(b, ctx.k_index.shape[0], D, dtype=torch.float64)
+        results = []
+        for fn in (lambda *a: attn(*a)[0], attn.reference_forward):
+            xi = x.clone().requires_grad_()
+            attn.zero_grad()
+            out = fn(xi[:, ctx.n_mem:], xi, ctx)
+            out.backward(torch.ones_like(out) + torch.linspace(0, 1, out.numel()).view_as(out).to(out))
+            results.append((out.detach(), xi.grad, attn.global_tokens.grad.clone(), attn.q_proj.weight.grad.clone()))
+        return results
+    q = torch.randn(b, H, t, D // H, dtype=torch.float64)
+    k = torch.randn(b, H, ctx.k_index.shape[0], D // H, dtype=torch.float64)
+    v = torch.randn_like(k)
+    results = []
+    for fn in (lambda *a: attn.attend(*a)[0], attn.reference):
+        qi, ki, vi = (z.clone().requires_grad_() for z in (q, k, v))
+        out = fn(qi, ki, vi, ctx)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out).to(out))
+        results.append((out.detach(), qi.grad, ki.grad, vi.grad))
+    return results
+
+
+@pytest.mark.parametrize("case,causal,n_mem,pad", SETTINGS,
+                         ids=[f"{c}-{'causal' if ca else 'bidir'}-mem{m}-{'pad' if p else 'nopad'}"
+                              for c, ca, m, p in SETTINGS])
+def test_fast_path_equals_naive_reference(case, causal, n_mem, pad):
+    cfg = config(variant(case), causal, **CASES[case])
+    t = seq_len(case)
+    layers = (0, 1) if "interleaved" in case or case == "longformer" else (0,)
+    for layer in layers:
+        attn = module(cfg, layer)
+        fast, ref = run_both(attn, t, context(t, n_mem, causal, pad), layer_input=case == "etc")
+        assert torch.isfinite(fast[0]).all()
+        for a, b in zip(fast, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # reference softmax is float32
+
+
+@pytest.mark.parametrize("case,position", [("local", "alibi"), ("longformer", "xl"), ("strided-split", "shaw"),
+                                           ("bigbird", "alibi")])
+def test_score_positions_follow_the_reference(case, position):
+    """Additive (ALiBi: float mask) and score-rewriting (XL, Shaw: dense path) positions."""
+    cfg = config(variant(case), True, **CASES[case])
+    cfg.position = position
+    attn = module(cfg, 0, position)
+    fast, ref = run_both(attn, 11, context(11, 4, True, True))
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # reference softmax is float32
+
+
+def mask_of(case, t, causal, n_mem=0, layer=0, pad=False, **family):
+    """Dense mask of CASES[case], or of variant ``case`` with ``family`` settings."""
+    cfg = config(variant(case), causal, **(family or CASES[case]))
+    attn = module(cfg, layer)
+    ctx = context(t, n_mem, causal, pad)
+    return dense_mask(attn.pattern(ctx, n_mem + t), ctx.q_index, ctx.k_index, H, causal, ctx.key_valid)
+
+
+def keys(mask_row):
+    return mask_row.nonzero().flatten().tolist()
+
+
+def test_local_pattern_by_hand():
+    hand = dict(local=dict(block_size=4, lookback=2))
+    m = mask_of("local", 12, True, **hand)[0, 0]
+    assert keys(m[5]) == [2, 3, 4, 5]                        # block 1 = [4, 8): lookback 2 -> from 2, causal
+    assert keys(m[7]) == [2, 3, 4, 5, 6, 7]
+    assert keys(m[8]) == [6, 7, 8]
+    m = mask_of("local", 12, False, **hand)[0, 0]
+    assert keys(m[5]) == [2, 3, 4, 5, 6, 7]                  # the whole memory block, no causal mask
+    assert keys(m[0]) == [0, 1, 2, 3]
+
+
+def test_local2d_pattern_by_hand():
+    hand = dict(local=dict(grid=(4, 4), query_shape=(2, 2), memory_flange=(1, 1)))
+    m = mask_of("local2d", 16, False, **hand)[0, 0]
+    # query (2, 2) = 10: rectangle rows 2-3 cols 2-3; memory rows 1-3, cols 1-3 (col 4 is off the grid)
+    assert keys(m[10]) == [r * 4 + c for r in (1, 2, 3) for c in (1, 2, 3)]
+    assert not m[10, 2] and not m[10, 8] and m[10, 5]
+    m = mask_of("local2d", 16, True, **hand)[0, 0]
+    assert keys(m[10]) == [5, 6, 7, 9, 10]                   # raster order: nothing after 10
+    assert keys(m[0]) == [0]
+
+
+def test_strided_pattern_by_hand():
+    m = mask_of("strided-split", 12, True)[0]
+    assert keys(m[0, 7]) == [4, 5, 6, 7]                     # head 0: A1 = {max(0, i - l), ..., i}, l = 3
+    assert keys(m[1, 7]) == [1, 4, 7]                        # head 1: A2 = {j : (i - j) mod l = 0}
+    assert keys(m[2, 7]) == [4, 5, 6, 7] and keys(m[3, 7]) == [1, 4, 7]
+    merged = mask_of("strided-merged", 12, False)[0, 0]
+    assert keys(merged[5]) == [2, 3, 4, 5, 6, 7, 8, 11]
+    layer1 = mask_of("strided-interleaved", 12, True, layer=1)[0, 0]
+    assert keys(layer1[7]) == [1, 4, 7]                      # interleaved: odd layers use A2
+
+
+def test_fixed_pattern_by_hand():
+    m = mask_of("fixed-split", 12, True)[0]                  # l = 4, c = 1
+    assert keys(m[0, 6]) == [4, 5, 6]                        # A1: own block, causal
+    assert keys(m[1, 9]) == [3, 7, 9]                        # A2: last cell of each block (+ itself)
+    assert keys(m[1, 1]) == [1]                              # before the first summary: only itself
+    merged = mask_of("fixed-merged", 12, False)[0, 0]        # l = 4, c = 2
+    assert keys(merged[1]) == [0, 1, 2, 3, 6, 7, 10, 11]
+
+
+def test_blockwise_pattern_by_hand():
+    m = mask_of("blockwise", 8, False, sparse=dict(n_blocks=2))[0]
+    assert keys(m[0, 1]) == [0, 1, 2, 3]                     # head 0: identity permutation
+    assert keys(m[1, 1]) == [4, 5, 6, 7]                     # head 1: blocks swapped
+    assert keys(m[1, 6]) == [0, 1, 2, 3]
+    m = mask_of("blockwise", 11, False)[0]                   # n = 3 over 11 keys: blocks of 4, 4, 3
+    assert keys(m[0, 0]) == [0, 1, 2, 3] and keys(m[1, 0]) == [4, 5, 6, 7] and keys(m[2, 0]) == [8, 9, 10]
+    assert keys(m[3, 0]) == [0, 1, 2, 3]                     # 4 heads, 3 shifts: head 3 = identity again
+    seeded = mask_of("blockwise-seeded", 12, False)[0]       # random permutations: every key block used once
+    for h in range(H):
+        blocks = [keys(seeded[h, 3 * a])[0] // 3 for a in range(4)]
+        assert sorted(blocks) == [0, 1, 2, 3]
+
+
+def test_longformer_pattern_by_hand():
+    hand = dict(global_local=dict(window=1, dilation=2, dilated_heads=1, global_positions=(0,)))
+    m = mask_of("longformer", 10, False, **hand)[0]
+    assert keys(m[0, 6]) == [0, 4, 6, 8]                     # dilated head: i +- 2, plus global 0
+    assert keys(m[1, 6]) == [0, 5, 6, 7]                     # normal head: i +- 1, plus global 0
+    assert keys(m[1, 0]) == list(range(10))                  # the global token attends everywhere
+    m = mask_of("longformer", 10, True, n_mem=3, **hand)[0]  # globals count from the segment start
+    assert keys(m[1, 0]) == [0, 1, 2, 3]                     # query 0 of the segment (index 3) is global
+    assert keys(m[1, 5]) == [3, 7, 8]
+    cfg = config("longformer", True, **CASES["longformer"])
+    assert module(cfg, 0).window == 1 and module(cfg, 1).window == 3
+
+
+def test_bigbird_pattern_by_hand():
+    hand = dict(global_local=dict(block_size=2, window_blocks=1, n_random=1, global_positions=(), seed=7))
+    m = mask_of("bigbird", 12, False, **hand)[0]
+    attn = module(config("bigbird", False, **hand))
+    for h in range(H):
+        for a in range(6):
+            rand = attn._random_block(h, a, 0, 6, False)
+            blocks = sorted({a - 1, a, a + 1, rand} & set(range(6)))
+            expected = [j for c in blocks for j in (2 * c, 2 * c + 1)]
+            assert keys(m[h, 2 * a]) == expected == keys(m[h, 2 * a + 1])
+    causal = mask_of("bigbird", 12, True, **hand)[0]
+    for h in range(H):
+        for a in range(1, 6):
+            assert attn._random_block(h, a, 0, 6, True) < a  # causal random blocks precede the query block
+        assert keys(causal[h, 1]) == [0, 1]
+    assert any(not torch.equal(m[0], m[h]) for h in range(1, H))   # random blocks differ by head
+    # the same seed and layer give the same pattern; another layer another one
+    cfg = config("bigbird", False, **CASES["bigbird"])
+    ctx = context(30, 0, False)
+    d = [dense_mask(module(cfg, layer).pattern(ctx, 30), ctx.q_index, ctx.k_index, H, False, None)
+         for layer in (0, 0, 1)]
+    assert torch.equal(d[0], d[1]) and not torch.equal(d[0], d[2])
+
+
+def test_etc_pattern_by_hand():
+    cfg = config("etc", False, **CASES["etc"])
+    attn = module(cfg)
+    ctx = context(8, 0, False)
+    k_index = torch.cat([torch.arange(-3, 0), ctx.k_index])
+    m = dense_mask(attn.pattern(ctx, 11), ctx.q_index, k_index, H, False, None)[0, 0]
+    assert keys(m[4]) == [0, 1, 2, 3 + 2, 3 + 3, 3 + 4, 3 + 5, 3 + 6]   # l2g (3 globals) + l2l radius 2
+    assert keys(m[0]) == [0, 1, 2, 3, 4, 5]
+
+
+def full_attention(q, k, v, ctx):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.allowed())
+
+
+@pytest.mark.parametrize("name,family,causal", [
+    ("local", dict(local=dict(block_size=16, lookback=0)), True),
+    ("local", dict(local=dict(block_size=3, lookback=32)), True),
+    ("local", dict(local=dict(block_size=32, lookback=0)), False),
+    ("strided", dict(sparse=dict(stride=16, mode="merged")), True),
+    ("strided", dict(sparse=dict(stride=16, mode="merged")), False),
+    ("fixed", dict(sparse=dict(stride=16, summary=1, mode="merged")), True),
+    ("fixed", dict(sparse=dict(stride=16, summary=3, mode="merged")), False),
+    ("blockwise", dict(sparse=dict(n_blocks=1)), False),
+    ("longformer", dict(global_local=dict(window=16, dilation=1, global_positions=())), True),
+    ("longformer", dict(global_local=dict(window=0, global_positions=tuple(range(16)))), False),
+    ("bigbird", dict(global_local=dict(block_size=4, window_blocks=4, n_random=0)), True),
+    ("bigbird", dict(global_local=dict(block_size=16, window_blocks=0, n_random=1)), False),
+])
+def test_degenerate_settings_are_full_attention(name, family, causal):
+    cfg = config(name, causal, **family)
+    attn = module(cfg)
+    for n_mem, pad in ((0, False), (4, True)):
+        t = 16 - n_mem
+        ctx = context(t, n_mem, causal, pad)
+        torch.manual_seed(2)
+        q = torch.randn(2, H, t, D // H, dtype=torch.float64)
+        k, v = (torch.randn(2, H, 16, D // H, dtype=torch.float64) for _ in range(2))
+        torch.testing.assert_close(attn.attend(q, k, v, ctx)[0], full_attention(q, k, v, ctx))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_flex_mask_mod_is_the_dense_mask(case):
+    """The mask_mod FlexAttention compiles into a BlockMask, evaluated densely (vmap) on CPU."""
+    from torch.nn.attention.flex_attention import create_mask
+    causal = lookup("attention", variant(case)).supports_causal
+    n_mem = 5 if lookup("attention", variant(case)).supports_memory else 0
+    t = seq_len(case)
+    cfg = config(variant(case), causal, **CASES[case])
+    attn = module(cfg, 1)
+    ctx = context(t, n_mem, causal, pad=True)
+    n_extra = cfg.global_local.n_global_tokens if case == "etc" else 0
+    k_index = torch.cat([torch.arange(-n_extra, 0), ctx.k_index])
+    valid = torch.cat([torch.ones(2, n_extra, dtype=torch.bool), ctx.key_valid], 1)
+    pattern = attn.pattern(ctx, n_extra + n_mem + t)
+    dense = dense_mask(pattern, ctx.q_index, k_index, H, causal, valid)
+    mod = flex_mask_mod(pattern, n_mem, n_extra, causal, valid, torch.device("cpu"))
+    flex = create_mask(mod, 2, H, t, n_extra + n_mem + t, device="cpu")
+    assert torch.equal(flex, dense.expand_as(flex))
+    assert dense.sum() < dense.numel()                       # it is a real restriction
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(attention="blockwise", causal=True), "cannot be causal"),
+    (dict(attention="etc", causal=True), "cannot be causal"),
+    (dict(attention="local", local=rlformer.LocalConfig(block_size=0)), "block_size >= 1"),
+    (dict(attention="local2d", local=rlformer.LocalConfig(grid=(3, 0))), "local.grid"),
+    (dict(attention="local2d", local=rlformer.LocalConfig(query_shape=(0, 2))), "query_shape"),
+    (dict(attention="local2d", memory="xl"), "memory='xl'"),
+    (dict(attention="fixed", sparse=rlformer.SparseConfig(stride=4, summary=5)), "summary"),
+    (dict(attention="strided", n_heads=1, d_model=8, sparse=rlformer.SparseConfig(mode="split")), "n_heads >= 2"),
+    (dict(attention="strided", n_layers=1, sparse=rlformer.SparseConfig(mode="interleaved")), "n_layers >= 2"),
+    (dict(attention="strided", sparse=rlformer.SparseConfig(stride=0)), "stride >= 1"),
+    (dict(attention="longformer", global_local=rlformer.GlobalLocalConfig(layer_windows=(4,))), "one window"),
+    (dict(attention="longformer", global_local=rlformer.GlobalLocalConfig(dilated_heads=9)), "dilated_heads"),
+    (dict(attention="longformer", global_local=rlformer.GlobalLocalConfig(global_positions=(-1,))), "global_positions"),
+    (dict(attention="bigbird", global_local=rlformer.GlobalLocalConfig(block_size=0)), "block_size >= 1"),
+    (dict(attention="etc", causal=False, position="alibi"), "hook"),
+    (dict(attention="etc", causal=False, global_local=rlformer.GlobalLocalConfig(n_global_tokens=0)), "n_global_tokens"),
+])
+def test_invalid_settings_raise_at_build(bad, match):
+    kw = dict(d_model=16, n_heads=4, n_layers=2, position="none", causal=False)
+    cfg = rlformer.EncoderConfig(**{**kw, **bad})
+    with pytest.raises(ValueError, match=match):
+        rlformer.build_encoder(cfg)
+
+
+def test_local2d_grid_mismatch_raises_in_forward():
+    cfg = config("local2d", True, local=dict(grid=(4, 4), query_shape=(2, 2)))
+    enc = rlformer.build_encoder(cfg)
+    enc(torch.randn(1, 16, D))
+    with pytest.raises(ValueError, match="local.grid=\\(4, 4\\)"):
+        enc(torch.randn(1, 15, D))
+    square = rlformer.build_encoder(config("local2d", False, local=dict(grid=(0, 0), query_shape=(2, 2))))
+    assert square(torch.randn(1, 9, D)).output.shape == (1, 9, D)
+    with pytest.raises(ValueError, match="perfect square"):
+        square(torch.randn(1, 10, D))
+
+
+def test_blockwise_needs_enough_keys():
+    attn = module(config("blockwise", False, sparse=dict(n_blocks=4)))
+    q = torch.randn(1, H, 3, D // H, dtype=torch.float64)
+    with pytest.raises(ValueError, match="n_blocks=4"):
+        attn.attend(q, q, q, context(3, 0, False, b=1))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_encoder_with_xl_memory_runs_in_segments(case):
+    """Through the encoder: XL memory, padding, several segments, finite outputs and gradients."""
+    cls = lookup("attention", variant(case))
+    causal = cls.supports_causal
+    cfg = config(variant(case), causal, **CASES[case])
+    if cls.supports_memory:
+        cfg.memory, cfg.mem_len = "xl", 6
+    torch.manual_seed(0)
+    enc = rlformer.build_encoder(cfg)
+    t = seq_len(case)
+    state = None
+    for _ in range(2):
+        x = torch.randn(2, t, D, requires_grad=True)
+        mask = torch.ones(2, t, dtype=torch.bool)
+        mask[1, :3] = False
+        out = enc(x, state=state, mask=mask)
+        out.output.square().mean().backward()
+        assert torch.isfinite(out.output).all() and torch.isfinite(x.grad).all()
+        state = out.state
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention fast path needs CUDA")
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("pad", [False, True])
+def test_flex_equals_dense_on_cuda(case, pad):
+    cls = lookup("attention", variant(case))
+    causal = cls.supports_causal
+    n_mem = 37 if cls.supports_memory else 0
+    t = 15 * 9 if variant(case) == "local2d" else 200
+    fam = dict(CASES[case])
+    if variant(case) == "local2d":
+        fam = dict(local=dict(grid=(15, 9), query_shape=(4, 4), memory_flange=(2, 3)))
+    cfg = config(variant(case), causal, **fam)
+    attn = module(cfg, 1, dtype=torch.float32).cuda()
+    assert isinstance(attn, PatternAttention)
+    ctx = context(t, n_mem, causal, pad)
+    ctx = dataclasses.replace(ctx, q_index=ctx.q_index.cuda(), k_index=ctx.k_index.cuda(), q_pos=ctx.q_pos.cuda(),
+                              key_valid=None if ctx.key_valid is None else ctx.key_valid.cuda())
+    torch.manual_seed(0)
+    x = torch.randn(2, n_mem + t, D, device="cuda")
+    outs, grads = [], []
+    for flex in (True, False):
+        attn.use_flex = (lambda q, flex=flex: flex)
+        xi = x.clone().requires_grad_()
+        out = attn(xi[:, n_mem:], xi, ctx)[0]
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append(xi.grad)
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(grads[0], grads[1], rtol=5e-3, atol=5e-3)
