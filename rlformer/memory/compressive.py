@@ -111,9 +111,8 @@ def most_used(x: Tensor, usage: Tensor, n_groups: Tensor, g: int) -> tuple[Tenso
     score = usage.masked_fill(~eligible, float("-inf"))
     top = score.topk(g, dim=1).indices                                  # (B, g) by usage
     keep = torch.arange(g, device=x.device)[None] < n_groups[:, None]
-    chosen = torch.zeros(b, length, dtype=torch.bool, device=x.device)
-    chosen = chosen.scatter(1, torch.where(keep, top, torch.zeros_like(top)), keep)
-    chosen &= eligible
+    chosen = torch.zeros(b, length + 1, dtype=torch.bool, device=x.device)   # last column: discarded picks
+    chosen = chosen.scatter(1, torch.where(keep, top, torch.full_like(top, length)), True)[:, :length]
     valid, (x,) = compact(chosen, [x], valid_first=True)
     return x[:, :g], valid[:, :g]
 
