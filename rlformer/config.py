@@ -72,7 +72,8 @@ class SparseConfig:
     n_blocks: int = 4
     """blockwise (Qiu et al. 2020): number of blocks"""
     seed: int = 0
-    """blockwise: seed of the block permutation"""
+    """blockwise: 0 = head h uses the cyclic shift a -> (a + h) mod n (the paper's); > 0 = seeded random
+    permutation per head and layer"""
 
 
 @dataclass
@@ -80,7 +81,7 @@ class GlobalLocalConfig:
     """Longformer / BigBird / ETC settings."""
 
     window: int = 64
-    """sliding-window width (keys each side for bidirectional; preceding keys for causal)"""
+    """sliding-window width (keys each side for bidirectional; preceding keys for causal); ETC: l2l radius"""
     layer_windows: Tuple[int, ...] = ()
     """per-layer windows (Longformer: smaller low, larger high); empty = `window` everywhere"""
     dilation: int = 1
@@ -90,12 +91,15 @@ class GlobalLocalConfig:
     global_positions: Tuple[int, ...] = (0,)
     """positions with global attention (Longformer) / global tokens (BigBird)"""
     n_random: int = 3
-    """BigBird random keys per query block"""
+    """BigBird random key blocks per query block (and head)"""
     block_size: int = 64
     """BigBird block length"""
+    window_blocks: int = 1
+    """BigBird sliding window in blocks each side (1 = the paper's 3-block window)"""
     n_global_tokens: int = 8
-    """ETC: size of the global input"""
+    """ETC: size of the global input (learned tokens per layer)"""
     seed: int = 0
+    """BigBird: seed of the random blocks (combined with the layer index)"""
 
 
 @dataclass
@@ -163,12 +167,13 @@ class AdaptiveSpanConfig:
     """Adaptive attention span (Sukhbaatar et al. 2019)."""
 
     max_span: int = 256
+    """S: largest attention distance (keys at distance >= S are never attended)"""
     ramp: int = 32
     """R: length of the soft ramp"""
     init: float = 0.5
     """initial span as a fraction of max_span"""
     penalty: float = 2e-6
-    """L1 coefficient on spans in aux_loss"""
+    """L1 coefficient on spans in aux_loss (per layer: penalty * mean span over heads)"""
     dynamic: bool = False
     """z = S * sigmoid(v^T x + b) per token"""
 
@@ -182,6 +187,8 @@ class ACTConfig:
     """1 - epsilon halting threshold"""
     ponder_cost: float = 1e-2
     """tau: weight of the ponder cost in aux_loss"""
+    halting_bias_init: float = 1.0
+    """initial bias b of the halting unit sigmoid(w^T s + b) (tensor2tensor's default)"""
 
 
 @dataclass
@@ -194,6 +201,11 @@ class EarlyExitConfig:
     n_classes: int = 0
     """output size of the exit heads (0 = no heads: only saturation/classifier work)"""
     shared_head: bool = True
+    """one exit head (and exit classifier) for all layers instead of one per layer"""
+    loss_weights: Literal["uniform", "linear"] = "uniform"
+    """weights of the per-exit losses in exit_losses: 1/L each, or n / sum(n) (Elbayad et al. 2020)"""
+    classifier_weight: float = 1.0
+    """weight of the exit classifier's training loss in aux_loss (confidence='classifier')"""
 
 
 @dataclass
