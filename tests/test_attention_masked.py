@@ -405,3 +405,34 @@ def test_flex_equals_dense_on_cuda(case, pad):
         grads.append(xi.grad)
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(grads[0], grads[1], rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("case", list(CASES))
+def test_flex_path_forward_matches_dense_on_cpu(case, monkeypatch):
+    """The whole Flex path (BlockMask from the pattern, block sparsity, ALiBi score_mod) run eagerly on
+    CPU, forward only (FlexAttention has no CPU backward), against the dense SDPA path."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    import rlformer.attention.flex as fx
+    monkeypatch.setitem(fx._COMPILED, "flex", flex_attention)
+    monkeypatch.setitem(fx._COMPILED, "create_block_mask", lambda *a, _compile=False, **k: create_block_mask(*a, **k))
+    cls = lookup("attention", variant(case))
+    causal = cls.supports_causal
+    n_mem = 9 if cls.supports_memory else 0
+    fam, t = dict(CASES[case]), 130
+    if variant(case) == "local2d":
+        fam, t = dict(local=dict(grid=(15, 9), query_shape=(4, 4), memory_flange=(2, 3))), 135
+    position = None if case == "etc" else "alibi"
+    cfg = config(variant(case), causal, **fam)
+    cfg.position = position or "none"
+    attn = module(cfg, 1, position, dtype=torch.float32).eval()
+    for pad in (True,) if case.endswith(("merged", "split", "seeded")) else (False, True):
+        ctx = context(t, n_mem, causal, pad)
+        x = torch.randn(2, n_mem + t, D)
+        outs = []
+        for flex in (True, False):
+            attn.use_flex = (lambda q, flex=flex: flex)
+            with torch.no_grad():
+                outs.append(attn(x[:, n_mem:], x, ctx)[0])
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)

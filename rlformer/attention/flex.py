@@ -33,6 +33,13 @@ def flex_available() -> bool:
 def _flex():
     if "flex" not in _COMPILED:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        # Every distinct pattern (per layer, length, memory length) is a new mask_mod and so a recompile;
+        # past Dynamo's default limit of 8 it would silently run flex_attention eagerly, with O(T^2) memory.
+        dynamo = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo, limit, max(getattr(dynamo, limit), 256))
+        if hasattr(dynamo, "accumulated_recompile_limit"):
+            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4096)
         _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
         _COMPILED["create_block_mask"] = create_block_mask
     return _COMPILED["flex"], _COMPILED["create_block_mask"]

@@ -183,6 +183,8 @@ def mix_hash(*parts):
     references call it on ints, the patterns on tensors."""
     x = 0
     for p in parts:
+        if isinstance(p, Tensor):
+            p = p.long()                     # FlexAttention hands int32 indices to a mask_mod
         x = (((x + p) & 0x7FFFFFFF) * 1103515245 + 12345) & 0x7FFFFFFF
         x = x ^ (x >> 13)
     return x
