@@ -134,7 +134,8 @@ def gym_env_id(name_or_id: str) -> str:
     if fam not in GYM_ENV_IDS:
         raise UnknownDatasetError(
             f"no Gymnasium environment is known for dataset {dataset_id(name_or_id)!r} "
-            f"(task {fam!r}); known tasks: {sorted(GYM_ENV_IDS)}. Pass the env id explicitly."
+            f"(task {fam!r}); known tasks: {sorted(GYM_ENV_IDS)}. Name the environment explicitly "
+            "(collect_dataset.py --gym-env ID)."
         )
     return GYM_ENV_IDS[fam]
 
