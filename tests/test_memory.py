@@ -479,6 +479,15 @@ def test_knn_invalid_settings_raise_at_build(bad, match):
         rlformer.build_encoder(cfg)
 
 
+def test_knn_refuses_attention_with_its_own_forward():
+    if "adaptive_span" not in rlformer.available()["attention"]:
+        pytest.skip("no attention variant overrides forward")
+    cfg = knn_config()
+    cfg.attention = "adaptive_span"
+    with pytest.raises(ValueError, match="own forward"):
+        rlformer.build_encoder(cfg)
+
+
 def test_knn_use_faiss_without_faiss_raises_at_build(monkeypatch):
     monkeypatch.setattr(km, "_faiss", lambda: None)
     cfg = knn_config()

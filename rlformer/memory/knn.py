@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rlformer.attention.base import merge_heads
+from rlformer.attention.base import Attention, merge_heads
 from rlformer.config import EncoderConfig
 from rlformer.memory.xl import XLMemory
-from rlformer.registry import register
+from rlformer.registry import available, lookup, register
 
 
 def _faiss():
@@ -245,6 +245,13 @@ class KNNMemory(XLMemory):
                              f"'spalm' (Yogatama et al. 2021)")
         if cfg.mem_len < 1:
             raise ValueError(f"memory='knn' needs mem_len >= 1 (the XL cache of the local context), got {cfg.mem_len}")
+        att = lookup("attention", cfg.attention)
+        if att.forward is not Attention.forward:
+            ok = [n for n in available()["attention"] if lookup("attention", n).forward is Attention.forward
+                  and lookup("attention", n).supports_memory]
+            raise ValueError(f"memory='knn' splits layer {knn.layer}'s attention into projections, the local "
+                             f"attend(q, k, v) and retrieval, but attention={cfg.attention!r} computes its "
+                             f"output in its own forward; use an attention in {ok}")
         if knn.use_faiss and _faiss() is None:
             raise ValueError("knn.use_faiss=True but faiss is not importable; `pip install faiss-cpu` (or "
                              "faiss-gpu), or set knn.use_faiss=False for the batched matmul/top-k search")
