@@ -18,6 +18,8 @@ def validate(cfg: EncoderConfig) -> dict[str, type]:
         divisors = [h for h in range(1, min(cfg.d_model, 64) + 1) if cfg.d_model % h == 0]
         raise ValueError(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}; "
                          f"choose n_heads in {divisors}")
+    if cfg.d_ff is not None and cfg.d_ff < 1:
+        raise ValueError(f"d_ff (feed-forward width) must be >= 1, or None for 4 * d_model; got {cfg.d_ff}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
     cls = variant_classes(cfg)
