@@ -225,6 +225,9 @@ def calibrate_threshold(encoder: nn.Module, evaluate: Callable[[], float], toler
     depth = getattr(encoder, "depth", None)
     if not isinstance(depth, EarlyExitDepth):
         raise ValueError("calibrate_threshold needs an encoder built with depth='early_exit'")
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance is the largest allowed loss of quality vs the full model and must be >= 0, "
+                         f"got {tolerance}")
     counts = {"layers": 0.0, "tokens": 0.0}
 
     def hook(module, args, output):
@@ -254,7 +257,7 @@ def calibrate_threshold(encoder: nn.Module, evaluate: Callable[[], float], toler
         depth.threshold = old_threshold
         encoder.train(was_training)
     sign = 1.0 if higher_is_better else -1.0
-    ok = [row for row in table if sign * (full_metric - row[1]) <= tolerance]
+    ok = [table[0]] + [row for row in table[1:] if sign * (full_metric - row[1]) <= tolerance]
     best = min(ok, key=lambda row: (row[2], -row[0]))
     return CalibrationResult(threshold=best[0], avg_layers=best[2], metric=best[1], full_metric=full_metric,
                              table=table)
