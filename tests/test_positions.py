@@ -284,3 +284,11 @@ def test_learned_positions_keep_counting_across_segments_and_restart_on_reset():
     assert seen[2].tolist() == [[0], [8]]
     table = enc.input_position.table.weight                             # and the vector is the row's own
     torch.testing.assert_close(original(torch.zeros(1, 1, D), torch.tensor([[7]])), table[7][None, None])
+
+
+@pytest.mark.parametrize("base", [0.0, -10_000.0])
+def test_rope_rejects_a_non_positive_base(base):
+    """base <= 0 gives inf/NaN frequencies (0^(-x), (-b)^(-x)): refused at build time."""
+    import rlformer
+    with pytest.raises(ValueError, match="rope_base"):
+        rlformer.build_encoder(cfg(position="rope", rope_base=base))

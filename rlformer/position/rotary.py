@@ -35,7 +35,9 @@ class RotaryPosition(Position):
         if cfg.d_head % 2:
             raise ValueError(f"position='rope' rotates pairs of features, so d_model / n_heads must be even; "
                              f"got d_head={cfg.d_head} (d_model={cfg.d_model}, n_heads={cfg.n_heads})")
-
+        if not cfg.rope_base > 0:
+            raise ValueError(f"position='rope' needs rope_base > 0 (theta_i = base^(-2i/d)); got {cfg.rope_base}. "
+                             f"The usual value is 10000.")
 
     def _rot(self, x: Tensor, index: Tensor) -> Tensor:
         angles = index.to(torch.float32)[:, None] * self.inv_freq[None, :]
