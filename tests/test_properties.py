@@ -132,6 +132,13 @@ def _negative_size(draw, cfg):
     return dataclasses.replace(cfg, **{field: draw(st.integers(-8, 0))})
 
 
+def _bad_position_setting(draw, cfg):
+    position, field, values = draw(st.sampled_from([("shaw", "shaw_clip", st.integers(-4, 0)),
+                                                     ("learned", "max_len", st.integers(-4, 0)),
+                                                     ("rope", "rope_base", st.floats(-1e4, 0.0))]))
+    return dataclasses.replace(cfg, position=position, **{field: draw(values)})
+
+
 def _bad_dropout(draw, cfg):
     return dataclasses.replace(cfg, dropout=draw(st.floats(1.0, 10.0) | st.floats(-10.0, -1e-3)))
 
@@ -148,7 +155,7 @@ def _bidirectional_causal_only(draw, cfg):
     return dataclasses.replace(cfg, attention=draw(st.sampled_from(CAUSAL_ONLY)), causal=False)
 
 
-CORRUPTIONS = [_unknown_name, _not_divisible, _negative_size, _bad_dropout, _no_mem_len]
+CORRUPTIONS = [_unknown_name, _not_divisible, _negative_size, _bad_position_setting, _bad_dropout, _no_mem_len]
 CORRUPTIONS += [_causal_non_causal] if NON_CAUSAL else []
 CORRUPTIONS += [_bidirectional_causal_only] if CAUSAL_ONLY else []
 
@@ -183,3 +190,22 @@ def test_the_strategies_reach_every_registered_name():
     collect()
     missing = {k: sorted(set(AV[k]) - seen[k]) for k in KINDS[1:] if set(AV[k]) - seen[k]}
     assert not missing, f"never drawn in a valid config: {missing}"
+
+
+@SETTINGS
+@given(cfg=configs(), seed=st.integers(0, 2 ** 16))
+def test_encoder_decoder_valid_configs_build_and_run(cfg, seed):
+    """build_encoder_decoder refuses with a message, or builds and runs forward + backward."""
+    try:
+        model = rlformer.build_encoder_decoder(cfg)
+    except ValueError as e:
+        assert str(e).strip()
+        assume(False)
+    torch.manual_seed(seed)
+    src, tgt = torch.randn(2, T, cfg.d_model), torch.randn(2, T, cfg.d_model, requires_grad=True)
+    src_mask = torch.ones(2, T, dtype=torch.bool)
+    src_mask[1, T // 2:] = False
+    out = model.train()(src, tgt, src_mask=src_mask)
+    assert out.output.shape == (2, T, cfg.d_model) and torch.isfinite(out.output).all(), cfg
+    (out.output.square().mean() + out.aux_loss).backward()
+    assert torch.isfinite(tgt.grad).all(), cfg
