@@ -174,7 +174,7 @@ class ACTDepth(UniversalDepth):
             for j in range(t):
                 total, big_n = 0.0, self.max_steps
                 for n in range(1, self.max_steps + 1):
-                    if float(total + probs[n - 1][i, j]) >= self.threshold:
+                    if float((total + probs[n - 1][i, j]).detach()) >= self.threshold:
                         big_n = n
                         break
                     total = total + probs[n - 1][i, j]
