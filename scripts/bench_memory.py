@@ -25,44 +25,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
-from typing import Callable, Optional
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import rlformer  # noqa: E402
-from rlformer.memory import knn as km  # noqa: E402
+from bench_attention import measure
 
-
-def measure(step: Callable[[], None], device: torch.device, warmup: int, reps: int) -> dict:
-    for _ in range(warmup):
-        step()
-    times = []
-    peak = None
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append(1e3 * (time.perf_counter() - t0))
-    if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    return {"ms": statistics.median(times), "peak_mib": peak}
+import rlformer
+from rlformer.memory import knn as km
 
 
 def full_store(b, h, cap, dh, device, dtype, gen) -> dict:
@@ -98,13 +74,17 @@ def encoder_step(args, memory: str, cap: int, device, dtype, gen) -> Callable[[]
     return step
 
 
+def ready(step: Callable[[], None]) -> Callable[[], Callable[[], None]]:
+    return lambda: step
+
+
 def agreement(idx: torch.Tensor, q: torch.Tensor, store: dict, k: int) -> float:
     scores = q.float() @ store["keys"].float().transpose(-1, -2)
     want = scores.topk(k, dim=-1).indices.sort(-1).values
     return float((idx.sort(-1).values == want).all(-1).float().mean())
 
 
-def main(argv: Optional[list[str]] = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -124,8 +104,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     rows: list[dict] = []
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
 
-    def record(name: str, cap: int, make: Callable[[], Callable[[], None]], extra: Optional[dict] = None):
+    def record(name: str, cap: int, make: Callable[[], Callable[[], None]], extra: dict | None = None):
         try:
             res = measure(make(), device, args.warmup, args.reps)
         except torch.OutOfMemoryError:
@@ -134,8 +115,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "device": torch.cuda.get_device_name() if device.type == "cuda"
-                       else "cpu", "rows": rows}, f, indent=1)
+            json.dump({"args": vars(args), "device": device_name, "rows": rows}, f, indent=1)
 
     b, h, dh = args.batch, args.heads, args.d_head
     for i, cap in enumerate(args.capacities):
@@ -145,20 +125,20 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         if i == 0:
             idx, _ = km.topk_search(q, store["keys"], store["valid"], args.topk, args.chunk)
             extra = {"agree": agreement(idx, q, store, args.topk)}
-        record("search", cap, lambda: lambda: km.topk_search(q, store["keys"], store["valid"], args.topk,
-                                                              args.chunk), extra)
+        search = partial(km.topk_search, q, store["keys"], store["valid"], args.topk, args.chunk)
+        record("search", cap, ready(search), extra)
         if args.faiss and km._faiss() is not None:
-            record("faiss", cap, lambda: lambda: km.faiss_search(q, store["keys"], store["valid"], args.topk))
-        kn, vn = store["keys"][:, :, :args.seg].clone(), store["values"][:, :, :args.seg].clone()
-        valid = torch.ones(b, args.seg, dtype=torch.bool, device=device)
-        record("write", cap, lambda: lambda: km.write_store(store, kn, vn, valid, cap))
-        del store, q, kn, vn
-        record("encoder knn", cap, lambda: encoder_step(args, "knn", cap, device, dtype, gen))
-    record("encoder xl", 0, lambda: encoder_step(args, "xl", 0, device, dtype, gen))
-    record("encoder compressive", 0, lambda: encoder_step(args, "compressive", 0, device, dtype, gen))
+            record("faiss", cap, ready(partial(km.faiss_search, q, store["keys"], store["valid"], args.topk)))
+        segment = (store["keys"][:, :, :args.seg].clone(), store["values"][:, :, :args.seg].clone(),
+                   torch.ones(b, args.seg, dtype=torch.bool, device=device))
+        record("write", cap, ready(partial(km.write_store, store, *segment, cap)))
+        del store, q, search, segment
+        record("encoder knn", cap, partial(encoder_step, args, "knn", cap, device, dtype, gen))
+    record("encoder xl", 0, partial(encoder_step, args, "xl", 0, device, dtype, gen))
+    record("encoder compressive", 0, partial(encoder_step, args, "compressive", 0, device, dtype, gen))
 
     print(f"\nbatch {b} x heads {h} x d_head {dh}, segment {args.seg}, top-{args.topk}, {args.dtype}, "
-          f"{rows and json.load(open(args.out))['device']}")
+          f"{device_name}")
     print("| row | capacity/row | ms | peak MiB | check |\n|---|---|---|---|---|")
     for r in rows:
         ms = "OOM" if r.get("error") else f"{r['ms']:.2f}"

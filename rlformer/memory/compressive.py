@@ -10,7 +10,7 @@ the network's states and attention weights gradient-stopped.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -208,8 +208,8 @@ class CompressiveMemory(Memory):
     over each group) or most_used (keeps the evicted memories with the highest average attention
     received while they were in m, in time order). Evicted states compress only once c valid ones
     have gathered (a pending buffer of c - 1 per row), so groups are always c consecutive valid
-    states of the row and a reset row compresses exactly as a fresh one. When f_c has parameters,
-    recon_weight * L^attn (eq. 2: ||attn(h, old_mem) - attn(h, f_c(old_mem))||^2, stop-gradients
+    states of the row and a reset row compresses exactly as a fresh one. When f_c has parameters
+    (and gradients are enabled), recon_weight * L^attn (eq. 2: ||attn(h, old_mem) - attn(h, f_c(old_mem))||^2, stop-gradients
     on everything but f_c) is added to aux_loss; the stored memories are gradient-stopped.
 
     Slot tensors (batch-first, zeros = empty): mem (B, M, D), mem_valid, cmem (B, Nc, D),

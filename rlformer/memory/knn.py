@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +39,8 @@ def topk_search(q: Tensor, keys: Tensor, valid: Tensor, k: int, chunk: int) -> t
     q: (B, H, T, dh), keys: (B, H, S, dh), valid: (B, S). Returns indices (B, H, T, k') into the
     store, k' = min(k, S), best first, and their validity (False where fewer than k' valid keys).
     """
-    best_s: Optional[Tensor] = None
-    best_i: Optional[Tensor] = None
+    best_s: Tensor | None = None
+    best_i: Tensor | None = None
     n = keys.shape[2]
     for start in range(0, n, chunk):
         part = keys[:, :, start:start + chunk]
