@@ -114,23 +114,25 @@ def test_full_sdpa_equals_dense_reference(position, causal, n_mem, padding):
 # ----------------------------------------------------------------- score-based positions
 
 
-def through_full(pos, q, k, v, ctx):
-    """What the encoder computes: full attention's attend with the position (dense path)."""
+def run_position(name, causal, params, **kw):
+    """Position ``name`` with its ``params`` drawn from N(0, 1) (not the tiny init, so every term
+    matters), run as the encoder runs it: full attention's attend on random q, k, v with memory
+    and padding. Returns (pos, ctx, (q, k, v), out, scale)."""
+    pos = make_position(name, **kw)
+    with torch.no_grad():
+        for p in params:
+            getattr(pos, p).normal_()
+    ctx = context(causal, M, padding=True)
+    q, k, v = qkv()
     att = FullAttention(cfg(), 0, pos).double()
-    return att.attend(q, k, v, ctx)[0], att.scale
+    return pos, ctx, (q, k, v), att.attend(q, k, v, ctx)[0], att.scale
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_shaw_equals_eqs_3_to_5(causal):
     """e_ij = q_i (k_j + a^K_ij)^T / sqrt(d); z_i = sum_j a_ij (v_j + a^V_ij); a_ij = w[clip(j - i, k)]."""
     clip = 2
-    pos = make_position("shaw", shaw_clip=clip)
-    with torch.no_grad():                      # not the tiny init: make the relative terms matter
-        pos.w_k.normal_()
-        pos.w_v.normal_()
-    ctx = context(causal, M, padding=True)
-    q, k, v = qkv()
-    out, scale = through_full(pos, q, k, v, ctx)
+    pos, ctx, (q, k, v), out, scale = run_position("shaw", causal, ("w_k", "w_v"), shaw_clip=clip)
 
     def rel(i, j):
         return max(-clip, min(clip, int(ctx.k_index[j]) - int(ctx.q_index[i]))) + clip
@@ -150,13 +152,7 @@ def sinusoid_loop(p: int, d: int) -> torch.Tensor:
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_xl_equals_the_four_terms(causal):
     """A_ij = q_i^T k_j + q_i^T W_kR R_{i-j} + u^T k_j + v^T W_kR R_{i-j} (Dai et al. 2019, sec. 3.3)."""
-    pos = make_position("xl")
-    with torch.no_grad():
-        pos.u.normal_()
-        pos.v.normal_()
-    ctx = context(causal, M, padding=True)
-    q, k, v = qkv()
-    out, scale = through_full(pos, q, k, v, ctx)
+    pos, ctx, (q, k, v), out, scale = run_position("xl", causal, ("u", "v"))
     w = pos.w_kr.weight                                                  # (D, D): W_kR R = w @ R
     rk = {}
 
@@ -208,13 +204,7 @@ def test_alibi_equals_linear_bias(causal):
 def test_da_equals_relu_reweighted_scores(causal):
     """DA-Transformer (Wu et al. 2021): R_h = w_h |i - j|, R^ = (1 + e^v_h) / (1 + e^(v_h - R_h)),
     A = softmax(ReLU(q_i k_j) * R^ / sqrt(d))."""
-    pos = make_position("da")
-    with torch.no_grad():
-        pos.w.normal_()
-        pos.v.normal_()
-    ctx = context(causal, M, padding=True)
-    q, k, v = qkv()
-    out, scale = through_full(pos, q, k, v, ctx)
+    pos, ctx, (q, k, v), out, scale = run_position("da", causal, ("w", "v"))
 
     def score(b, h, i, j):
         r = pos.w[h] * abs(int(ctx.q_index[i]) - int(ctx.k_index[j]))
