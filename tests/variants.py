@@ -24,7 +24,7 @@ def base_config(**kw) -> rlformer.EncoderConfig:
     cfg.global_local = rlformer.GlobalLocalConfig(window=4, dilation=2, dilated_heads=1, global_positions=(0,),
                                                   n_random=1, block_size=4, n_global_tokens=2)
     cfg.lsh = rlformer.LSHConfig(n_buckets=4, n_hashes=2, chunk_size=4)
-    cfg.routing = rlformer.RoutingConfig(n_clusters=2, window=4)
+    cfg.routing = rlformer.RoutingConfig(n_clusters=2, window=4, chunk_size=4)
     cfg.linformer = rlformer.LinformerConfig(k=8, max_len=T)
     cfg.random_features = rlformer.RandomFeatureConfig(n_features=16, chunk_size=4)
     cfg.adaptive_span = rlformer.AdaptiveSpanConfig(max_span=16, ramp=4)

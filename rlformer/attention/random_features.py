@@ -28,21 +28,24 @@ from rlformer.context import AttentionContext
 from rlformer.registry import register
 
 DEN_EPS = 1e-6
-"""floor of the normalizer phi(q)^T z: trigonometric features can make the estimate <= 0, and a
-query with no valid key (a padded token at the start) has z = 0; it then outputs 0."""
+"""RFA's floor of the normalizer phi(q)^T z: trigonometric features can make the estimate <= 0.
+Performer's positive features only need a floor for a query with no valid key (a padded token at
+the start, z = 0; it then outputs 0), so it uses the dtype's smallest normal number."""
 
 
 def orthogonal_gaussian(n_heads: int, m: int, d: int, generator: Optional[torch.Generator] = None) -> Tensor:
     """(n_heads, m, d) orthogonal random features (Performer sec. 4.2, "regular" variant).
 
-    Blocks of d rows are orthonormal (QR of a Gaussian matrix); each row is rescaled by the norm
+    Blocks of d rows are orthonormal (QR of a Gaussian matrix, signs fixed by diag(R) so that
+    the block is Haar-distributed; without it the directions are biased); each row is rescaled by the norm
     of an independent d-dim Gaussian vector, so rows are marginally N(0, I_d) yet orthogonal
     within a block.
     """
     blocks = []
     for _ in range(-(-m // d)):
         g = torch.randn(n_heads, d, d, generator=generator)
-        qmat, _ = torch.linalg.qr(g)
+        qmat, rmat = torch.linalg.qr(g)
+        qmat = qmat * torch.sign(torch.diagonal(rmat, dim1=-2, dim2=-1))[..., None, :]   # Haar (Mezzadri 2007)
         blocks.append(qmat.transpose(-1, -2))
     w = torch.cat(blocks, dim=1)[:, :m]
     norms = torch.randn(n_heads, m, d, generator=generator).norm(dim=-1, keepdim=True)
@@ -51,11 +54,12 @@ def orthogonal_gaussian(n_heads: int, m: int, d: int, generator: Optional[torch.
 
 def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, chunk_size: int, *,
                              causal: bool, state: Optional[dict] = None,
-                             log_gate: Optional[Tensor] = None) -> tuple[Tensor, dict]:
+                             log_gate: Optional[Tensor] = None, den_floor: float = DEN_EPS) -> tuple[Tensor, dict]:
     """Linear attention from features. phi_q, phi_k: (B, H, T, M); v: (B, H, T, dh).
 
     ``log_gate`` (B, H, T): RFA's gated recurrence S_t = g_t S_{t-1} + phi(k_t) v_t^T with
     g_t = exp(log_gate_t) (the caller folds (1 - g_t) into phi(k_t)); causal only.
+    ``den_floor``: lower bound of the normalizer phi(q_t)^T z_t.
     Returns (out (B, H, T, dh) in v's dtype, new state {"S": (B, H, M, dh), "z": (B, H, M)}).
     """
     b, h, t, m = phi_k.shape
@@ -71,7 +75,7 @@ def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, chunk_size
         z = z0 + phi_k.sum(2)
         num = torch.einsum("bhtm,bhmd->bhtd", phi_q, s)
         den = torch.einsum("bhtm,bhm->bht", phi_q, z)
-        return (num / den.clamp(min=DEN_EPS)[..., None]).to(v.dtype), {"S": s, "z": z}
+        return (num / den.clamp(min=den_floor)[..., None]).to(v.dtype), {"S": s, "z": z}
 
     c = chunk_size
     n = -(-t // c)
@@ -110,13 +114,13 @@ def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, chunk_size
         s_end, z_end = s_run, z_run
     num = torch.einsum("bhncs,bhnsd->bhncd", weights, vc) + torch.einsum("bhncm,bhnmd->bhncd", carry_q, s_start)
     den = weights.sum(-1) + torch.einsum("bhncm,bhnm->bhnc", carry_q, z_start)
-    out = (num / den.clamp(min=DEN_EPS)[..., None]).reshape(b, h, n * c, dh)[:, :, :t]
+    out = (num / den.clamp(min=den_floor)[..., None]).reshape(b, h, n * c, dh)[:, :, :t]
     return out.to(v.dtype), {"S": s_end, "z": z_end}
 
 
 def recurrent_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, *, causal: bool,
-                               state: Optional[dict] = None, log_gate: Optional[Tensor] = None
-                               ) -> tuple[Tensor, dict]:
+                               state: Optional[dict] = None, log_gate: Optional[Tensor] = None,
+                               den_floor: float = DEN_EPS) -> tuple[Tensor, dict]:
     """Reference for ``chunked_linear_attention``: one explicit recurrence step per token (causal),
     or the explicit sums over all tokens (bidirectional)."""
     b, h, t, m = phi_k.shape
@@ -128,7 +132,7 @@ def recurrent_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, *, causa
         for i in range(t):
             s = s + phi_k[:, :, i, :, None] * vv[:, :, i, None, :]
             z = z + phi_k[:, :, i]
-        outs = [(phi_q[:, :, i, :, None] * s).sum(-2) / (phi_q[:, :, i] * z).sum(-1).clamp(min=DEN_EPS)[..., None]
+        outs = [(phi_q[:, :, i, :, None] * s).sum(-2) / (phi_q[:, :, i] * z).sum(-1).clamp(min=den_floor)[..., None]
                 for i in range(t)]
         return torch.stack(outs, 2).to(v.dtype), {"S": s, "z": z}
     outs = []
@@ -138,7 +142,7 @@ def recurrent_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, *, causa
         z = g * z + phi_k[:, :, i]
         num = (phi_q[:, :, i, :, None] * s).sum(-2)
         den = (phi_q[:, :, i] * z).sum(-1)
-        outs.append(num / den.clamp(min=DEN_EPS)[..., None])
+        outs.append(num / den.clamp(min=den_floor)[..., None])
     return torch.stack(outs, 2).to(v.dtype), {"S": s, "z": z}
 
 
@@ -215,14 +219,18 @@ class RandomFeatureAttention(Attention):
     def attend(self, q, k, v, ctx, log_gate: Optional[Tensor] = None):
         phi_q, phi_k = self.features_of(q, k, ctx.key_valid, log_gate)
         out, state = chunked_linear_attention(phi_q, phi_k, v, self.cfg.random_features.chunk_size,
-                                              causal=ctx.causal, state=ctx.state or None, log_gate=log_gate)
+                                              causal=ctx.causal, state=ctx.state or None, log_gate=log_gate,
+                                              den_floor=self.den_floor(phi_k.dtype))
         return out, {name: t.detach() for name, t in state.items()}
 
     def reference(self, q, k, v, ctx, log_gate: Optional[Tensor] = None):
         """Naive version of ``attend``: the token-by-token recurrence."""
         phi_q, phi_k = self.features_of(q, k, ctx.key_valid, log_gate)
         return recurrent_linear_attention(phi_q, phi_k, v, causal=ctx.causal, state=ctx.state or None,
-                                          log_gate=log_gate)
+                                          log_gate=log_gate, den_floor=self.den_floor(phi_k.dtype))
+
+    def den_floor(self, dtype: torch.dtype) -> float:
+        return DEN_EPS
 
 
 def _softmax_attention(scores: Tensor, v: Tensor, causal: bool) -> Tensor:
@@ -255,6 +263,9 @@ class PerformerAttention(RandomFeatureAttention):
         if cfg.random_features.gate:
             raise ValueError("random_features.gate is RFA's gated recurrence; use attention='rfa' for gating or "
                              "set random_features.gate=False with attention='performer'")
+
+    def den_floor(self, dtype):
+        return torch.finfo(dtype).tiny
 
     def feature_map(self, x, query):
         acc = torch.promote_types(x.dtype, torch.float32)

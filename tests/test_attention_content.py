@@ -1,0 +1,397 @@
+"""Content-based and low-rank attention: lsh, routing, linformer, performer, rfa.
+
+Each fast path is checked against its naive reference (outputs and gradients, float64), the
+degenerate settings against full attention, and the properties the papers rely on.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rlformer
+from rlformer.attention.chunked import bucket_attention, naive_bucket_attention
+from rlformer.attention.linformer import LinformerAttention
+from rlformer.attention.lsh import LSHAttention, lsh_buckets
+from rlformer.attention.random_features import (PerformerAttention, RFAAttention, chunked_linear_attention,
+                                                recurrent_linear_attention)
+from rlformer.attention.routing import RoutingAttention
+from rlformer.context import AttentionContext
+from variants import D_MODEL, base_config, small_config
+
+torch.set_num_threads(1)
+F64 = torch.float64
+
+
+def ctx_for(b: int, t: int, causal: bool, key_valid=None, state=None) -> AttentionContext:
+    idx = torch.arange(t)
+    return AttentionContext(causal=causal, q_index=idx, k_index=idx, q_pos=idx[None].expand(b, t),
+                            key_valid=key_valid, state=state or {})
+
+
+def qkv(b=2, h=4, t=19, dh=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, t, dh, generator=g, dtype=F64).requires_grad_() for _ in range(3)]
+
+
+def assert_same_outputs_and_grads(fast, ref, inputs, atol=1e-10):
+    torch.testing.assert_close(fast, ref, rtol=0, atol=atol)
+    probe = torch.randn_like(fast)
+    g_fast = torch.autograd.grad((fast * probe).sum(), inputs, retain_graph=True, allow_unused=True)
+    g_ref = torch.autograd.grad((ref * probe).sum(), inputs, retain_graph=True, allow_unused=True)
+    for a, b in zip(g_fast, g_ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+def dense(q, k, v, allowed, scale):
+    """Full softmax attention in the inputs' dtype (reference.dense_attention takes the softmax in float32)."""
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def padding(b, t):
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[0, :3] = False
+    valid[1, 5] = False
+    return valid
+
+
+# ------------------------------------------------------------------------------------- lsh
+
+
+def lsh_module(**lsh):
+    cfg = base_config(attention="lsh", n_heads=4)
+    cfg.lsh = dataclasses.replace(cfg.lsh, **lsh)
+    return LSHAttention(cfg, layer=0).double()
+
+
+@pytest.mark.parametrize("n_hashes", [1, 2])
+@pytest.mark.parametrize("causal", [True, False])
+def test_lsh_one_bucket_is_shared_qk_full_attention_without_self(n_hashes, causal):
+    att = lsh_module(n_buckets=1, n_hashes=n_hashes, chunk_size=32)
+    q, _, v = qkv(t=17)
+    k = F.normalize(q, dim=-1)
+    out, _ = att.attend(q, k, v, ctx_for(2, 17, causal))
+    t = 17
+    allowed = ~torch.eye(t, dtype=torch.bool)
+    if causal:
+        allowed &= torch.ones(t, t, dtype=torch.bool).tril()
+    allowed |= torch.eye(t, dtype=torch.bool) & ~allowed.any(-1, keepdim=True)   # self only when alone
+    assert allowed[0].tolist() == [True] + [False] * (t - 1) if causal else not allowed.diagonal().any()
+    torch.testing.assert_close(out, dense(q, k, v, allowed, att.scale), rtol=0, atol=1e-12)
+
+
+def test_lsh_buckets_invariant_to_scale():
+    att = lsh_module(n_buckets=8, n_hashes=3)
+    x = torch.randn(3, 4, 50, 8, dtype=F64)
+    base = lsh_buckets(x, att.rotations)
+    assert base.shape == (3, 4, 3, 50) and base.min() >= 0 and base.max() < 8
+    assert len(base.unique()) > 4
+    for s in (1e-3, 0.5, 7.0, 1e4):
+        assert torch.equal(lsh_buckets(x * s, att.rotations), base)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n_buckets,n_hashes,chunk", [(4, 3, 3), (2, 2, 5), (8, 1, 2)])
+def test_lsh_matches_naive_reference(causal, n_buckets, n_hashes, chunk):
+    att = lsh_module(n_buckets=n_buckets, n_hashes=n_hashes, chunk_size=chunk)
+    q, _, v = qkv(t=19)
+    k = F.normalize(q, dim=-1)
+    valid = padding(2, 19)
+    fast, _ = att.attend(q, k, v, ctx_for(2, 19, causal, key_valid=valid))
+    assert_same_outputs_and_grads(fast, att.reference(q, k, v, causal, key_valid=valid), [q, v])
+
+
+def test_lsh_is_deterministic_with_buffer_rotations_and_exactly_causal():
+    cfg = small_config("attention", "lsh")
+    cfg.lsh = rlformer.LSHConfig(n_buckets=4, n_hashes=2, chunk_size=2)
+    torch.manual_seed(0)
+    enc = rlformer.build_encoder(cfg).eval().double()
+    names = [n for n, _ in enc.named_parameters()]
+    assert not any("rotations" in n for n in names)
+    assert any(n.endswith("rotations") for n, _ in enc.named_buffers())
+    x = torch.randn(2, 24, D_MODEL, dtype=F64)
+    base = enc(x).output
+    torch.testing.assert_close(enc(x).output, base, rtol=0, atol=0)
+    y = x.clone()
+    y[:, 12:] = torch.randn(2, 12, D_MODEL, dtype=F64) * 4      # changes the buckets of later tokens
+    torch.testing.assert_close(enc(y).output[:, :12], base[:, :12], rtol=0, atol=1e-12)
+
+
+def test_bucket_attention_sorted_chunks_bound_memory():
+    """Scores exist only per (chunk, window): a long sequence runs without a T x T matrix."""
+    b, h, t, dh = 1, 1, 4096, 8
+    q = torch.randn(b, h, t, dh)
+    buckets = torch.randint(0, 16, (b, h, 1, t))
+    out, lse = bucket_attention(q, F.normalize(q, dim=-1), q, buckets, 16, 32, dh ** -0.5, causal=True,
+                                self_penalty=True)
+    assert out.shape == (b, h, 1, t, dh) and torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("bad,match", [(dict(n_buckets=3), "even"), (dict(n_hashes=0), "n_hashes"),
+                                       (dict(chunk_size=0), "chunk_size")])
+def test_lsh_invalid_settings(bad, match):
+    cfg = small_config("attention", "lsh")
+    cfg.lsh = dataclasses.replace(cfg.lsh, **bad)
+    with pytest.raises(ValueError, match=match):
+        rlformer.build_encoder(cfg)
+
+
+# --------------------------------------------------------------------------------- routing
+
+
+def routing_module(**routing):
+    cfg = base_config(attention="routing", n_heads=4)
+    cfg.routing = dataclasses.replace(cfg.routing, **routing)
+    return RoutingAttention(cfg, layer=0).double()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("local_heads", [0, 1, 4])
+def test_routing_matches_naive_reference(causal, local_heads):
+    att = routing_module(n_clusters=3, window=3, chunk_size=3, local_heads=local_heads)
+    assert att.n_local == (local_heads or 2)
+    q, k, v = qkv(t=19)
+    valid = padding(2, 19)
+    ctx = ctx_for(2, 19, causal, key_valid=valid)
+    fast, _ = att.attend(q, k, v, ctx)
+    assert_same_outputs_and_grads(fast, att.reference(q, k, v, ctx), [q, k, v])
+
+
+def test_routing_is_causal_inside_the_attention():
+    att = routing_module(n_clusters=3, window=4, chunk_size=2)
+    q, k, v = (x.detach() for x in qkv(t=20))
+    base, _ = att.attend(q, k, v, ctx_for(2, 20, True))
+    for t in (0, 7, 15):
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        for x in (q2, k2, v2):
+            x[:, :, t + 1:] = torch.randn_like(x[:, :, t + 1:]) * 3
+        out, _ = att.attend(q2, k2, v2, ctx_for(2, 20, True))
+        torch.testing.assert_close(out[:, :, :t + 1], base[:, :, :t + 1], rtol=0, atol=1e-12)
+
+
+def test_routing_centroids_move_toward_the_data_under_ema():
+    torch.manual_seed(0)
+    att = routing_module(n_clusters=3, ema_decay=0.8, local_heads=2)
+    dh, hr = 8, 2
+    centers = F.normalize(torch.randn(hr, 3, dh, dtype=F64), dim=-1)
+
+    def batch():
+        which = torch.randint(0, 3, (2, hr, 64))
+        pts = torch.take_along_dim(centers[None], which[..., None], dim=2) + 0.05 * torch.randn(2, hr, 64, dh, dtype=F64)
+        return pts
+
+    def fit(x):   # mean cosine between each point and its nearest centroid (the k-means objective)
+        return torch.einsum("bhtd,hcd->bhtc", F.normalize(x, dim=-1), F.normalize(att.centroids, dim=-1)).amax(-1).mean()
+
+    def center_gap():   # mean distance from each true center to its nearest centroid
+        cos = torch.einsum("hkd,hcd->hkc", centers, F.normalize(att.centroids, dim=-1))
+        return (1 - cos.amax(-1)).mean()
+
+    probe = batch()
+    before, gap_before = fit(probe), center_gap()
+    att.eval()
+    frozen = att.centroids.clone()
+    v = torch.randn(2, 4, 64, dh, dtype=F64)
+    x = batch()
+    att.attend(torch.cat([x, x], 1), torch.cat([x, x], 1), v, ctx_for(2, 64, True))
+    assert torch.equal(att.centroids, frozen), "eval must not update the centroids"
+    att.train()
+    for _ in range(30):
+        x = batch()
+        att.attend(torch.cat([x, x], 1), torch.cat([x, x], 1), v, ctx_for(2, 64, True))
+    assert not any(n == "centroids" for n, _ in att.named_parameters())
+    print(f"k-means fit {before:.3f} -> {fit(probe):.3f}; center gap {gap_before:.3f} -> {center_gap():.3f}")
+    assert fit(probe) > before + 0.3
+    assert center_gap() < gap_before / 2
+
+
+def test_routing_invalid_local_heads():
+    cfg = small_config("attention", "routing")
+    cfg.routing = dataclasses.replace(cfg.routing, local_heads=9)
+    with pytest.raises(ValueError, match="local_heads"):
+        rlformer.build_encoder(cfg)
+
+
+# ------------------------------------------------------------------------------- linformer
+
+
+def linformer_module(sharing="headwise", k=8, max_len=19):
+    cfg = base_config(attention="linformer", causal=False, n_heads=4)
+    cfg.linformer = rlformer.LinformerConfig(k=k, max_len=max_len, sharing=sharing)
+    return LinformerAttention(cfg, layer=0).double()
+
+
+@pytest.mark.parametrize("sharing", ["none", "headwise", "kv", "layerwise"])
+def test_linformer_identity_projections_equal_full_attention(sharing):
+    att = linformer_module(sharing, k=19, max_len=19)
+    with torch.no_grad():
+        for p in (att.E, att.F):
+            if p is not None:
+                p.copy_(torch.eye(19, dtype=F64).expand_as(p))
+    q, k, v = qkv(t=19)
+    out, _ = att.attend(q, k, v, ctx_for(2, 19, False))
+    torch.testing.assert_close(out, dense(q, k, v, None, att.scale), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("sharing", ["none", "headwise", "kv", "layerwise"])
+def test_linformer_matches_per_head_loop_with_shorter_sequences(sharing):
+    att = linformer_module(sharing, k=6, max_len=24)
+    q, k, v = qkv(t=19)
+    valid = padding(2, 19)
+    fast, _ = att.attend(q, k, v, ctx_for(2, 19, False, key_valid=valid))
+    rows = []
+    for b in range(2):
+        heads = []
+        for h in range(4):
+            e = att.E if att.E.dim() == 2 else att.E[h]
+            f = e if att.F is None else (att.F if att.F.dim() == 2 else att.F[h])
+            keep = valid[b].to(F64)[:, None]
+            kk, vv = e[:, :19] @ (k[b, h] * keep), f[:, :19] @ (v[b, h] * keep)
+            heads.append(torch.softmax(q[b, h] @ kk.T * att.scale, dim=-1) @ vv)
+        rows.append(torch.stack(heads))
+    assert_same_outputs_and_grads(fast, torch.stack(rows), [q, k, v])
+
+
+def test_linformer_layerwise_shares_one_projection_per_encoder():
+    cfg = small_config("attention", "linformer", n_layers=3)
+    cfg.linformer = dataclasses.replace(cfg.linformer, sharing="layerwise")
+    enc1, enc2 = rlformer.build_encoder(cfg), rlformer.build_encoder(cfg)
+    e1 = [blk.attention.E for blk in enc1.depth.blocks]
+    assert all(e is e1[0] for e in e1) and e1[0] is not enc2.depth.blocks[0].attention.E
+    assert sum("attention.E" in n for n, _ in enc1.named_parameters()) == 1
+    enc1(torch.randn(2, 16, D_MODEL)).output.sum().backward()
+    assert e1[0].grad is not None and e1[0].grad.abs().sum() > 0
+
+
+def test_linformer_refuses_causal_and_long_sequences():
+    with pytest.raises(ValueError, match="mix the keys and values of all n positions"):
+        rlformer.build_encoder(small_config("attention", "linformer", causal=True))
+    enc = rlformer.build_encoder(small_config("attention", "linformer"))
+    enc(torch.randn(1, 10, D_MODEL))                       # shorter than max_len: fine
+    with pytest.raises(ValueError, match="max_len"):
+        enc(torch.randn(1, 17, D_MODEL))
+
+
+# ------------------------------------------------------------------- performer and rfa
+
+
+def rf_module(name, n_features=16, chunk_size=4, gate=False, causal=True):
+    cfg = base_config(attention=name, n_heads=4, causal=causal)
+    cfg.random_features = rlformer.RandomFeatureConfig(n_features=n_features, chunk_size=chunk_size, gate=gate)
+    cls = PerformerAttention if name == "performer" else RFAAttention
+    return cls(cfg, layer=0).double()
+
+
+@pytest.mark.parametrize("name", ["performer", "rfa"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_random_features_converge_to_softmax_attention(name, causal):
+    att = rf_module(name, causal=causal)
+    if name == "rfa":
+        with torch.no_grad():
+            att.log_tau.fill_(1.0)                          # tau = e: sharper than uniform attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (0.6 * torch.randn(2, 4, 24, 8, generator=g, dtype=F64) for _ in range(3))
+    target = att.softmax_target(q, k, v, causal)
+    errors = []
+    for m in (4, 16, 64, 256, 1024):
+        err = 0.0
+        for seed in range(6):
+            att.n_features = m
+            att.features = torch.zeros(4, m, 8, dtype=F64)
+            att.redraw(torch.Generator().manual_seed(100 + seed))
+            out, _ = att.attend(q, k, v, ctx_for(2, 24, causal))
+            err += (out - target).abs().mean().item() / 6
+        errors.append(err)
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < errors[0] / 6, errors
+
+
+@pytest.mark.parametrize("name,gate,causal", [("performer", False, True), ("performer", False, False),
+                                              ("rfa", False, True), ("rfa", False, False), ("rfa", True, True)])
+def test_chunked_prefix_sums_match_the_recurrence(name, gate, causal):
+    att = rf_module(name, gate=gate, chunk_size=3)
+    q, k, v = qkv(t=17)
+    g = torch.Generator().manual_seed(1)
+    log_gate = F.logsigmoid(torch.randn(2, 4, 17, generator=g, dtype=F64)).requires_grad_() if gate else None
+    m = att.feature_multiplier * att.n_features
+    state = {"S": torch.randn(2, 4, m, 8, generator=g, dtype=F64).abs(), "z": torch.rand(2, 4, m, generator=g,
+                                                                                              dtype=F64) + 1}
+    ctx = ctx_for(2, 17, causal, key_valid=padding(2, 17), state=state)
+    fast, s_fast = att.attend(q, k, v, ctx, log_gate)
+    ref, s_ref = att.reference(q, k, v, ctx, log_gate)
+    inputs = [q, k, v] + ([log_gate] if gate else [])
+    assert_same_outputs_and_grads(fast, ref, inputs, atol=1e-9)
+    for key in ("S", "z"):
+        torch.testing.assert_close(s_fast[key], s_ref[key], rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_chunked_equals_unchunked(gate):
+    g = torch.Generator().manual_seed(2)
+    phi_q, phi_k = (torch.rand(2, 3, 21, 10, generator=g, dtype=F64) for _ in range(2))
+    v = torch.randn(2, 3, 21, 5, generator=g, dtype=F64)
+    log_gate = F.logsigmoid(torch.randn(2, 3, 21, generator=g, dtype=F64)) if gate else None
+    whole, s_whole = chunked_linear_attention(phi_q, phi_k, v, 21, causal=True, log_gate=log_gate)
+    for chunk in (1, 4, 8, 64):
+        out, s = chunked_linear_attention(phi_q, phi_k, v, chunk, causal=True, log_gate=log_gate)
+        torch.testing.assert_close(out, whole, rtol=0, atol=1e-12)
+        torch.testing.assert_close(s["S"], s_whole["S"], rtol=1e-12, atol=1e-12)
+    ref, _ = recurrent_linear_attention(phi_q, phi_k, v, causal=True, log_gate=log_gate)
+    torch.testing.assert_close(whole, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,gate,position", [("performer", False, "rope"), ("performer", False, "sinusoidal"),
+                                                ("rfa", True, "rope"), ("rfa", False, "none")])
+def test_step_by_step_with_state_equals_full_causal_pass(name, gate, position):
+    cfg = small_config("attention", name, position=position)
+    cfg.random_features = rlformer.RandomFeatureConfig(n_features=16, chunk_size=3, gate=gate)
+    torch.manual_seed(0)
+    enc = rlformer.build_encoder(cfg).eval()
+    x = torch.randn(3, 14, D_MODEL)
+    full = enc(x)
+    assert set(full.state.slots[0]["attention"]) == {"S", "z"}
+    for splits in ([1] * 14, [5, 1, 8]):
+        state, outs = None, []
+        for seg in x.split(splits, dim=1):
+            out = enc(seg, state=state)
+            state = out.state
+            outs.append(out.output)
+        torch.testing.assert_close(torch.cat(outs, 1), full.output, rtol=0, atol=1e-5)
+        torch.testing.assert_close(state.slots[1]["attention"]["S"], full.state.slots[1]["attention"]["S"],
+                                   rtol=1e-5, atol=1e-5)
+    # zeros are a fresh state: resetting rows gives exactly the fresh pass for them
+    reset = torch.tensor([True, False, True])
+    y = torch.randn(3, 5, D_MODEL)
+    out = enc(y, state=full.state, reset=reset).output
+    torch.testing.assert_close(out[reset], enc(y).output[reset], rtol=0, atol=1e-6)
+    assert not torch.allclose(out[1], enc(y).output[1])
+
+
+def test_random_features_padding_hides_padded_tokens():
+    enc = rlformer.build_encoder(small_config("attention", "performer")).eval()
+    x = torch.randn(2, 8, D_MODEL)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[:, :3] = False
+    out = enc(x, mask=mask).output
+    y = x.clone()
+    y[:, :3] = torch.randn(2, 3, D_MODEL) * 5
+    torch.testing.assert_close(enc(y, mask=mask).output[:, 3:], out[:, 3:], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(attention="performer", position="alibi"), "hook"),
+    (dict(attention="rfa", position="shaw"), "hook"),
+    (dict(attention="performer", random_features=rlformer.RandomFeatureConfig(gate=True)), "attention='rfa'"),
+    (dict(attention="rfa", causal=False, random_features=rlformer.RandomFeatureConfig(gate=True)), "causal=True"),
+    (dict(attention="performer", memory="xl"), "memory"),
+])
+def test_random_feature_invalid_settings(bad, match):
+    with pytest.raises(ValueError, match=match):
+        rlformer.build_encoder(base_config(**bad))
