@@ -104,11 +104,13 @@ def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, chunk_size
         total = cum[..., -1].exp()                                                  # prod over the chunk
         s_list, z_list = [], []
         s_run, z_run = s0, z0
-        for i in range(n):
+        # unbind (one backward node) rather than indexing [:, :, i] in the loop, whose n backward
+        # nodes would each materialize a full-size zero gradient: O(n^2) work.
+        for tot, cs, cz in zip(total.unbind(2), chunk_s.unbind(2), chunk_z.unbind(2)):
             s_list.append(s_run)
             z_list.append(z_run)
-            s_run = total[:, :, i, None, None] * s_run + chunk_s[:, :, i]
-            z_run = total[:, :, i, None] * z_run + chunk_z[:, :, i]
+            s_run = tot[..., None, None] * s_run + cs
+            z_run = tot[..., None] * z_run + cz
         s_start, z_start = torch.stack(s_list, 2), torch.stack(z_list, 2)
         carry_q = qc * cum.exp()[..., None]                                         # decay since chunk start
         s_end, z_end = s_run, z_run
