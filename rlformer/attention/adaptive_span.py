@@ -97,27 +97,35 @@ def adaptive_span_reference(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[T
 
 
 def banded_adaptive_span(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tensor], scale: float, z: Tensor,
-                         ramp: int, max_span: int, dropout: float = 0.0, training: bool = False) -> Tensor:
+                         ramp: int, max_span: int, dropout: float = 0.0, training: bool = False,
+                         max_chunk: int = 128) -> Tensor:
     """Causal adaptive-span attention that only scores keys at distance < W = min(S, ceil(R + max z)).
 
     Queries are the last Tq of the Tk keys (query i at key index Tk - Tq + i, as in the
     [memory; segment] layout). ``key_valid``: (B, Tk) bool or None; a query always sees its
     own key. Same result as ``adaptive_span_reference`` with the causal mask and eps = 0.
+    Queries go in chunks of C = clamp(W, MIN_CHUNK, max_chunk) (one chunk when W >= Tq), each
+    scoring C + W - 1 keys.
     """
     b, h, t, dh = q.shape
     tk = k.shape[2]
     n_mem = tk - t
     w = span_window(z, ramp, max_span)                                      # distances 0 .. w-1
-    c = min(t, max(w, MIN_CHUNK))
+    c = t if w >= t else max(MIN_CHUNK, min(w, max_chunk))
     n_chunks = -(-t // c)
     tp = n_chunks * c
-    lo = n_mem - (w - 1)                                                    # key index of the first key read
-    pad_left, start = max(0, -lo), max(0, lo)
+    lo = n_mem - (w - 1)                                                    # key index of the oldest key needed
+    start = max(0, lo)
+    # Several chunks: every chunk's band starts W - 1 keys before it (left-padded with invalid
+    # keys). One chunk (W >= T): just the keys from ``start``, no padding.
+    pad_left = max(0, -lo) if n_chunks > 1 else 0
+    off = n_mem - (start - pad_left)                                        # W - 1, or <= W - 1 for one chunk
+    width = c + off                                                         # keys per chunk
     pad_right = tp - t
 
-    def band(x: Tensor) -> Tensor:                                          # (B, H, Tk, dh) -> (B, H, nC, dh, C+W-1)
+    def band(x: Tensor) -> Tensor:                                          # (B, H, Tk, dh) -> (B, H, nC, dh, width)
         x = F.pad(x[:, :, start:], (0, 0, pad_left, pad_right))
-        return x.unfold(2, c + w - 1, c)
+        return x.unfold(2, width, c)
 
     kc, vc = band(k), band(v)
     qc = F.pad(q, (0, 0, 0, pad_right)).view(b, h, n_chunks, c, dh)
@@ -125,13 +133,13 @@ def banded_adaptive_span(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Te
     valid = torch.ones(1 if key_valid is None else b, tk - start, dtype=torch.bool, device=q.device)
     if key_valid is not None:
         valid = key_valid[:, start:]
-    valid = F.pad(valid, (pad_left, pad_right), value=False).unfold(1, c + w - 1, c)   # (B|1, nC, C+W-1)
-    # Within a chunk, query a and band key b are at distance x = W - 1 + a - b for every chunk.
+    valid = F.pad(valid, (pad_left, pad_right), value=False).unfold(1, width, c)     # (B|1, nC, width)
+    # Within a chunk, query a and band key j are at distance x = off + a - j, the same in every chunk.
     a_idx = torch.arange(c, device=q.device)[:, None]
-    b_idx = torch.arange(c + w - 1, device=q.device)[None, :]
-    dist = w - 1 + a_idx - b_idx                                            # (C, C+W-1)
+    j_idx = torch.arange(width, device=q.device)[None, :]
+    dist = off + a_idx - j_idx                                              # (C, width)
     in_band = (dist >= 0) & (dist < w)
-    allowed = in_band & (valid[:, None, :, None, :] | (dist == 0))          # (B|1, 1, nC, C, C+W-1)
+    allowed = in_band & (valid[:, None, :, None, :] | (dist == 0))          # (B|1, 1, nC, C, width)
     if z.dim() == 1:
         zz = z.to(q.dtype)[None, :, None, None, None]
     else:                                                                   # (B, H, Tq) -> (B, H, nC, C, 1)
@@ -194,10 +202,14 @@ class AdaptiveSpanAttention(Attention):
             return self.max_span * torch.sigmoid(self.span_proj(x)).transpose(1, 2)
         return self.max_span * _ProjectedClamp.apply(self.span_frac)
 
-    def forward(self, x: Tensor, kv: Tensor, ctx: AttentionContext) -> tuple[Tensor, dict]:
+    def qkv(self, x: Tensor, kv: Tensor, ctx: AttentionContext) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = self.project(x, kv)
         if self.position is not None and "rotary" in self.position.hooks:
             q, k = self.position.rotate(q, k, ctx.q_index, ctx.k_index)
+        return q, k, v
+
+    def forward(self, x: Tensor, kv: Tensor, ctx: AttentionContext) -> tuple[Tensor, dict]:
+        q, k, v = self.qkv(x, kv, ctx)
         out, state = self.attend_with_spans(q, k, v, ctx, self.spans(x))
         return self.out_proj(merge_heads(out)), state
 
@@ -220,9 +232,7 @@ class AdaptiveSpanAttention(Attention):
 
     def reference(self, x: Tensor, kv: Tensor, ctx: AttentionContext, eps: float = 0.0) -> Tensor:
         """The same layer through ``adaptive_span_reference`` (dense scores, explicit masks)."""
-        q, k, v = self.project(x, kv)
-        if self.position is not None and "rotary" in self.position.hooks:
-            q, k = self.position.rotate(q, k, ctx.q_index, ctx.k_index)
+        q, k, v = self.qkv(x, kv, ctx)
         out = adaptive_span_reference(q, k, v, ctx.allowed(), self.scale, self.spans(x), self.ramp, self.max_span,
                                       ctx.q_index, ctx.k_index, eps, self.dropout, self.training)
         return self.out_proj(merge_heads(out))
