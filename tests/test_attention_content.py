@@ -395,3 +395,17 @@ def test_random_features_padding_hides_padded_tokens():
 def test_random_feature_invalid_settings(bad, match):
     with pytest.raises(ValueError, match=match):
         rlformer.build_encoder(base_config(**bad))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_bucket_attention_chunk_groups_equal_one_pass(causal):
+    """The memory-bounded path (chunk groups under checkpointing) computes the same outputs and gradients."""
+    q, _, v = qkv(t=23)
+    k = F.normalize(q, dim=-1)
+    g = torch.Generator().manual_seed(3)
+    buckets = torch.randint(0, 4, (2, 4, 2, 23), generator=g)
+    kw = dict(causal=causal, self_penalty=True, key_valid=padding(2, 23), round_buckets=buckets)
+    one, lse_one = bucket_attention(q, k, v, buckets, 4, 3, 0.3, **kw)
+    many, lse_many = bucket_attention(q, k, v, buckets, 4, 3, 0.3, max_scores=200, **kw)
+    torch.testing.assert_close(lse_many, lse_one, rtol=0, atol=1e-12)
+    assert_same_outputs_and_grads(many, one, [q, v], atol=1e-12)

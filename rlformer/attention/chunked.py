@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 SELF_PENALTY = 1e5
@@ -84,7 +85,7 @@ def bucket_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, n_buckets
                      causal: bool, before: int = 1, after: int = 0, self_penalty: bool = False,
                      key_valid: Optional[Tensor] = None, window: Optional[int] = None,
                      round_buckets: Optional[Tensor] = None, dropout: float = 0.0,
-                     training: bool = False) -> tuple[Tensor, Tensor]:
+                     training: bool = False, max_scores: int = 2 ** 24) -> tuple[Tensor, Tensor]:
     """Attention inside chunks of the bucket-sorted sequence.
 
     q, k, v: (B, H, T, dh). buckets: (B, H, R, T) long in [0, n_buckets), one sort per round r.
@@ -95,6 +96,10 @@ def bucket_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, n_buckets
     ``round_buckets`` (B, H, R, T): the buckets of all rounds; when given, the score of (i, j)
     is lowered by log N_ij, N_ij = number of rounds in which i and j share a bucket (Reformer's
     multi-round de-duplication), so combining rounds by their logsumexp counts each key once.
+
+    ``max_scores``: when the (chunk x window) scores of the whole batch exceed this many elements,
+    groups of chunks are processed one after another, each under activation checkpointing when
+    gradients are needed, so peak memory stays O(T * (dh + R)) plus one group's scores.
 
     Returns (out (B, H, R, T, dh), lse (B, H, R, T)) in the original order, lse being the
     per-round log normalizer used to combine rounds (float32, or float64 for float64 inputs).
@@ -122,7 +127,37 @@ def bucket_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, n_buckets
     kpos, kbkt = _windows(pos, before, after, -1), _windows(bkt, before, after, -1)
     kval = _windows(kvalid, before, after, False)
 
-    acc = torch.promote_types(q.dtype, torch.float32)
+    qa = ka = None
+    if round_buckets is not None and round_buckets.shape[2] > 1:
+        qa = gather(round_buckets.permute(0, 1, 3, 2)[:, :, None], -1)   # (B, H, R, n, C, R): all rounds' buckets
+        ka = _windows(qa, before, after, -2)
+
+    def core(qs, kwin, vwin, pos, kpos, bkt, kbkt, kval, qa, ka):
+        return _chunk_scores_attention(qs, kwin, vwin, pos, kpos, bkt, kbkt, kval, qa, ka, scale=scale,
+                                       causal=causal, window=window, self_penalty=self_penalty,
+                                       dropout=dropout, training=training)
+
+    inputs = (qs, kwin, vwin, pos, kpos, bkt, kbkt, kval, qa, ka)
+    w = kwin.shape[4]
+    groups = min(n, -(-(b * h * r * n * c * w) // max_scores))
+    if groups <= 1:
+        out, lse = core(*inputs)
+    else:   # bound the score memory: chunk groups one at a time, recomputed in backward
+        size = -(-n // groups)
+        parts = zip(*[x.split(size, dim=_CHUNK_DIM) if x is not None else [None] * (-(-n // size))
+                      for x in inputs])
+        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        results = [torch.utils.checkpoint.checkpoint(core, *part, use_reentrant=False) if grad else core(*part)
+                   for part in parts]
+        out, lse = torch.cat([o for o, _ in results], _CHUNK_DIM), torch.cat([s for _, s in results], _CHUNK_DIM)
+    out, lse = out.reshape(b, h, r, length, dh), lse.reshape(b, h, r, length)
+    return torch.take_along_dim(out, slot[..., None], dim=3), torch.take_along_dim(lse, slot, dim=3)
+
+
+def _chunk_scores_attention(qs, kwin, vwin, pos, kpos, bkt, kbkt, kval, qa, ka, *, scale, causal, window,
+                            self_penalty, dropout, training):
+    """Masked softmax attention of each chunk to its window (all tensors chunked, chunk axis 3)."""
+    acc = torch.promote_types(qs.dtype, torch.float32)
     scores = torch.einsum("bhrncd,bhrnwd->bhrncw", qs, kwin).to(acc) * scale
     qp, kp = pos[..., :, None], kpos[..., None, :]
     own = (qp == kp)
@@ -135,20 +170,16 @@ def bucket_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, n_buckets
     allowed = (allowed & (kp >= 0)) | own                                 # own key always allowed
     if self_penalty:
         scores = scores - own.to(acc) * SELF_PENALTY
-    if round_buckets is not None and round_buckets.shape[2] > 1:
-        allr = round_buckets.permute(0, 1, 3, 2)[:, :, None]             # (B, H, 1, T, R)
-        qa = gather(allr, -1)                                             # (B, H, R, n, C, R)
-        ka = _windows(qa, before, after, -2)
-        count = (qa[..., :, None, :] == ka[..., None, :, :]).sum(-1)      # (B, H, R, n, C, W)
+    if qa is not None:
+        count = (qa[..., :, None, :] == ka[..., None, :, :]).sum(-1)      # N_ij: rounds sharing a bucket
         scores = scores - torch.log(count.clamp(min=1).to(acc))
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None])
     if dropout > 0 and training:
         probs = F.dropout(probs, dropout)
-    out = torch.einsum("bhrncw,bhrnwd->bhrncd", probs.to(v.dtype), vwin)
-    out, lse = out.reshape(b, h, r, length, dh), lse.reshape(b, h, r, length)
-    return torch.take_along_dim(out, slot[..., None], dim=3), torch.take_along_dim(lse, slot, dim=3)
+    out = torch.einsum("bhrncw,bhrnwd->bhrncd", probs.to(vwin.dtype), vwin)
+    return out, lse
 
 
 def combine_rounds(out: Tensor, lse: Tensor) -> Tensor:
