@@ -409,3 +409,43 @@ def test_bucket_attention_chunk_groups_equal_one_pass(causal):
     many, lse_many = bucket_attention(q, k, v, buckets, 4, 3, 0.3, max_scores=200, **kw)
     torch.testing.assert_close(lse_many, lse_one, rtol=0, atol=1e-12)
     assert_same_outputs_and_grads(many, one, [q, v], atol=1e-12)
+
+
+MINE = ["lsh", "routing", "linformer", "performer", "rfa"]
+
+
+@pytest.mark.parametrize("name", MINE)
+def test_position_hooks_input_and_rotary_only(name):
+    for position in ("rope", "sinusoidal"):
+        enc = rlformer.build_encoder(small_config("attention", name, position=position))
+        assert torch.isfinite(enc(torch.randn(2, 16, D_MODEL)).output).all()
+    with pytest.raises(ValueError, match="hook"):
+        rlformer.build_encoder(small_config("attention", name, position="alibi"))
+
+
+def test_half_precision_keeps_float32_buffers():
+    enc = rlformer.build_encoder(small_config("attention", "routing")).to(torch.bfloat16)
+    att = enc.depth.blocks[0].attention
+    assert att.centroids.dtype == torch.float32 and att.q_proj.weight.dtype == torch.bfloat16
+    before = att.centroids.clone()
+    enc.train()(torch.randn(2, 16, D_MODEL, dtype=torch.bfloat16))
+    assert not torch.equal(att.centroids, before), "EMA updates must survive bf16 (0.999 x rounds to x there)"
+    for name, buf in (("lsh", "rotations"), ("performer", "features")):
+        enc = rlformer.build_encoder(small_config("attention", name)).half()
+        assert getattr(enc.depth.blocks[0].attention, buf).dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: GPU fast paths against the CPU float64 pass")
+@pytest.mark.parametrize("name", MINE)
+def test_cuda_matches_cpu_float64(name):
+    # bf16 for the continuous variants; float32 for lsh/routing, whose discrete bucket / cluster
+    # choices may legitimately flip on near-ties under bf16 rounding.
+    dtype = torch.float32 if name in ("lsh", "routing") else torch.bfloat16
+    cfg = small_config("attention", name)
+    torch.manual_seed(0)
+    enc = rlformer.build_encoder(cfg).eval()
+    x = torch.randn(2, 16, D_MODEL)
+    ref = enc.double()(x.double()).output.float()
+    out = enc.to("cuda", dtype)(x.to("cuda", dtype)).output.float().cpu()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-3 if dtype == torch.float32 else 0.1)

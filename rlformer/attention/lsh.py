@@ -16,6 +16,23 @@ def layer_generator(seed: int, layer: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(layer) * 7919 + salt)
 
 
+class Float32Buffers(nn.Module):
+    """Keeps the buffers named in ``float32_buffers`` in float32 when the module is cast to half
+    precision (``.half()``, ``.to(torch.bfloat16)``): EMA centroids would stop moving in bf16
+    (0.999 * x rounds to x) and hash rotations / random features would lose accuracy."""
+
+    float32_buffers: tuple = ()
+
+    def _apply(self, fn, recurse=True):
+        saved = {name: getattr(self, name) for name in self.float32_buffers}
+        out = super()._apply(fn, recurse)
+        for name, old in saved.items():
+            new = getattr(self, name)
+            if new.dtype in (torch.float16, torch.bfloat16):
+                setattr(self, name, old.to(device=new.device, dtype=torch.float32))
+        return out
+
+
 def lsh_buckets(x: Tensor, rotations: Tensor) -> Tensor:
     """Angular LSH (Reformer sec. 2, after Andoni et al. 2015): h(x) = argmax([xR; -xR]).
 
@@ -32,7 +49,7 @@ def lsh_buckets(x: Tensor, rotations: Tensor) -> Tensor:
 
 
 @register("attention", "lsh")
-class LSHAttention(Attention):
+class LSHAttention(Float32Buffers, Attention):
     """Reformer LSH attention (Kitaev et al. 2020): shared-QK, hashed, sorted, chunked.
 
     - Shared-QK (sec. 2): keys are the unit-normalized queries, k_j = q_j / |q_j|; the key half
@@ -55,6 +72,7 @@ class LSHAttention(Attention):
 
     supports_memory = False
     position_hooks = frozenset({"input", "rotary"})
+    float32_buffers = ("rotations",)
 
     def __init__(self, cfg: EncoderConfig, layer: int, position=None):
         super().__init__(cfg, layer, position)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rlformer.attention.base import Attention, merge_heads
-from rlformer.attention.lsh import layer_generator
+from rlformer.attention.lsh import Float32Buffers, layer_generator
 from rlformer.config import EncoderConfig
 from rlformer.context import AttentionContext
 from rlformer.registry import register
@@ -148,7 +148,7 @@ def recurrent_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, *, causa
     return torch.stack(outs, 2).to(v.dtype), {"S": s, "z": z}
 
 
-class RandomFeatureAttention(Attention):
+class RandomFeatureAttention(Float32Buffers, Attention):
     """Shared machinery of Performer and RFA: features, chunked prefix sums, the recurrent state.
 
     Position hooks: "input" and "rotary" only (random features never form scores, so score and
@@ -162,6 +162,7 @@ class RandomFeatureAttention(Attention):
     position_hooks = frozenset({"input", "rotary"})
     feature_multiplier = 1
     """M = feature_multiplier * n_features outputs of phi"""
+    float32_buffers = ("features",)
 
     def __init__(self, cfg: EncoderConfig, layer: int, position=None):
         super().__init__(cfg, layer, position)

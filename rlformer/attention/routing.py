@@ -8,13 +8,13 @@ from torch import Tensor
 
 from rlformer.attention.base import Attention
 from rlformer.attention.chunked import bucket_attention, naive_bucket_attention
-from rlformer.attention.lsh import layer_generator
+from rlformer.attention.lsh import Float32Buffers, layer_generator
 from rlformer.config import EncoderConfig
 from rlformer.registry import register
 
 
 @register("attention", "routing")
-class RoutingAttention(Attention):
+class RoutingAttention(Float32Buffers, Attention):
     """Routing Transformer (Roy et al. 2021): online k-means routing plus local attention.
 
     Heads are split (``routing.local_heads``; 0 = half): the first ``n_local`` heads use local
@@ -33,13 +33,15 @@ class RoutingAttention(Attention):
     - Online k-means (sec. 4.1): in training, after assignment, each centroid moves by an
       exponential moving average toward the mean of the vectors assigned to it,
       mu <- lambda mu + (1 - lambda) mean{x : c(x) = mu}, lambda = ``routing.ema_decay``;
-      centroids are buffers updated under no_grad, never parameters. Eval leaves them fixed.
+      centroids are buffers updated under no_grad, never parameters, kept in float32 under
+      half-precision casts. Eval leaves them fixed.
 
     Positions: "input" and "rotary". No memory prefix (the state would need the clusters).
     """
 
     supports_memory = False
     position_hooks = frozenset({"input", "rotary"})
+    float32_buffers = ("centroids",)
 
     def __init__(self, cfg: EncoderConfig, layer: int, position=None):
         super().__init__(cfg, layer, position)
