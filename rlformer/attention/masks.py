@@ -170,10 +170,22 @@ def block_of(x: Tensor, size: int) -> Tensor:
 
 
 def is_global(x: Tensor, positions: tuple[int, ...]) -> Tensor:
-    """x in positions (an OR of equalities, so it also runs inside a mask_mod)."""
+    """x in positions: an OR over runs of consecutive positions (lo <= x <= hi), so it also runs
+    inside a mask_mod and stays cheap for BigBird's blocks of global tokens."""
     out = x != x
-    for p in positions:
-        out = out | (x == p)
+    for lo, hi in runs(positions):
+        out = out | ((x >= lo) & (x <= hi)) if hi > lo else out | (x == lo)
+    return out
+
+
+def runs(positions: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Sorted distinct positions as (first, last) runs of consecutive integers."""
+    out: list[tuple[int, int]] = []
+    for p in sorted(set(positions)):
+        if out and p == out[-1][1] + 1:
+            out[-1] = (out[-1][0], p)
+        else:
+            out.append((p, p))
     return out
 
 
