@@ -104,8 +104,9 @@ def test_lsh_matches_naive_reference(causal, n_buckets, n_hashes, chunk):
     q, _, v = qkv(t=19)
     k = F.normalize(q, dim=-1)
     valid = padding(2, 19)
-    fast, _ = att.attend(q, k, v, ctx_for(2, 19, causal, key_valid=valid))
-    assert_same_outputs_and_grads(fast, att.reference(q, k, v, causal, key_valid=valid), [q, v])
+    ctx = ctx_for(2, 19, causal, key_valid=valid)
+    fast, _ = att.attend(q, k, v, ctx)
+    assert_same_outputs_and_grads(fast, att.reference(q, k, v, ctx), [q, v])
 
 
 def test_lsh_is_deterministic_with_buffer_rotations_and_exactly_causal():
@@ -372,6 +373,25 @@ def test_step_by_step_with_state_equals_full_causal_pass(name, gate, position):
     out = enc(y, state=full.state, reset=reset).output
     torch.testing.assert_close(out[reset], enc(y).output[reset], rtol=0, atol=1e-6)
     assert not torch.allclose(out[1], enc(y).output[1])
+
+
+def test_features_fixed_in_eval_redrawn_per_training_forward_when_asked():
+    cfg = small_config("attention", "performer")
+    enc = rlformer.build_encoder(cfg)
+    feats = enc.depth.blocks[0].attention.features
+    assert "features" not in dict(enc.named_parameters())
+    first = feats.clone()
+    enc.train()(torch.randn(1, 8, D_MODEL))
+    enc.eval()(torch.randn(1, 8, D_MODEL))
+    assert torch.equal(feats, first)
+    cfg.random_features = dataclasses.replace(cfg.random_features, redraw=True)
+    enc = rlformer.build_encoder(cfg)
+    feats = enc.depth.blocks[0].attention.features
+    first = feats.clone()
+    enc.eval()(torch.randn(1, 8, D_MODEL))
+    assert torch.equal(feats, first)
+    enc.train()(torch.randn(1, 8, D_MODEL))
+    assert not torch.equal(feats, first)
 
 
 def test_random_features_padding_hides_padded_tokens():

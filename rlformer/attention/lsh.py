@@ -109,9 +109,10 @@ class LSHAttention(Float32Buffers, Attention):
                                     dropout=self.dropout, training=self.training)
         return combine_rounds(out, lse), {}
 
-    def reference(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, key_valid=None) -> Tensor:
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, ctx) -> Tensor:
         """Naive version of ``attend`` (explicit loops over rounds, buckets and positions)."""
         c, buckets = self.cfg.lsh, self.buckets(k)
-        out, lse = naive_bucket_attention(q, k, v, buckets, c.n_buckets, c.chunk_size, self.scale, causal=causal,
-                                          self_penalty=True, key_valid=key_valid, round_buckets=buckets)
+        out, lse = naive_bucket_attention(q, k, v, buckets, c.n_buckets, c.chunk_size, self.scale,
+                                          causal=ctx.causal, self_penalty=True, key_valid=ctx.key_valid,
+                                          round_buckets=buckets)
         return combine_rounds(out, lse)
