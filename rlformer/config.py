@@ -89,7 +89,9 @@ class GlobalLocalConfig:
     dilated_heads: int = 0
     """how many heads use the dilated window"""
     global_positions: Tuple[int, ...] = (0,)
-    """positions with global attention (Longformer) / global tokens (BigBird)"""
+    """positions with global attention (Longformer) / global tokens (BigBird), counted from the segment start"""
+    global_projections: bool = True
+    """Longformer: separate Q_g, K_g, V_g projections for the global rows (the paper's); False = shared"""
     n_random: int = 3
     """BigBird random key blocks per query block (and head)"""
     block_size: int = 64

@@ -1,6 +1,8 @@
 """Sliding windows plus global attention: Longformer, BigBird, ETC."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,10 +33,18 @@ class LongformerAttention(PatternAttention):
         dilated heads:  |i - j| <= w*d  and  (i - j) mod d = 0         (the first ``dilated_heads`` heads)
         global:         i - M in G  (attends everywhere)  or  j - M in G  (seen by everyone)
 
-    causal adds j <= i (the paper's autoregressive setting: w preceding keys). The paper's separate
-    projections Q_g, K_g, V_g for the global rows are not implemented: global attention reuses the
-    layer's projections. A window covering the sequence gives full attention.
+    causal adds j <= i (the paper's autoregressive setting: w preceding keys). As in the paper, the rows
+    of the global queries use their own projections Q_g, K_g, V_g (``global_local.global_projections``;
+    False = reuse the layer's Q_s, K_s, V_s): y_i = softmax(Q_g(x_i) K_g(X)^T / sqrt(d)) V_g(X) over every
+    allowed key, computed densely for the |G| global rows only (O(|G| N) memory); all other rows use
+    Q_s, K_s, V_s with the pattern above. A window covering the sequence and no globals gives full attention.
     """
+
+    def __init__(self, cfg, layer, position):
+        super().__init__(cfg, layer, position)
+        if cfg.global_local.global_projections:
+            self.q_global = nn.Linear(cfg.d_model, cfg.d_model)
+            self.kv_global = nn.Linear(cfg.d_model, 2 * cfg.d_model)
 
     @classmethod
     def validate(cls, cfg: EncoderConfig) -> None:
@@ -68,6 +78,51 @@ class LongformerAttention(PatternAttention):
             return window | is_global(i - m, glob) | is_global(j - m, glob)
 
         return Pattern(rule, ("longformer", w, d, n_dil, glob, m), per_head=n_dil > 0)
+
+    def _global_rows(self, x, kv, ctx):
+        """Segment rows with global attention, their (queries, keys, values) from Q_g, K_g, V_g and their
+        context; None when there are none (or global projections are off)."""
+        rows = [g for g in sorted(set(self.cfg.global_local.global_positions)) if g < x.shape[1]]
+        if not rows or not self.cfg.global_local.global_projections:
+            return None
+        rows_t = torch.tensor(rows, device=x.device)
+        q = split_heads(self.q_global(x[:, rows_t]), self.n_heads)
+        k, v = (split_heads(t, self.n_heads) for t in self.kv_global(kv).chunk(2, dim=-1))
+        sub = replace(ctx, q_index=ctx.q_index[rows_t], q_pos=ctx.q_pos[:, rows_t])
+        if self.position is not None and "rotary" in self.position.hooks:
+            q, k = self.position.rotate(q, k, sub.q_index, sub.k_index)
+        return rows_t, q, k, v, sub
+
+    def _attend_global(self, out, x, kv, ctx, mask_fn):
+        found = self._global_rows(x, kv, ctx)
+        if found is None:
+            return out
+        rows, q, k, v, sub = found
+        dropout = self.dropout if self.training else 0.0
+        rows_out = dense_attention(q, k, v, mask_fn(sub), self.scale, self.score_position, sub.q_index, sub.k_index,
+                                   dropout, self.training)
+        return out.index_copy(2, rows, rows_out)
+
+    def forward(self, x, kv, ctx):
+        q, k, v = self.project(x, kv)
+        if self.position is not None and "rotary" in self.position.hooks:
+            q, k = self.position.rotate(q, k, ctx.q_index, ctx.k_index)
+        out = self.attend_pattern(q, k, v, ctx, self.pattern(ctx, k.shape[2]))
+        out = self._attend_global(out, x, kv, ctx, lambda sub: sub.allowed())
+        return self.out_proj(merge_heads(out)), {}
+
+    def reference_forward(self, x, kv, ctx):
+        """Naive Longformer: loop-built masks, dense scores, the global rows from Q_g, K_g, V_g."""
+        q, k, v = self.project(x, kv)
+        if self.position is not None and "rotary" in self.position.hooks:
+            q, k = self.position.rotate(q, k, ctx.q_index, ctx.k_index)
+        out = self.reference(q, k, v, ctx)
+
+        def every_key(sub):
+            return loop_mask(lambda h, i, j: True, sub.q_index, sub.k_index, 1, sub.causal, sub.key_valid)
+
+        out = self._attend_global(out, x, kv, ctx, every_key)
+        return self.out_proj(merge_heads(out))
 
     def reference_rule(self, ctx, tk):
         gl, w, m = self.cfg.global_local, self.window, ctx.n_mem
