@@ -75,7 +75,9 @@ class PPOConfig:
     """policy=mlp: hidden layers after the observation encoder"""
     vector: Literal["async", "sync"] = "async"
     """gymnasium.vector backend (async = one process per env)"""
-    # PPO
+    threads: Optional[int] = None
+    """torch CPU threads; None = 1 when the model runs on the CPU (more threads spin against the env
+    workers and other jobs on small machines), torch's default otherwise"""
     lr: float = 5e-4
     anneal_lr: bool = True
     gamma: float = 0.99
@@ -94,7 +96,9 @@ class PPOConfig:
     """stop an update's epochs early when the approximate KL exceeds this"""
     bootstrap_truncated: bool = True
     """on time-limit truncation add gamma * V(final obs) to the reward (the episode still ends)"""
-    # run
+    tf32: bool = False
+    """allow TF32 matmuls/convolutions on CUDA (faster; the rollout/training replay is then exact only to
+    ~1e-3 because batch sizes pick different kernels)"""
     compile: bool = False
     """torch.compile the policy (CUDA; fixed shapes make it cheap)"""
     checkpoint_every: int = 50
@@ -133,10 +137,11 @@ def _tmaze(corridor: int, **kw: Any) -> PPOConfig:
 
 #: Presets: the config ``--env ID`` starts from (all fields can still be overridden).
 PRESETS: dict[str, PPOConfig] = {
-    # CPU, < 10 min on 2 cores: corridor 10, 2 small GTrXL layers, memory covering the episode.
+    # CPU, < 10 min on 2 cores: corridor 10, 2 small GTrXL layers, memory covering the episode;
+    # sync envs: a T-maze step costs microseconds, less than a process round trip.
     "rlformer/TMaze-v0": _tmaze(10, total_steps=120_000, num_envs=16, num_steps=64,
                                 backbone=gtrxl_backbone(d_model=64, n_layers=2, n_heads=4, mem_len=24),
-                                ent_coef=0.01, ent_coef_final=0.0, stop_success=None),
+                                ent_coef=0.01, ent_coef_final=0.0, vector="sync"),
     "rlformer/RepeatFirst-v0": PPOConfig(env="rlformer/RepeatFirst-v0", env_kwargs=EnvOptions(delay=10),
                                          total_steps=200_000,
                                          backbone=gtrxl_backbone(mem_len=16)),

@@ -41,6 +41,13 @@ class PPOTrainer:
                              f"{cfg.num_minibatches}; pick num_minibatches dividing it")
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        elif self.device.type == "cpu":
+            torch.set_num_threads(1)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
         seed_everything(cfg.seed)
         self.run_dir = Path(run_dir) if run_dir is not None else make_run_dir(cfg.out_dir, default_run_name(cfg))
         self.env_fn = env_fn or EnvFactory(cfg.env, cfg.env_kwargs.kwargs())
