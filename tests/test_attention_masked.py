@@ -23,8 +23,8 @@ torch.set_num_threads(1)
 H, D = 4, 32
 
 
-def config(attention, causal, **family):
-    cfg = rlformer.EncoderConfig(d_model=D, n_heads=H, n_layers=2, attention=attention, causal=causal,
+def config(attention, causal, d_model=D, **family):
+    cfg = rlformer.EncoderConfig(d_model=d_model, n_heads=H, n_layers=2, attention=attention, causal=causal,
                                  position="none", dropout=0.0)
     for name, kw in family.items():
         setattr(cfg, name, dataclasses.replace(getattr(cfg, name), **kw))
@@ -390,14 +390,17 @@ def test_flex_equals_dense_on_cuda(case, pad):
     fam = dict(CASES[case])
     if variant(case) == "local2d":
         fam = dict(local=dict(grid=(15, 9), query_shape=(4, 4), memory_flange=(2, 3)))
-    cfg = config(variant(case), causal, **fam)
-    attn = module(cfg, 1, dtype=torch.float32).cuda()
+    cfg = config(variant(case), causal, d_model=4 * 16, **fam)          # d_head 16: Triton's smallest tile
+    position = "alibi" if pad and case != "etc" else None               # ALiBi through Flex's score_mod
+    cfg.position = position or "none"
+    attn = module(cfg, 1, position, dtype=torch.float32).cuda()
     assert isinstance(attn, PatternAttention)
+    assert attn.use_flex(torch.zeros(1, device="cuda"))                  # the real dispatch picks Flex
     ctx = context(t, n_mem, causal, pad)
     ctx = dataclasses.replace(ctx, q_index=ctx.q_index.cuda(), k_index=ctx.k_index.cuda(), q_pos=ctx.q_pos.cuda(),
                               key_valid=None if ctx.key_valid is None else ctx.key_valid.cuda())
     torch.manual_seed(0)
-    x = torch.randn(2, n_mem + t, D, device="cuda")
+    x = torch.randn(2, n_mem + t, cfg.d_model, device="cuda")
     outs, grads = [], []
     for flex in (True, False):
         attn.use_flex = (lambda q, flex=flex: flex)
@@ -439,3 +442,23 @@ def test_flex_path_forward_matches_dense_on_cpu(case, monkeypatch):
             with torch.no_grad():
                 outs.append(attn(x[:, n_mem:], x, ctx)[0])
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention fast path needs CUDA")
+@pytest.mark.parametrize("name,family", [("local", dict(local=dict(block_size=128, lookback=128))),
+                                         ("bigbird", dict(global_local=dict(block_size=64, n_random=2)))])
+def test_flex_path_has_no_quadratic_memory(name, family):
+    """T = 32768: a dense bool mask alone would be 1 GiB per head; the Flex step stays far below."""
+    t = 32768
+    cfg = config(name, True, d_model=64, **family)
+    attn = module(cfg, 0, dtype=torch.bfloat16).cuda()
+    x = torch.randn(1, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    index = torch.arange(t, device="cuda")
+    ctx = AttentionContext(causal=True, q_index=index, k_index=index, q_pos=index[None])
+    attn(x, x, ctx)[0].sum().backward()                                  # compile and cache the BlockMask
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    attn(x, x, ctx)[0].sum().backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 256 * 2 ** 20

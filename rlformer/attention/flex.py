@@ -4,7 +4,7 @@
 ``masks.Pattern`` (the same rule the dense CPU mask uses). BlockMasks are cached per (pattern,
 shape, causality, device) when the mask does not depend on data; with a key-validity mask
 (padding, partly empty XL memory) the BlockMask has a batch dimension and is rebuilt each call
-(compiled ``create_block_mask``, so still no (Tq, Tk) tensor). FlexAttention has no backward on
+(compiled ``create_block_mask``, so still no (Tq, Tk) tensor) from a cached mask_mod. FlexAttention has no backward on
 CPU, so callers use it only for CUDA tensors.
 """
 from __future__ import annotations
@@ -45,23 +45,51 @@ def _flex():
     return _COMPILED["flex"], _COMPILED["create_block_mask"]
 
 
-def block_mask_for(pattern: Pattern, batch: int, n_heads: int, tq: int, tk: int, n_mem: int, k_offset: int,
-                   causal: bool, key_valid: Optional[Tensor], device: torch.device):
-    """The BlockMask of ``pattern`` for these shapes (cached unless it depends on ``key_valid``)."""
-    _, create_block_mask = _flex()
-    mask_mod = flex_mask_mod(pattern, n_mem, k_offset, causal, key_valid, device)
-    heads = n_heads if pattern.per_head else None
-    if key_valid is not None:
-        return create_block_mask(mask_mod, batch, heads, tq, tk, device=device, _compile=True)
-    key = (pattern.key, heads, tq, tk, n_mem, k_offset, causal, str(device))
+def _cached(key, build):
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    block_mask = create_block_mask(mask_mod, None, heads, tq, tk, device=device, _compile=True)
-    _CACHE[key] = block_mask
+    value = _CACHE[key] = build()
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
-    return block_mask
+    return value
+
+
+def block_mask_for(pattern: Pattern, batch: int, n_heads: int, tq: int, tk: int, n_mem: int, k_offset: int,
+                   causal: bool, key_valid: Optional[Tensor], device: torch.device):
+    """The BlockMask of ``pattern`` for these shapes.
+
+    Without ``key_valid`` the BlockMask itself is cached. With it, the BlockMask depends on the data and
+    is rebuilt each call, but the mask_mod is cached together with a buffer that receives ``key_valid``,
+    so the compiled ``create_block_mask`` sees the same function and tensor every call (no recompiles).
+    """
+    _, create_block_mask = _flex()
+    heads = n_heads if pattern.per_head else None
+    key = (pattern.key, heads, tq, tk, n_mem, k_offset, causal, str(device))
+    if key_valid is None:
+        return _cached(key, lambda: create_block_mask(flex_mask_mod(pattern, n_mem, k_offset, causal, None, device),
+                                                      None, heads, tq, tk, device=device, _compile=True))
+
+    def build():
+        buffer = torch.ones(batch, tk, dtype=torch.bool, device=device)
+        return flex_mask_mod(pattern, n_mem, k_offset, causal, buffer, device), buffer
+
+    mask_mod, buffer = _cached(key + ("valid", batch), build)
+    buffer.copy_(key_valid)
+    return create_block_mask(mask_mod, batch, heads, tq, tk, device=device, _compile=True)
+
+
+def alibi_score_mod(slopes: Tensor, n_mem: int, k_offset: int):
+    """score - m_h |i - j| as a FlexAttention score_mod (cached per slopes tensor and offsets)."""
+    def build():
+        table = slopes.detach().to(torch.float32)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score - table[h] * (q_idx + n_mem - (kv_idx - k_offset)).abs()
+
+        return score_mod, slopes                     # keep ``slopes`` alive so its id stays unique
+
+    return _cached(("alibi", id(slopes), n_mem, k_offset, str(slopes.device)), build)[0]
 
 
 def flex_pattern_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, n_mem: int, k_offset: int,
@@ -71,12 +99,5 @@ def flex_pattern_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, n_
     flex, _ = _flex()
     b, h, tq, _ = q.shape
     block_mask = block_mask_for(pattern, b, h, tq, k.shape[2], n_mem, k_offset, causal, key_valid, q.device)
-    score_mod = None
-    if alibi_slopes is not None:
-        slopes = alibi_slopes.to(device=q.device, dtype=torch.float32)
-
-        def score_mod(score, b_, h_, q_idx, kv_idx):
-            dist = (q_idx + n_mem - (kv_idx - k_offset)).abs()
-            return score - slopes[h_] * dist
-
+    score_mod = None if alibi_slopes is None else alibi_score_mod(alibi_slopes, n_mem, k_offset)
     return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
