@@ -1,0 +1,1 @@
+"""Baselines run in the Decision Transformer's harness (same data, sampler, training loop, evaluation)."""
