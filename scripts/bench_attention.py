@@ -4,6 +4,8 @@
     python scripts/bench_attention.py --device cuda --dtype bfloat16 --out bench_attention.json
     # a subset, e.g. to stay within a time limit per command
     python scripts/bench_attention.py --variants local longformer --no-peers --out part.json
+    # merge the results of several such runs into one table
+    python scripts/bench_attention.py --merge a.json b.json c.json --out bench_attention.json
     # smoke test on CPU
     python scripts/bench_attention.py --device cpu --lengths 128 256 --dtype float32 --out /tmp/b.json
 
@@ -275,6 +277,22 @@ def table(rows: list[dict], lengths: list[int]) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[str], out: str) -> dict:
+    """One report (and table) from several runs, e.g. variant groups run as separate commands."""
+    reports = [json.load(open(path)) for path in paths]
+    lengths = sorted({int(t) for r in reports for t in r["meta"]["lengths"]})
+    merged = {"meta": {**reports[0]["meta"], "lengths": lengths, "merged_from": paths,
+                       "commands": [r["meta"].get("command") for r in reports]},
+              "notes": [n for r in reports for n in r["notes"]], "rows": [row for r in reports for row in r["rows"]]}
+    with open(out, "w") as f:
+        json.dump(merged, f, indent=1)
+    meta = merged["meta"]
+    print(f"{meta['device']}, {meta['dtype']}, batch {meta['batch']} x {meta['heads']} heads x d_head "
+          f"{meta['d_head']}; fwd+bwd median ms (round 1/round 2), peak extra memory\n")
+    print(table(merged["rows"], lengths))
+    return merged
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -291,7 +309,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--max-seconds", type=float, default=float("inf"),
                    help="stop starting new measurements after this many seconds (the rest: 'skipped')")
     p.add_argument("--out", default="bench_attention.json")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="measure nothing: merge these result files into --out and print one table")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     names = rlformer.available()["attention"] if args.variants is None else args.variants
