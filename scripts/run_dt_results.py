@@ -1,0 +1,163 @@
+"""The issue's results: DT vs BC vs HF-DT, several seeds trained concurrently on one GPU.
+
+    python scripts/run_dt_results.py --dataset-root /tmp/minari --out RESULTS_dt.md        # dt, bc, hf x 3 seeds
+    python scripts/run_dt_results.py --dataset-root /tmp/minari --models dt bc --seeds 0 1 2
+    python scripts/run_dt_results.py --dataset-root /tmp/minari --models hf --seeds 0
+
+Each (model, seed) is one ``scripts/train_dt.py --preset paper`` process, all started at once
+(or ``--max-parallel`` at a time) on the same device; they share the GPU (the model is tiny).
+Evaluation uses ``--eval-vector sync`` by default so N concurrent runs do not start N x 200
+environment processes. Every run writes ``<out-dir>/<model>-seed<seed>/`` (log.txt,
+summary.json, TensorBoard, checkpoints). When all are done, a markdown table of the
+normalized score per target (mean ± std over seeds of each seed's mean over its episodes) is
+printed last and written to ``--out`` (and the raw numbers to ``--out`` with .json).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
+
+import tyro
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class ResultsConfig:
+    dataset_root: Optional[str] = None
+    """Minari store with the dataset (passed to every run as --dataset-root)"""
+    env: str = "hopper-medium"
+    models: Tuple[Literal["dt", "bc", "hf"], ...] = ("dt", "bc", "hf")
+    seeds: Tuple[int, ...] = (0, 1, 2)
+    hf_seeds: Optional[Tuple[int, ...]] = None
+    """seeds for --model hf (default: --seeds); HF-DT is the slowest, so fewer seeds may fit the budget"""
+    preset: Literal["quick", "paper"] = "paper"
+    device: str = "auto"
+    eval_vector: Literal["async", "sync"] = "sync"
+    max_parallel: int = 0
+    """runs at the same time (0: all)"""
+    out_dir: str = "runs/results"
+    out: str = "RESULTS_dt.md"
+    extra: str = ""
+    """more train_dt.py flags for every run, one string: --extra="--train-steps 2000 --backbone.position rope" """
+
+
+def run_args(cfg: ResultsConfig, model: str, seed: int, run_dir: Path) -> list[str]:
+    args = [sys.executable, str(REPO / "scripts" / "train_dt.py"), "--env", cfg.env, "--preset", cfg.preset,
+            "--model", model, "--seed", str(seed), "--device", cfg.device, "--out-dir", str(run_dir),
+            "--eval-vector", cfg.eval_vector, "--no-download"]
+    if cfg.dataset_root:
+        args += ["--dataset-root", str(Path(cfg.dataset_root).resolve())]
+    return args + shlex.split(cfg.extra)
+
+
+def launch_all(cfg: ResultsConfig) -> list[dict]:
+    jobs = [(m, s) for m in cfg.models for s in ((cfg.hf_seeds or cfg.seeds) if m == "hf" else cfg.seeds)]
+    limit = cfg.max_parallel or len(jobs)
+    threads = str(max(1, (os.cpu_count() or 1) // min(limit, len(jobs))))
+    env = {**os.environ, "RLFORMER_PROGRESS": "0", "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+    pending, running, done = list(jobs), [], []
+    t0 = time.perf_counter()
+    while pending or running:
+        while pending and len(running) < limit:
+            m, s = pending.pop(0)
+            run_dir = Path(cfg.out_dir) / f"{m}-seed{s}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            log = open(run_dir / "log.txt", "w")
+            proc = subprocess.Popen(run_args(cfg, m, s, run_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    cwd=REPO)
+            running.append({"model": m, "seed": s, "dir": run_dir, "proc": proc, "log": log,
+                            "start": time.perf_counter()})
+            print(f"[{time.perf_counter() - t0:6.0f} s] started {m} seed {s} (pid {proc.pid})", flush=True)
+        time.sleep(2)
+        for job in list(running):
+            rc = job["proc"].poll()
+            if rc is None:
+                continue
+            job["log"].close()
+            running.remove(job)
+            job["rc"], job["wall_s"] = rc, time.perf_counter() - job["start"]
+            summary = job["dir"] / "summary.json"
+            job["summary"] = json.loads(summary.read_text()) if rc == 0 and summary.exists() else None
+            tail = (job["dir"] / "log.txt").read_text().strip().splitlines()[-3:]
+            print(f"[{time.perf_counter() - t0:6.0f} s] {job['model']} seed {job['seed']} finished rc={rc}: "
+                  + " | ".join(tail), flush=True)
+            done.append(job)
+    return done
+
+
+def mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.1f} ± {sd:.1f}"
+
+
+def table(cfg: ResultsConfig, done: list[dict], total_s: float) -> str:
+    targets: list[str] = []
+    for j in done:
+        for k in (j["summary"] or {}).get("normalized_score", {}):
+            if k not in targets:
+                targets.append(k)
+    head = ["model", "seeds ok"] + [f"normalized @{t}" for t in targets] + [f"return @{t}" for t in targets[:1]] + \
+        ["per-seed @" + (targets[0] if targets else "-"), "updates/s (per run)", "wall s (per run)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ref = None
+    for m in cfg.models:
+        ok = [j["summary"] for j in done if j["model"] == m and j["summary"]]
+        n_all = sum(1 for j in done if j["model"] == m)
+        ref = ref or (ok[0]["reference_scores"] if ok else None)
+        cells = [m, f"{len(ok)}/{n_all}"]
+        cells += [mean_std([s["normalized_score"][t] for s in ok if t in s["normalized_score"]]) for t in targets]
+        cells += [mean_std([s["final_return"][t] for s in ok if t in s["final_return"]]) for t in targets[:1]]
+        cells.append(", ".join(f"{s['normalized_score'].get(targets[0], float('nan')):.1f}" for s in ok)
+                     if targets else "-")
+        cells.append(mean_std([s["updates_per_s"] for s in ok if s.get("updates_per_s")]))
+        cells.append(mean_std([s["wall_s"] for s in ok]))
+        lines.append("| " + " | ".join(cells) + " |")
+    first = next((j["summary"] for j in done if j["summary"]), None)
+    notes = [f"{cfg.env}, preset {cfg.preset}"]
+    if first:
+        notes += [f"{first['updates']} updates", f"{first['eval_episodes_per_target']} eval episodes per target",
+                  f"dataset {first['dataset_id']} ({first['dataset']['steps']} steps, {first['dataset']['episodes']} "
+                  f"episodes, return mean {first['dataset']['return_mean']:.1f})",
+                  f"device {first['device']} {first.get('gpu_name', '')}".strip()]
+    if ref:
+        notes.append(f"normalized = 100 (R - {ref['min']}) / ({ref['max']} - {ref['min']}), reference: {ref['source']}")
+    notes.append(f"all runs concurrently ({len(done)} processes), total {total_s:.0f} s")
+    return "\n".join(lines) + "\n\n" + "; ".join(notes) + ".\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    cfg = tyro.cli(ResultsConfig, args=argv, description=__doc__)
+    t0 = time.perf_counter()
+    done = launch_all(cfg)
+    total = time.perf_counter() - t0
+    md = table(cfg, done, total)
+    cmd = "python scripts/run_dt_results.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"<!-- {cmd} -->\n{md}")
+    from agents.common import write_json
+
+    write_json(out.with_suffix(".json"), {"command": cmd, "config": cfg, "total_s": total, "runs": [
+        {"model": j["model"], "seed": j["seed"], "rc": j["rc"], "wall_s": j["wall_s"], "summary": j["summary"]}
+        for j in done]})
+    print("\n" + md, flush=True)
+    if any(j["rc"] != 0 for j in done):
+        print("some runs failed: see their log.txt", file=sys.stderr)
+    return md
+
+
+if __name__ == "__main__":
+    main()
