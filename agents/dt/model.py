@@ -98,7 +98,7 @@ class DecisionTransformer(nn.Module):
         n = self.tokens_per_step
         # (B, K, n, d) -> (B, n*K, d): R_1, s_1, a_1, R_2, ...
         x = self.embed_ln(torch.stack(tokens, dim=2).reshape(b, n * k, -1))
-        token_mask = mask.repeat_interleave(n, dim=1) if n > 1 else mask
+        token_mask = mask[:, :, None].expand(b, k, n).reshape(b, n * k)  # (no repeat_interleave: never syncs)
         h = self.encoder(x, mask=token_mask).output.reshape(b, k, n, -1)
         return self.predict_action(h[:, :, self.state_slot])
 
