@@ -11,6 +11,10 @@ eval_episodes      10 per target                    100 per target
 checkpoint_every   500                              10,000
 =================  ===============================  ===============================
 
+The quick preset, measured on a 2-core CPU machine on the full local hopper-medium rebuild
+(1M steps): 8.4 updates/s, 137 s end to end including a 10-episode evaluation per target
+(normalized score 57.6 at target 3600, 62.4 at 1800).
+
 Both: AdamW lr 1e-4, weight decay 1e-4, grad-norm clip 0.25, batch 64, K = 20, return
 scale 1000; backbone 3 layers, d = 128, 1 head, dropout 0.1, pre-LN, ReLU 4d feed-forward,
 full causal attention, no positional encoding (time enters through the timestep embedding).
@@ -52,7 +56,7 @@ class DTConfig:
     """dt: Decision Transformer on the rlformer backbone; bc: behaviour cloning (same backbone, states only);
     hf: Hugging Face DecisionTransformerModel (needs `pip install rlformer[bench]`; ignores --backbone.*)"""
     preset: Literal["quick", "paper"] = "quick"
-    """quick: 1,000 updates (~3 min on one CPU core: ~0.18 s of CPU per update); paper: Chen et al.'s 100k updates, 100 eval episodes"""
+    """quick: 1,000 updates (measured: 137 s end to end on a 2-core CPU box, normalized ~60 on hopper-medium); paper: Chen et al.'s 100k updates, 100 eval episodes"""
     train_steps: Optional[int] = None
     """gradient updates (None: the preset's)"""
     batch_size: int = 64
