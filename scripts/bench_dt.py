@@ -21,7 +21,6 @@ writes everything to ``--out`` (JSON).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import sys
@@ -37,8 +36,8 @@ import numpy as np
 import torch
 import tyro
 
-from rlformer import EncoderConfig
 from agents.dt.config import DTConfig, default_backbone
+from rlformer import EncoderConfig
 
 Mode = Literal["eager", "compile", "graph", "graph-eager"]
 

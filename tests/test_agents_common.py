@@ -10,8 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from agents.common import (RunLogger, gpu_memory_mb, latest_checkpoint, load_checkpoint, make_run_dir, progress,
-                           resolve_device, save_checkpoint, seed_everything, to_jsonable, write_summary)
+from agents.common import (
+    RunLogger,
+    gpu_memory_mb,
+    latest_checkpoint,
+    load_checkpoint,
+    make_run_dir,
+    progress,
+    resolve_device,
+    save_checkpoint,
+    seed_everything,
+    to_jsonable,
+    write_summary,
+)
 
 torch.set_num_threads(1)
 

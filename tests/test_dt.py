@@ -290,7 +290,7 @@ def test_cuda_graph_update_matches_eager():
         m = build_model(cfg, 3, 2).to(dev)
         s = WindowSampler(data, context_len=4, device=dev)
         starts = torch.zeros(8, dtype=torch.long, device=dev)  # static buffer: the graph reads it on replay
-        s.sample = lambda batch_size, generator=None: s.windows(starts)
+        s.sample = lambda batch_size, generator=None, s=s, starts=starts: s.windows(starts)
         opt, sched = make_optimizer(m, cfg, dev, capturable=graph)
         up = Updater(m, s, opt, sched, 8, 0.25, dev, graph=graph, warmup=2)
         out = []

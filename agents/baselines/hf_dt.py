@@ -37,7 +37,8 @@ class HFDecisionTransformer(nn.Module):
             state_dim=state_dim, act_dim=act_dim, hidden_size=backbone.d_model, max_ep_len=max_ep_len,
             action_tanh=True, n_layer=backbone.n_layers, n_head=backbone.n_heads, n_inner=backbone.ff_width,
             activation_function=backbone.activation, resid_pdrop=backbone.dropout, embd_pdrop=backbone.dropout,
-            attn_pdrop=backbone.dropout, n_positions=max(1024, 3 * context_len), bos_token_id=None, eos_token_id=None)
+            attn_pdrop=backbone.dropout, n_positions=max(1024, 3 * context_len), bos_token_id=None,
+            eos_token_id=None)
         self.hf = tf.DecisionTransformerModel(cfg)
         self.max_ep_len = max_ep_len
 

@@ -4,8 +4,14 @@
                                save_checkpoint, load_checkpoint, latest_checkpoint,
                                write_summary, seed_everything, resolve_device)
 """
-from agents.common.checkpoint import (get_rng_state, latest_checkpoint, load_checkpoint, save_checkpoint,
-                                      set_rng_state, unwrap_model)
+from agents.common.checkpoint import (
+                                      get_rng_state,
+                                      latest_checkpoint,
+                                      load_checkpoint,
+                                      save_checkpoint,
+                                      set_rng_state,
+                                      unwrap_model,
+)
 from agents.common.device import resolve_device
 from agents.common.logging import RunLogger, gpu_memory_mb, make_run_dir, progress
 from agents.common.seeding import seed_everything

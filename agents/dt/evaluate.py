@@ -99,7 +99,7 @@ def evaluate(model: ModelFn, env_id: str, targets: Sequence[float], n_episodes: 
             mask = pad.clone()
             mask[:, k - n_valid:] = True
 
-            def window(x: Tensor) -> Tensor:
+            def window(x: Tensor, ctx: slice = ctx, n_valid: int = n_valid) -> Tensor:
                 w = x[:, ctx]
                 if n_valid == k:
                     return w

@@ -23,8 +23,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from agents.common import (RunLogger, gpu_memory_mb, latest_checkpoint, load_checkpoint, make_run_dir, progress,
-                           resolve_device, save_checkpoint, seed_everything, unwrap_model, write_summary)
+from agents.common import (
+    RunLogger,
+    gpu_memory_mb,
+    latest_checkpoint,
+    load_checkpoint,
+    make_run_dir,
+    progress,
+    resolve_device,
+    save_checkpoint,
+    seed_everything,
+    unwrap_model,
+    write_summary,
+)
 from agents.common.checkpoint import list_checkpoints
 from agents.dt.config import DTConfig
 from agents.dt.data import OfflineData, WindowSampler, load_offline_data
