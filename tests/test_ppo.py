@@ -165,21 +165,25 @@ def test_bad_backbones_fail_early():
         check_backbone(dataclasses.replace(gtrxl_backbone(), causal=False))
 
 
-def _train(tmp_path, policy: str, steps: int, seed: int = 0) -> dict:
+def _train(tmp_path, policy: str, steps: int, seed: int = 0, **kw) -> dict:
     from agents.ppo import train
 
-    cfg = tmaze_cfg(tmp_path / policy, corridor=8, policy=policy, num_envs=16, num_steps=32, num_minibatches=2,
-                    update_epochs=3, total_steps=steps, seed=seed, lr=1e-3, ent_coef=0.01, ent_coef_final=0.0,
+    cfg = tmaze_cfg(tmp_path / policy, corridor=8, policy=policy, num_envs=16, num_steps=32, num_minibatches=4,
+                    update_epochs=4, total_steps=steps, seed=seed, lr=5e-4, ent_coef=0.01, ent_coef_final=0.0,
                     backbone=gtrxl_backbone(d_model=32, n_layers=1, n_heads=2, mem_len=12), eval_episodes=64,
-                    checkpoint_every=0)
+                    checkpoint_every=0, **kw)
     return train(cfg)
 
 
 @pytest.mark.slow
 def test_gtrxl_solves_tmaze_mlp_stays_at_chance(tmp_path):
-    gtrxl = _train(tmp_path, "transformer", 60_000)
-    mlp = _train(tmp_path, "mlp", 30_000)
-    print(f"\nT-maze corridor 8: GTrXL eval success {gtrxl['success_rate']:.2f} ({gtrxl['wall_s']:.0f} s), "
-          f"MLP {mlp['success_rate']:.2f} ({mlp['wall_s']:.0f} s)")
+    """Corridor 8: GTrXL reaches >= 0.95 greedy success (seeds 0-3 solve by ~60k steps); the MLP learns
+    to walk to the junction but can only guess the side (a memoryless policy is capped at 1/2)."""
+    gtrxl = _train(tmp_path, "transformer", 100_000, stop_success=0.98)
+    mlp = _train(tmp_path, "mlp", 100_000)
+    print(f"\nT-maze corridor 8: GTrXL eval success {gtrxl['success_rate']:.2f} after {gtrxl['global_step']} steps "
+          f"({gtrxl['wall_s']:.0f} s); MLP {mlp['success_rate']:.2f} after {mlp['global_step']} steps "
+          f"({mlp['wall_s']:.0f} s)")
     assert gtrxl["success_rate"] >= 0.95
-    assert mlp["success_rate"] <= 0.65
+    assert 0.25 <= mlp["success_rate"] <= 0.75
+    assert mlp["final_return"] > -0.5  # it did learn to walk (a wandering agent collects about -2)
