@@ -113,6 +113,8 @@ class PPOConfig:
     """final evaluation takes the most likely action"""
     stop_success: Optional[float] = None
     """stop early once the training success rate over stats_window episodes reaches this"""
+    time_limit_s: Optional[float] = None
+    """stop training after this many wall seconds (the summary says how many steps were done)"""
     tensorboard: bool = True
     progress: Optional[bool] = None
     """progress bar: None = when stderr is a terminal"""
@@ -164,7 +166,7 @@ def tmaze_long(corridor: int = 200, total_steps: int = 4_000_000) -> PPOConfig:
     mem = 1 << (corridor + 1).bit_length()  # next power of two above L + 1
     return _tmaze(corridor, total_steps=total_steps, num_envs=32, num_steps=256, num_minibatches=8,
                   backbone=gtrxl_backbone(d_model=128, n_layers=2, n_heads=4, mem_len=mem), lr=3e-4,
-                  ent_coef=0.01, ent_coef_final=0.0)
+                  ent_coef=0.01, ent_coef_final=0.0, vector="sync", stop_success=0.97)
 
 
 def preset_for(env: str) -> PPOConfig:

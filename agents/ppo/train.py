@@ -194,6 +194,8 @@ class PPOTrainer:
                                     kl=f"{logged['train/approx_kl']:.4f}", sps=f"{sps:.0f}", refresh=False)
                 if cfg.checkpoint_every and self.update_idx % cfg.checkpoint_every == 0:
                     self.save(self.wall_before + elapsed)
+                if cfg.time_limit_s is not None and self.wall_before + elapsed >= cfg.time_limit_s:
+                    break
                 if (cfg.stop_success is not None and len(self.stats.successes) >= self.stats.successes.maxlen
                         and ep.get("success_rate", 0.0) >= cfg.stop_success):
                     break
