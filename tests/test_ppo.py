@@ -187,3 +187,17 @@ def test_gtrxl_solves_tmaze_mlp_stays_at_chance(tmp_path):
     assert gtrxl["success_rate"] >= 0.95
     assert 0.25 <= mlp["success_rate"] <= 0.75
     assert mlp["final_return"] > -0.5  # it did learn to walk (a wandering agent collects about -2)
+
+
+def test_recurrent_ppo_baseline_same_harness(tmp_path):
+    from agents.baselines.recurrent_ppo import from_ppo_config, train_recurrent_ppo
+
+    ppo = tmaze_cfg(tmp_path, corridor=3, total_steps=1024)
+    cfg = from_ppo_config(ppo, out_dir=str(tmp_path / "lstm"), eval_episodes=8, tensorboard=False)
+    assert cfg.env_kwargs == ppo.env_kwargs and cfg.total_steps == ppo.total_steps and cfg.num_steps == ppo.num_steps
+    result = train_recurrent_ppo(cfg)
+    assert result["global_step"] >= 1024 and result["eval_episodes"] >= 8
+    data = json.loads((tmp_path / "lstm" / "summary.json").read_text())
+    for key in ("final_return", "success_rate", "train_success_rate", "sps", "wall_s", "config"):
+        assert key in data
+    assert 0.0 <= data["success_rate"] <= 1.0

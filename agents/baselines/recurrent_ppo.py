@@ -11,59 +11,36 @@ greedy evaluation that counts each env's first episodes (no bias towards short o
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 
 from agents.common import RunLogger, gpu_memory_mb, make_run_dir, progress, resolve_device, seed_everything, write_summary
-from agents.ppo.config import EnvOptions
+from agents.ppo.config import PPOConfig, RunConfig
 from agents.ppo.rollout import EnvFactory
 from agents.ppo.policy import is_image
 
 
 @dataclass
-class RecurrentPPOConfig:
-    """RecurrentPPO (sb3-contrib) settings; defaults follow sb3-contrib's own, scaled to our presets."""
+class RecurrentPPOConfig(RunConfig):
+    """RecurrentPPO (sb3-contrib) settings: the shared run/PPO fields plus the LSTM's size.
 
-    env: str = "rlformer/TMaze-v0"
-    env_kwargs: EnvOptions = field(default_factory=EnvOptions)
-    total_steps: int = 200_000
-    num_envs: int = 16
-    num_steps: int = 64
-    """rollout length per env (sb3 n_steps)"""
-    seed: int = 1
-    device: str = "auto"
-    out_dir: Optional[str] = None
+    ``vector``: sync = DummyVecEnv, async = SubprocVecEnv (default sync: sb3 steps envs in lockstep).
+    """
+
+    vector: Literal["async", "sync"] = "sync"
     lstm_hidden: int = 128
     n_lstm_layers: int = 1
-    lr: float = 5e-4
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    num_minibatches: int = 4
-    update_epochs: int = 4
-    clip_coef: float = 0.2
-    ent_coef: float = 0.01
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
-    vector: str = "sync"
-    """sync (DummyVecEnv) or async (SubprocVecEnv)"""
-    stats_window: int = 100
-    eval_episodes: int = 100
-    eval_deterministic: bool = True
-    tensorboard: bool = True
-    threads: Optional[int] = None
-    """torch CPU threads; None = 1 on CPU"""
 
 
-def from_ppo_config(ppo, **overrides) -> RecurrentPPOConfig:
+def from_ppo_config(ppo: PPOConfig, **overrides) -> RecurrentPPOConfig:
     """The RecurrentPPO config matching a ``PPOConfig``: same env, options, budget, rollout shape, PPO settings."""
-    import dataclasses
-
-    shared = {f.name for f in dataclasses.fields(RecurrentPPOConfig)} & {f.name for f in dataclasses.fields(ppo)}
-    kw = {name: getattr(ppo, name) for name in shared if name not in ("out_dir", "tensorboard", "vector")}
+    kw = {f.name: getattr(ppo, f.name) for f in dataclasses.fields(RunConfig)
+          if f.name not in ("out_dir", "vector", "threads")}
     kw["env_kwargs"] = dataclasses.replace(ppo.env_kwargs)
     kw.update(overrides)
     return RecurrentPPOConfig(**kw)

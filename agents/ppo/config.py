@@ -48,8 +48,8 @@ class EnvOptions:
 
 
 @dataclass
-class PPOConfig:
-    """PPO (Schulman et al. 2017) with a transformer-memory policy; defaults are the T-maze CPU preset."""
+class RunConfig:
+    """What every on-policy agent of the harness shares (GTrXL-PPO and the RecurrentPPO baseline)."""
 
     env: str = "rlformer/TMaze-v0"
     """gymnasium id (``import envs`` registers the rlformer/* ids)"""
@@ -64,6 +64,33 @@ class PPOConfig:
     """auto | cpu | cuda | cuda:N"""
     out_dir: Optional[str] = None
     """run directory (default runs/<env>-<policy>-seed<seed>)"""
+    vector: Literal["async", "sync"] = "async"
+    """gymnasium.vector backend (async = one process per env)"""
+    threads: Optional[int] = None
+    """torch CPU threads; None = 1 when the model runs on the CPU (more threads spin against the env
+    workers and other jobs on small machines), torch's default otherwise"""
+    lr: float = 5e-4
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    num_minibatches: int = 4
+    update_epochs: int = 4
+    clip_coef: float = 0.2
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    stats_window: int = 100
+    """training episodes averaged for return / success"""
+    eval_episodes: int = 100
+    """episodes of the final evaluation (0 = none)"""
+    eval_deterministic: bool = True
+    """final evaluation takes the most likely action"""
+    tensorboard: bool = True
+
+
+@dataclass
+class PPOConfig(RunConfig):
+    """PPO (Schulman et al. 2017) with a transformer-memory policy; defaults are the T-maze CPU preset."""
+
     resume: bool = False
     """continue the run in out_dir from its latest checkpoint (model, optimizer, RNG, counters)"""
     policy: Literal["transformer", "mlp"] = "transformer"
@@ -73,25 +100,11 @@ class PPOConfig:
     """width of the observation encoder (MLP hidden / CNN projection)"""
     mlp_layers: int = 2
     """policy=mlp: hidden layers after the observation encoder"""
-    vector: Literal["async", "sync"] = "async"
-    """gymnasium.vector backend (async = one process per env)"""
-    threads: Optional[int] = None
-    """torch CPU threads; None = 1 when the model runs on the CPU (more threads spin against the env
-    workers and other jobs on small machines), torch's default otherwise"""
-    lr: float = 5e-4
     anneal_lr: bool = True
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    num_minibatches: int = 4
-    update_epochs: int = 4
     norm_adv: bool = True
-    clip_coef: float = 0.2
     clip_vloss: bool = False
-    ent_coef: float = 0.01
     ent_coef_final: Optional[float] = None
     """anneal the entropy bonus linearly to this value (None = constant)"""
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
     target_kl: Optional[float] = None
     """stop an update's epochs early when the approximate KL exceeds this"""
     bootstrap_truncated: bool = True
@@ -105,17 +118,10 @@ class PPOConfig:
     """updates between checkpoints (0 = only at the end)"""
     log_every: int = 1
     """updates between TensorBoard writes"""
-    stats_window: int = 100
-    """training episodes averaged for return / success"""
-    eval_episodes: int = 100
-    """episodes of the final evaluation (0 = none)"""
-    eval_deterministic: bool = True
-    """final evaluation takes the most likely action"""
     stop_success: Optional[float] = None
     """stop early once the training success rate over stats_window episodes reaches this"""
     time_limit_s: Optional[float] = None
     """stop training after this many wall seconds (the summary says how many steps were done)"""
-    tensorboard: bool = True
     progress: Optional[bool] = None
     """progress bar: None = when stderr is a terminal"""
 
