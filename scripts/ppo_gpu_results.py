@@ -66,8 +66,9 @@ def run_one(args: Args) -> dict:
     if args.agent == "recurrent_ppo":
         from agents.baselines.recurrent_ppo import from_ppo_config, train_recurrent_ppo
 
-        # time limit: sb3 has none; the budget is steps (equal to GTrXL's)
-        rcfg = from_ppo_config(cfg, seed=args.seed, device=args.device, out_dir=str(run_dir))
+        # same step budget as GTrXL; the time limit is a safety net (summary.json records the steps reached)
+        rcfg = from_ppo_config(cfg, seed=args.seed, device=args.device, out_dir=str(run_dir),
+                               time_limit_s=args.time_limit)
         return train_recurrent_ppo(rcfg)
     from agents.ppo.train import train
 

@@ -40,7 +40,7 @@ class RecurrentPPOConfig(RunConfig):
 def from_ppo_config(ppo: PPOConfig, **overrides) -> RecurrentPPOConfig:
     """The RecurrentPPO config matching a ``PPOConfig``: same env, options, budget, rollout shape, PPO settings."""
     kw = {f.name: getattr(ppo, f.name) for f in dataclasses.fields(RunConfig)
-          if f.name not in ("out_dir", "vector", "threads")}
+          if f.name not in ("out_dir", "vector", "threads", "time_limit_s")}
     kw["env_kwargs"] = dataclasses.replace(ppo.env_kwargs)
     kw.update(overrides)
     return RecurrentPPOConfig(**kw)
@@ -130,7 +130,7 @@ def train_recurrent_ppo(cfg: RecurrentPPOConfig) -> dict:
         def _on_step(self) -> bool:
             stats.step(self.locals["rewards"], self.locals["dones"], self.locals["infos"])
             bar.update(cfg.num_envs)
-            return True
+            return cfg.time_limit_s is None or time.perf_counter() - t0 < cfg.time_limit_s
 
         def _on_rollout_end(self) -> None:
             sps = self.num_timesteps / max(time.perf_counter() - t0, 1e-9)

@@ -85,6 +85,8 @@ class RunConfig:
     eval_deterministic: bool = True
     """final evaluation takes the most likely action"""
     tensorboard: bool = True
+    time_limit_s: Optional[float] = None
+    """stop training after this many wall seconds (the summary says how many steps were done)"""
 
 
 @dataclass
@@ -120,8 +122,6 @@ class PPOConfig(RunConfig):
     """updates between TensorBoard writes"""
     stop_success: Optional[float] = None
     """stop early once the training success rate over stats_window episodes reaches this"""
-    time_limit_s: Optional[float] = None
-    """stop training after this many wall seconds (the summary says how many steps were done)"""
     progress: Optional[bool] = None
     """progress bar: None = when stderr is a terminal"""
 
