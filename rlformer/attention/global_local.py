@@ -150,6 +150,8 @@ class BigBirdAttention(PatternAttention):
                  layer (``seed``): a deterministic hash of (seed, layer, head, a, t), t < r, picks a
                  block uniformly among the nb = ceil(N / b) blocks; causal: among the preceding blocks
                  0 .. a - 1 (the restriction of the pattern to j <= i, so no random key is wasted).
+                 The picks are precomputed into an (H, nb, r) int32 table (``random_blocks``) that the
+                 dense mask and the FlexAttention mask_mod both only index.
     causal adds j <= i. Random blocks may coincide with window blocks.
     """
 
@@ -168,22 +170,33 @@ class BigBirdAttention(PatternAttention):
         eligible = a if causal else n_blocks
         return mix_hash(seed, self.layer, h, a, t) % eligible
 
+    def random_blocks(self, n_blocks: int, causal: bool) -> torch.Tensor:
+        """(H, nb, r) int32 table of the random key blocks (``_random_block`` for every head, query block
+        and draw; -1 = none, for causal query block 0). The hash runs here, once per pattern, in int64 on
+        the CPU; the mask_mod only indexes this table (Triton/Inductor would otherwise have to compile the
+        int64 multiply/xor/shift hash into every FlexAttention kernel, which failed to compile on CUDA)."""
+        h = torch.arange(self.n_heads).view(-1, 1, 1)
+        a = torch.arange(n_blocks).view(1, -1, 1)
+        t = torch.arange(self.cfg.global_local.n_random).view(1, 1, -1)
+        eligible = a if causal else torch.full_like(a, n_blocks)
+        x = mix_hash(self.cfg.global_local.seed, self.layer, h, a, t)
+        return torch.where(eligible > 0, x % eligible.clamp(min=1), -1).to(torch.int32)
+
     def pattern(self, ctx, tk):
         gl = self.cfg.global_local
         bs, wb, n_rand, glob, m = gl.block_size, gl.window_blocks, gl.n_random, tuple(gl.global_positions), ctx.n_mem
-        n_blocks, causal, seed, layer = -(-tk // bs), ctx.causal, gl.seed, self.layer
+        n_blocks, causal = -(-tk // bs), ctx.causal
 
-        def rule(h, i, j):
+        def rule(h, i, j, rand=None):
             a, c = block_of(i, bs), block_of(j, bs)
             allowed = ((a - c).abs() <= wb) | is_global(i - m, glob) | is_global(j - m, glob)
-            eligible = a if causal else a * 0 + n_blocks
             for t in range(n_rand):
-                target = mix_hash(seed, layer, h, a, t) % eligible.clamp(min=1)
-                allowed = allowed | ((c == target) & (eligible > 0))
+                allowed = allowed | (c == rand[h, a, t])        # -1 (no random block) never matches
             return allowed
 
         key = ("bigbird", bs, wb, n_rand, glob, m, gl.seed, self.layer, n_blocks, causal)
-        return Pattern(rule, key, per_head=n_rand > 0)
+        tables = {"rand": self.random_blocks(n_blocks, causal)} if n_rand else {}
+        return Pattern(rule, key, per_head=n_rand > 0, tables=tables)
 
     def reference_rule(self, ctx, tk):
         gl = self.cfg.global_local

@@ -191,8 +191,10 @@ def runs(positions: tuple[int, ...]) -> list[tuple[int, int]]:
 
 def mix_hash(*parts):
     """A deterministic 31-bit integer hash of ints or integer tensors (LCG rounds). Every product
-    stays below 2**62, so Python ints, CPU, CUDA and Triton all give the same value; the loop
-    references call it on ints, the patterns on tensors."""
+    stays below 2**62, so Python ints and int64 tensors give the same value; the loop references
+    call it on ints, BigBird's random-block table on CPU tensors. Keep it out of mask_mods: Flex
+    would have to compile the int64 multiply/xor/shift into its Triton kernels (a table lookup
+    of precomputed values compiles everywhere)."""
     x = 0
     for p in parts:
         if isinstance(p, Tensor):
