@@ -180,7 +180,7 @@ class PPOPolicy(nn.Module):
 def check_backbone(cfg: EncoderConfig) -> None:
     """ValueError unless the backbone is one the PPO rollout/training path reproduces exactly."""
     if not cfg.causal:
-        raise ValueError("the PPO policy needs a causal encoder (--backbone.causal True): a step may not see the future")
+        raise ValueError("the PPO policy needs a causal encoder (drop --backbone.no-causal): a step may not see the future")
     cls = validate(cfg)
     if cls["attention"].stateful:
         raise ValueError(f"attention={cfg.attention!r} carries a recurrent state; the PPO agent stores XL memory "
