@@ -31,7 +31,7 @@ TASKS = ("tmaze200", "repeat_previous_medium", "minigrid_s13_random")
 
 def task_config(task: str, total_steps: Optional[int]) -> PPOConfig:
     if task == "tmaze200":
-        cfg = tmaze_long(200, total_steps=1_500_000)
+        cfg = tmaze_long(200, total_steps=2_000_000)
     elif task == "repeat_previous_medium":
         cfg = preset_for("rlformer/POPGym-RepeatPreviousMedium-v0")
         cfg = dataclasses.replace(cfg, total_steps=1_500_000, vector="sync")
