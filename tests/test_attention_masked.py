@@ -309,6 +309,9 @@ def test_flex_mask_mod_is_the_dense_mask(case):
     dense = dense_mask(pattern, ctx.q_index, k_index, H, causal, valid)
     mod = flex_mask_mod(pattern, n_mem, n_extra, causal, valid, torch.device("cpu"))
     flex = create_mask(mod, 2, H, t, n_extra + n_mem + t, device="cpu")
+    if pattern.key_order is not None:                        # Flex sees the keys in this order
+        assert sorted(pattern.key_order.tolist()) == list(range(k_index.shape[0]))
+        dense = dense[..., pattern.key_order]
     assert torch.equal(flex, dense.expand_as(flex))
     assert dense.sum() < dense.numel()                       # it is a real restriction
 
@@ -443,16 +446,21 @@ def test_flex_equals_dense_on_cuda(case, pad):
     torch.testing.assert_close(grads[0], grads[1], rtol=5e-3, atol=5e-3)
 
 
-@pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("case", list(CASES))
-def test_flex_path_forward_matches_dense_on_cpu(case, monkeypatch):
-    """The whole Flex path (BlockMask from the pattern, block sparsity, ALiBi score_mod) run eagerly on
-    CPU, forward only (FlexAttention has no CPU backward), against the dense SDPA path."""
+def eager_flex(monkeypatch):
+    """Run the Flex path uncompiled (CPU: forward only)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     import rlformer.attention.flex as fx
     monkeypatch.setitem(fx._COMPILED, "flex", flex_attention)
     monkeypatch.setitem(fx._COMPILED, "create_block_mask", lambda *a, _compile=False, **k: create_block_mask(*a, **k))
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("case", list(CASES))
+def test_flex_path_forward_matches_dense_on_cpu(case, monkeypatch):
+    """The whole Flex path (BlockMask from the pattern, block sparsity, ALiBi score_mod) run eagerly on
+    CPU, forward only (FlexAttention has no CPU backward), against the dense SDPA path."""
+    eager_flex(monkeypatch)
     cls = lookup("attention", variant(case))
     causal = cls.supports_causal
     n_mem = 9 if cls.supports_memory else 0
@@ -492,3 +500,125 @@ def test_flex_path_has_no_quadratic_memory(name, family):
     attn(x, x, ctx)[0].sum().backward()
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < 256 * 2 ** 20
+
+
+# ------------------------------------------------------------------ Sparse Transformer fast paths
+
+@pytest.mark.parametrize("stride", [1, 4, 7, 20])
+@pytest.mark.parametrize("causal", [True, False])
+def test_column_attention_equals_naive_reference(stride, causal):
+    """strided A^(2) as attention inside the stride columns (reshape, one SDPA call) == the loop-built
+    mask + dense attention, outputs and gradients: strides dividing N or not, longer than N, XL memory,
+    padding and empty memory slots."""
+    from rlformer.attention.masks import loop_mask
+    from rlformer.attention.reference import dense_attention
+    from rlformer.attention.sparse import column_attention
+    for t, n_mem, pad in ((13, 0, False), (12, 8, False), (13, 5, True), (16, 4, True)):
+        ctx = context(t, n_mem, causal, pad)
+        mask = loop_mask(lambda h, i, j: (i - j) % stride == 0, ctx.q_index, ctx.k_index, 1, causal, ctx.key_valid)
+        torch.manual_seed(t + n_mem)
+        q = torch.randn(2, 3, t, 5, dtype=torch.float64)
+        k, v = (torch.randn(2, 3, n_mem + t, 5, dtype=torch.float64) for _ in range(2))
+        results = []
+        for fn in (lambda q, k, v: column_attention(q, k, v, stride, causal, ctx.key_valid, 0.3),
+                   lambda q, k, v: dense_attention(q, k, v, mask, 0.3)):
+            qi, ki, vi = (z.clone().requires_grad_() for z in (q, k, v))
+            out = fn(qi, ki, vi)
+            out.backward(torch.linspace(-1, 1, out.numel()).view_as(out).to(out))
+            results.append((out.detach(), qi.grad, ki.grad, vi.grad))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # reference softmax is float32
+
+
+@pytest.mark.parametrize("mode", ["split", "interleaved"])
+def test_strided_fast_path_runs_columns_and_band(mode, monkeypatch):
+    """split / interleaved strided: A^(2) heads (layers) go through column_attention, the A^(1) heads
+    (layers) through the pattern path with the band alone; merged and score positions do not."""
+    import rlformer.attention.sparse as sp
+    calls = {"columns": [], "patterns": []}
+    columns, attend_pattern = sp.column_attention, PatternAttention.attend_pattern
+
+    def spy_columns(q, *a, **kw):
+        calls["columns"].append(q.shape[1])
+        return columns(q, *a, **kw)
+
+    def spy_pattern(self, q, k, v, ctx, pattern, *a, **kw):
+        calls["patterns"].append((q.shape[1], pattern.key[-1]))
+        return attend_pattern(self, q, k, v, ctx, pattern, *a, **kw)
+
+    monkeypatch.setattr(sp, "column_attention", spy_columns)
+    monkeypatch.setattr(PatternAttention, "attend_pattern", spy_pattern)
+    cfg = config("strided", True, sparse=dict(stride=3, mode=mode))
+    ctx = context(11, 5, True, True)
+    q = torch.randn(2, H, 11, D // H, dtype=torch.float64)
+    k = v = torch.randn(2, H, 16, D // H, dtype=torch.float64)
+    for layer in (0, 1):
+        module(cfg, layer).attend(q, k, v, ctx)
+    if mode == "split":
+        assert calls == {"columns": [H // 2] * 2, "patterns": [(H // 2, "A1")] * 2}
+    else:
+        assert calls == {"columns": [H], "patterns": [(H, "A1")]}
+    calls["columns"].clear()
+    module(config("strided", True, sparse=dict(stride=3, mode="merged"))).attend(q, k, v, ctx)
+    cfg = config("strided", True, sparse=dict(stride=3, mode=mode))
+    cfg.position = "alibi"
+    module(cfg, 1, "alibi").attend(q, k, v, ctx)
+    assert calls["columns"] == []
+
+
+def block_mask_sparsity(attn, t, causal):
+    """Percentage of (128 x 128) blocks FlexAttention skips for this layer's pattern at length t."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    ctx = context(t, 0, causal, b=1)
+    pattern = attn.pattern(ctx, t)
+    mod = flex_mask_mod(pattern, 0, 0, causal, None, torch.device("cpu"))
+    return create_block_mask(mod, None, H if pattern.per_head else None, t, t, device="cpu").sparsity()
+
+
+@pytest.mark.parametrize("mode,causal", [("split", True), ("merged", True), ("merged", False),
+                                         ("interleaved", True)])
+def test_fixed_summary_first_order_makes_the_block_mask_sparse(mode, causal):
+    """In sequence order the summary columns touch every key block (as dense as causal full attention);
+    with the summary keys gathered first, Flex skips nearly all blocks (T = 2048, l = 128, c = 8:
+    16 query blocks, own block + 1 summary block each)."""
+    import dataclasses as dc
+    attn = module(config("fixed", causal, sparse=dict(stride=128, summary=8, mode=mode)), 1)
+    t = 2048
+    order = attn.summary_first(t)
+    assert order[:128].tolist() == [x for x in range(t) if x % 128 >= 120]
+    assert sorted(order.tolist()) == list(range(t))
+    permuted = block_mask_sparsity(attn, t, causal)
+    natural_pattern = attn.pattern
+    attn.pattern = lambda ctx, tk: dc.replace(natural_pattern(ctx, tk), key_order=None)
+    natural = block_mask_sparsity(attn, t, causal)
+    dense = 50 if causal else 1                              # causal full attention skips < 50 %
+    if mode == "split":                                      # half the heads: A^(1), block-diagonal anyway
+        dense = (dense + 15 / 16 * 100) / 2
+    assert natural < dense and permuted > 80, (natural, permuted)
+    interleaved_a1 = module(config("fixed", causal, sparse=dict(stride=128, summary=8, mode=mode)), 0)
+    if mode == "interleaved":                                # A^(1) alone: block-diagonal as it is
+        assert interleaved_a1.pattern(context(t, 0, causal, b=1), t).key_order is None
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("case,causal", [("strided-split", True), ("strided-split", False),
+                                         ("strided-interleaved", True), ("fixed-split", True),
+                                         ("fixed-merged", False), ("fixed-interleaved", True)])
+def test_factorized_fast_paths_forward_with_flex_on_cpu(case, causal, monkeypatch):
+    """The CUDA dispatch (Flex for the band / the summary-first keys, columns for A^(2)), run with eager
+    Flex on CPU, forward only, == the CPU path (dense mask, itself == the naive reference above);
+    XL memory and padding."""
+    eager_flex(monkeypatch)
+    cfg = config(variant(case), causal, **CASES[case])
+    for layer in (0, 1):
+        attn = module(cfg, layer, dtype=torch.float32).eval()
+        for pad in (False, True):
+            ctx = context(130, 9, causal, pad)
+            torch.manual_seed(layer)
+            q = torch.randn(2, H, 130, D // H)
+            k, v = (torch.randn(2, H, 139, D // H) for _ in range(2))
+            outs = []
+            for flex in (True, False):
+                attn.use_flex = (lambda q, flex=flex: flex)
+                outs.append(attn.attend(q, k, v, ctx)[0])
+            torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)

@@ -79,17 +79,22 @@ def block_mask_for(pattern: Pattern, batch: int, n_heads: int, tq: int, tk: int,
     return create_block_mask(mask_mod, batch, heads, tq, tk, device=device, _compile=True)
 
 
-def alibi_score_mod(slopes: Tensor, n_mem: int, k_offset: int):
-    """score - m_h |i - j| as a FlexAttention score_mod (cached per slopes tensor and offsets)."""
+def alibi_score_mod(slopes: Tensor, n_mem: int, k_offset: int, pattern: Optional[Pattern] = None):
+    """score - m_h |i - j| as a FlexAttention score_mod (cached per slopes tensor and offsets; with the
+    pattern's ``key_order``, kv_idx is mapped back through it)."""
+    order_key = None if pattern is None or pattern.key_order is None else pattern.key
+
     def build():
         table = slopes.detach().to(torch.float32)
+        order = None if order_key is None else pattern.key_order.to(device=slopes.device, dtype=torch.int32)
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score - table[h] * (q_idx + n_mem - (kv_idx - k_offset)).abs()
+            kv = kv_idx if order is None else order[kv_idx]
+            return score - table[h] * (q_idx + n_mem - (kv - k_offset)).abs()
 
         return score_mod, slopes                     # keep ``slopes`` alive so its id stays unique
 
-    return _cached(("alibi", id(slopes), n_mem, k_offset, str(slopes.device)), build)[0]
+    return _cached(("alibi", id(slopes), n_mem, k_offset, str(slopes.device), order_key), build)[0]
 
 
 def flex_pattern_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, n_mem: int, k_offset: int,
@@ -99,5 +104,8 @@ def flex_pattern_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, n_
     flex, _ = _flex()
     b, h, tq, _ = q.shape
     block_mask = block_mask_for(pattern, b, h, tq, k.shape[2], n_mem, k_offset, causal, key_valid, q.device)
-    score_mod = None if alibi_slopes is None else alibi_score_mod(alibi_slopes, n_mem, k_offset)
+    score_mod = None if alibi_slopes is None else alibi_score_mod(alibi_slopes, n_mem, k_offset, pattern)
+    if pattern.key_order is not None:           # keys in the pattern's block-sparse order (see Pattern)
+        order = _cached(("order", pattern.key, str(q.device)), lambda: pattern.key_order.to(q.device))
+        k, v = k.index_select(2, order), v.index_select(2, order)
     return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)

@@ -45,6 +45,12 @@ class Pattern:
     per_head: bool = False
     tables: dict = field(default_factory=dict)
     """small integer tensors the rule looks up (moved to the device of the call)"""
+    key_order: Optional[Tensor] = None
+    """FlexAttention only: a permutation of the key positions (long, (Tk,)). The Flex path gathers the
+    keys and values in this order and its mask_mod maps a permuted key back through the table, so the
+    attention is unchanged while keys that a pattern picks from all over the sequence (Sparse
+    Transformer's summary columns) become contiguous and the BlockMask block-sparse. Part of ``key``.
+    The dense path ignores it (a dense mask costs the same in any order)."""
 
     def bind(self, device: torch.device) -> Rule:
         tables = {name: t.to(device) for name, t in self.tables.items()}
@@ -76,13 +82,17 @@ def flex_mask_mod(pattern: Pattern, n_mem: int, k_offset: int, causal: bool, key
     """FlexAttention mask_mod(b, h, q_idx, kv_idx) of the same pattern.
 
     q_idx / kv_idx are positions in the q / k tensors: the query index is n_mem + q_idx and the key
-    index kv_idx - k_offset (k_offset extra keys with negative indices come first).
+    index kv_idx - k_offset (k_offset extra keys with negative indices come first). With a
+    ``pattern.key_order`` the k tensor is permuted: its kv_idx-th key is key_order[kv_idx] of the
+    unpermuted keys (``key_valid`` stays unpermuted).
     """
     rule = pattern.bind(device)
+    order = None if pattern.key_order is None else pattern.key_order.to(device=device, dtype=torch.int32)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        i, j = q_idx + n_mem, kv_idx - k_offset
-        valid = None if key_valid is None else key_valid[b, kv_idx]
+        kv = kv_idx if order is None else order[kv_idx]
+        i, j = q_idx + n_mem, kv - k_offset
+        valid = None if key_valid is None else key_valid[b, kv]
         return combine(rule(h, i, j), i, j, causal, valid)
 
     return mask_mod

@@ -1,7 +1,12 @@
 """Sparse Transformer factorized attention (Child et al. 2019) and blockwise attention (Qiu et al. 2020)."""
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from rlformer.attention.masks import Pattern, PatternAttention, block_of
 from rlformer.config import EncoderConfig
@@ -62,6 +67,44 @@ class FactorizedAttention(PatternAttention):
         return lambda h, i, j: a1(i, j) if h % 2 == 0 else a2(i, j)
 
 
+def column_attention(q: Tensor, k: Tensor, v: Tensor, stride: int, causal: bool, key_valid: Optional[Tensor],
+                     scale: float, dropout: float = 0.0) -> Tensor:
+    """Attention restricted to (i - j) mod l = 0 (Sparse Transformer A^(2)), as dense attention per column.
+
+    Key index x = a*l + b sits in column b, row a; i and j share a column iff (i - j) mod l = 0, and
+    there j <= i iff row(j) <= row(i). So q, k, v (B, H, N, dh) are padded to N' = R*l (R = ceil(N / l)),
+    reshaped (B, H, R, l, dh) -> (B*l, H, R, dh), and each column is one short sequence: a single
+    ``scaled_dot_product_attention`` call, causal without any mask (flash on CUDA), O(N^2 / l) work.
+    Queries are the last Tq of the N key positions (an XL memory prefix of M = N - Tq slots gets zero
+    dummy queries, whose outputs are dropped). A boolean mask, at most (B*l, 1, R, R), is built only
+    with ``key_valid`` (padding, empty memory; a query always keeps its own key, as in
+    ``AttentionContext.allowed``) or for the padded tail of a bidirectional call.
+    """
+    b, h, tq, d = q.shape
+    n, l = k.shape[2], stride
+    m, r = n - tq, -(-n // stride)
+    pad = r * l - n
+    if m:
+        q = torch.cat([q.new_zeros(b, h, m, d), q], 2)
+
+    def columns(x):
+        x = F.pad(x, (0, 0, 0, pad))
+        return x.view(b, h, r, l, d).permute(0, 3, 1, 2, 4).reshape(b * l, h, r, d)
+
+    mask = None
+    if key_valid is not None or (pad and not causal):
+        valid = key_valid if key_valid is not None else torch.ones(1, n, dtype=torch.bool, device=q.device)
+        valid = torch.cat([valid, valid.new_zeros(valid.shape[0], pad)], 1)
+        valid = valid.view(-1, r, l).transpose(1, 2)                        # (B|1, l, R): column, row
+        mask = valid[:, :, None, :] | torch.eye(r, dtype=torch.bool, device=q.device)
+        if causal:
+            mask = mask & torch.ones(r, r, dtype=torch.bool, device=q.device).tril()
+        mask = mask.expand(b, l, r, r).reshape(b * l, 1, r, r)
+    out = F.scaled_dot_product_attention(columns(q), columns(k), columns(v), attn_mask=mask, dropout_p=dropout,
+                                         is_causal=causal and mask is None, scale=scale)
+    return out.view(b, l, h, r, d).permute(0, 2, 3, 1, 4).reshape(b, h, r * l, d)[:, :, m:n]
+
+
 @register("attention", "strided")
 class StridedAttention(FactorizedAttention):
     """Sparse Transformer strided attention (Child et al. 2019, sec. 4.2, Fig. 3b).
@@ -72,6 +115,15 @@ class StridedAttention(FactorizedAttention):
     causal adds j <= i, which gives the paper's A^(1)_i = {t, ..., i}, t = max(0, i - l), and
     A^(2)_i = {j <= i : (i - j) mod l = 0}; bidirectional uses both sides. Combined per
     ``sparse.mode`` (see FactorizedAttention). ``merged`` with l >= T is full attention.
+
+    Fast path (``split`` and ``interleaved``, no score/value position): the A^(2) heads (odd heads;
+    odd layers when interleaved) run ``column_attention``, the sequence reshaped so that every stride
+    class is one contiguous column and A^(2) is plain (causal) attention inside each column: one SDPA
+    call, O(T^2 / l), honouring XL memory and ``key_valid``. The A^(1) heads (a band of width l) go
+    through the pattern path (block-sparse FlexAttention on CUDA, the dense mask on CPU). ``merged``
+    (A^(1) U A^(2) in one head) and score/value positions (ALiBi, XL, Shaw) use the pattern path for
+    every head: no ordering of the keys makes the union of a band and the columns block-sparse, so
+    merged is not faster than full attention.
     """
 
     name = "strided"
@@ -93,6 +145,27 @@ class StridedAttention(FactorizedAttention):
 
         return (a1, a2), (a1_ref, a2_ref)
 
+    def columns(self, q, k, v, ctx):
+        return column_attention(q, k, v, self.cfg.sparse.stride, ctx.causal, ctx.key_valid, self.scale,
+                                self.dropout if self.training else 0.0)
+
+    def attend(self, q, k, v, ctx):
+        mode = self.cfg.sparse.mode
+        if mode == "merged" or self.score_position is not None:
+            return super().attend(q, k, v, ctx)
+        (a1, _), _ = self.parts(k.shape[2])
+        band = Pattern(a1, (self.name, self.cfg.sparse.stride, "A1"))
+        if mode == "interleaved":
+            out = self.columns(q, k, v, ctx) if self.layer % 2 else self.attend_pattern(q, k, v, ctx, band)
+            return out, {}
+        even, odd = slice(0, None, 2), slice(1, None, 2)           # split: head h uses A^(h mod 2 + 1)
+        out1 = self.attend_pattern(q[:, even].contiguous(), k[:, even].contiguous(), v[:, even].contiguous(),
+                                   ctx, band)
+        out2 = self.columns(q[:, odd], k[:, odd], v[:, odd], ctx)
+        heads = torch.arange(q.shape[1], device=q.device)
+        back = torch.argsort(torch.cat([heads[even], heads[odd]]))
+        return torch.cat([out1, out2], 1)[:, back], {}
+
 
 @register("attention", "fixed")
 class FixedAttention(FactorizedAttention):
@@ -104,6 +177,15 @@ class FixedAttention(FactorizedAttention):
     causal adds j <= i. A query always sees itself in A^(2) too: without it the causal rows before the
     first summary cell (i < l - c) would be empty when A^(2) is used alone (split / interleaved).
     ``merged`` with l >= T is full attention.
+
+    Fast path (CUDA, FlexAttention): whenever A^(2) is used, the pattern carries a key order with the
+    T c / l summary keys first and the rest after (``summary_first``). The Flex path gathers k, v in that
+    order and maps keys back through it inside the mask_mod, so the softmax is exactly the one over
+    A^(1) U A^(2) (each key once, no merge of partial softmaxes), while the summary columns, spread over
+    every key block in sequence order, become one contiguous run: the BlockMask holds a causal staircase
+    over T c / l keys plus O(1) blocks per query block (own block, or the query itself), instead of every
+    block. All modes, XL memory, padding and ALiBi go through it. The CPU path is the dense mask
+    (FlexAttention has no CPU backward), so the Flex gradients are checked on CUDA only.
     """
 
     name = "fixed"
@@ -133,6 +215,18 @@ class FixedAttention(FactorizedAttention):
             return j in summaries or j == i
 
         return (a1, a2), (a1_ref, a2_ref)
+
+    def summary_first(self, tk: int) -> Tensor:
+        """(tk,) long: the key positions with the summary cells (x mod l >= l - c) first, both in order."""
+        x = torch.arange(tk)
+        summary = x % self.cfg.sparse.stride >= self.cfg.sparse.stride - self.cfg.sparse.summary
+        return torch.cat([x[summary], x[~summary]])
+
+    def pattern(self, ctx, tk):
+        pattern = super().pattern(ctx, tk)
+        if self.cfg.sparse.mode == "interleaved" and self.layer % 2 == 0:
+            return pattern                                          # A^(1) alone: block-diagonal in order
+        return replace(pattern, key=pattern.key + ("summary-first", tk), key_order=self.summary_first(tk))
 
 
 @register("attention", "blockwise")
