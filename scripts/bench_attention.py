@@ -8,6 +8,8 @@
     python scripts/bench_attention.py --merge a.json b.json c.json --out bench_attention.json
     # smoke test on CPU
     python scripts/bench_attention.py --device cpu --lengths 128 256 --dtype float32 --out /tmp/b.json
+    # Sparse Transformer modes other than the default split: name:mode (interleaved runs the A^(2) layer)
+    python scripts/bench_attention.py --variants full strided strided:merged fixed fixed:merged --out sparse.json
 
 Each rlformer variant is one attention layer (projections + mechanism, ``Attention.forward``) built with
 ``rlformer.validate`` from the settings in ``variant_config`` (causal when the variant supports it,
@@ -51,9 +53,10 @@ from rlformer.registry import lookup  # noqa: E402
 # ------------------------------------------------------------------ settings per variant
 
 def variant_config(name: str, t: int, heads: int, d_head: int) -> rlformer.EncoderConfig:
-    """The benchmark settings of attention ``name`` at sequence length ``t``."""
+    """The benchmark settings of attention ``name`` (``strided:merged`` etc.: a sparse.mode) at length ``t``."""
+    name, _, mode = name.partition(":")
     cls = lookup("attention", name)
-    cfg = rlformer.EncoderConfig(d_model=heads * d_head, n_heads=heads, n_layers=1, attention=name,
+    cfg = rlformer.EncoderConfig(d_model=heads * d_head, n_heads=heads, n_layers=2 if mode else 1, attention=name,
                                  position="none", dropout=0.0, causal=cls.supports_causal, max_len=t)
     if name in ("local", "local2d"):
         rows = max(r for r in range(1, math.isqrt(t) + 1) if t % r == 0)     # squarest grid of t cells
@@ -61,7 +64,7 @@ def variant_config(name: str, t: int, heads: int, d_head: int) -> rlformer.Encod
         cfg.local = replace(cfg.local, block_size=256, lookback=256, grid=grid, query_shape=(16, 16),
                             memory_flange=(16, 16))
     elif name in ("strided", "fixed", "blockwise"):
-        cfg.sparse = replace(cfg.sparse, stride=128, summary=8, mode="split", n_blocks=8)
+        cfg.sparse = replace(cfg.sparse, stride=128, summary=8, mode=mode or "split", n_blocks=8)
     elif name in ("longformer", "bigbird", "etc"):
         cfg.global_local = replace(cfg.global_local, window=256 if name == "longformer" else 128, dilation=2,
                                    dilated_heads=2, global_positions=tuple(range(64)) if name == "bigbird" else (0,),
@@ -83,7 +86,8 @@ def rlformer_step(name: str, t: int, args, device, dtype) -> Callable[[], None]:
     cfg = variant_config(name, t, args.heads, args.d_head)
     cls = rlformer.validate(cfg)["attention"]
     torch.manual_seed(0)
-    layer = cls(cfg, 0, None).to(device=device, dtype=dtype).train()
+    layer_index = 1 if name.endswith(":interleaved") else 0          # interleaved: the A^(2) layer
+    layer = cls(cfg, layer_index, None).to(device=device, dtype=dtype).train()
     x = torch.randn(args.batch, t, cfg.d_model, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn_like(x)
     index = torch.arange(t, device=device)
@@ -92,7 +96,8 @@ def rlformer_step(name: str, t: int, args, device, dtype) -> Callable[[], None]:
     def step():
         x.grad = None
         layer.zero_grad(set_to_none=True)
-        ctx = AttentionContext(causal=cfg.causal, q_index=index, k_index=index, q_pos=q_pos, layer=0, training=True)
+        ctx = AttentionContext(causal=cfg.causal, q_index=index, k_index=index, q_pos=q_pos, layer=layer_index,
+                               training=True)
         out, _ = layer(x, x, ctx)
         out.backward(grad)
 
@@ -329,7 +334,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             plan.append((f"sdpa ({'causal' if causal else 'bidirectional'})", causal,
                          lambda t, c=causal: sdpa_step(c, t, args, device, dtype)))
     for name in names:
-        cls = lookup("attention", name)
+        cls = lookup("attention", name.partition(":")[0])
         plan.append((name, cls.supports_causal, lambda t, n=name: rlformer_step(n, t, args, device, dtype)))
         if not args.no_peers and name in PEERS:
             missing = peer_missing(name)
