@@ -484,7 +484,9 @@ def test_flex_path_forward_matches_dense_on_cpu(case, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention fast path needs CUDA")
 @pytest.mark.parametrize("name,family", [("local", dict(local=dict(block_size=128, lookback=128))),
-                                         ("bigbird", dict(global_local=dict(block_size=64, n_random=2)))])
+                                         ("bigbird", dict(global_local=dict(block_size=64, n_random=2))),
+                                         ("strided", dict(sparse=dict(stride=128, mode="split"))),
+                                         ("fixed", dict(sparse=dict(stride=128, summary=8, mode="merged")))])
 def test_flex_path_has_no_quadratic_memory(name, family):
     """T = 32768: a dense bool mask alone would be 1 GiB per head; the Flex step stays far below."""
     t = 32768
@@ -622,3 +624,20 @@ def test_factorized_fast_paths_forward_with_flex_on_cpu(case, causal, monkeypatc
                 attn.use_flex = (lambda q, flex=flex: flex)
                 outs.append(attn.attend(q, k, v, ctx)[0])
             torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_strided_split_with_odd_head_count(causal):
+    """3 heads: heads 0, 2 use A^(1), head 1 A^(2); the fast path puts them back in order."""
+    cfg = config("strided", causal, d_model=24, sparse=dict(stride=3, mode="split"))
+    cfg.n_heads = 3
+    attn = module(cfg)
+    ctx = context(10, 4, causal, True)
+    torch.manual_seed(3)
+    q = torch.randn(2, 3, 10, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 3, 14, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    fast, ref = attn.attend(q, k, v, ctx)[0], attn.reference(q, k, v, ctx)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+    grads = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in (fast, ref)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

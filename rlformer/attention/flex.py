@@ -4,8 +4,10 @@
 ``masks.Pattern`` (the same rule the dense CPU mask uses). BlockMasks are cached per (pattern,
 shape, causality, device) when the mask does not depend on data; with a key-validity mask
 (padding, partly empty XL memory) the BlockMask has a batch dimension and is rebuilt each call
-(compiled ``create_block_mask``, so still no (Tq, Tk) tensor) from a cached mask_mod. FlexAttention has no backward on
-CPU, so callers use it only for CUDA tensors.
+(compiled ``create_block_mask``, so still no (Tq, Tk) tensor) from a cached mask_mod. A pattern with a
+``key_order`` gets its keys and values gathered in that order first (the mask_mod and the ALiBi score_mod map
+them back), which makes patterns like Sparse Transformer's summary columns block-sparse. FlexAttention has no
+backward on CPU, so callers use it only for CUDA tensors.
 """
 from __future__ import annotations
 

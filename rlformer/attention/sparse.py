@@ -87,9 +87,9 @@ def column_attention(q: Tensor, k: Tensor, v: Tensor, stride: int, causal: bool,
     if m:
         q = torch.cat([q.new_zeros(b, h, m, d), q], 2)
 
-    def columns(x):
-        x = F.pad(x, (0, 0, 0, pad))
-        return x.view(b, h, r, l, d).permute(0, 3, 1, 2, 4).reshape(b * l, h, r, d)
+    def columns(x):                                      # one copy: (B, H, R*l, dh) -> (B*l, H, R, dh)
+        x = F.pad(x, (0, 0, 0, pad)) if pad else x
+        return x.unflatten(2, (r, l)).permute(0, 3, 1, 2, 4).reshape(b * l, h, r, d)
 
     mask = None
     if key_valid is not None or (pad and not causal):
@@ -159,9 +159,10 @@ class StridedAttention(FactorizedAttention):
             out = self.columns(q, k, v, ctx) if self.layer % 2 else self.attend_pattern(q, k, v, ctx, band)
             return out, {}
         even, odd = slice(0, None, 2), slice(1, None, 2)           # split: head h uses A^(h mod 2 + 1)
-        out1 = self.attend_pattern(q[:, even].contiguous(), k[:, even].contiguous(), v[:, even].contiguous(),
-                                   ctx, band)
+        out1 = self.attend_pattern(q[:, even], k[:, even], v[:, even], ctx, band)
         out2 = self.columns(q[:, odd], k[:, odd], v[:, odd], ctx)
+        if out1.shape[1] == out2.shape[1]:                          # interleave the heads back: one copy
+            return torch.stack([out1, out2], 2).flatten(1, 2), {}
         heads = torch.arange(q.shape[1], device=q.device)
         back = torch.argsort(torch.cat([heads[even], heads[odd]]))
         return torch.cat([out1, out2], 1)[:, back], {}
