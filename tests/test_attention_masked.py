@@ -332,7 +332,8 @@ def test_mask_mods_use_only_simple_integer_ops(case):
     ctx = context(11, 0, causal, pad=True)
     pattern = attn.pattern(ctx, 11)
     if case == "bigbird":
-        rand = pattern.tables["rand"]
+        rand = attn.random_blocks(4, True)
+        assert torch.equal(pattern.tables["rand"], rand.permute(2, 0, 1))
         assert rand.dtype == torch.int32 and rand.shape == (H, 4, 2)
         for h in range(H):                                     # the table is the hash the reference uses
             assert rand[h, 0].tolist() == [-1, -1]             # causal query block 0: no earlier block
@@ -641,3 +642,22 @@ def test_strided_split_with_odd_head_count(causal):
     grads = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in (fast, ref)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_compiled_block_masks_on_cpu():
+    """The production BlockMask builder (torch.compile'd create_block_mask, as on CUDA) traces BigBird's
+    random-block table, fixed's summary-first key order and a plain pattern one after another (different
+    integer constants, each its own compile), and its blocks are those of the dense mask."""
+    from rlformer.attention.flex import block_mask_for
+    for case in ("bigbird", "fixed-split", "local"):
+        attn = module(config(variant(case), True, **CASES[case]), 1)
+        ctx = context(200, 5, True, pad=True)
+        pattern = attn.pattern(ctx, 205)
+        bm = block_mask_for(pattern, 2, H, 200, 205, 5, 0, True, ctx.key_valid, torch.device("cpu"))
+        dense = dense_mask(pattern, ctx.q_index, ctx.k_index, H, True, ctx.key_valid)
+        if pattern.key_order is not None:
+            dense = dense[..., pattern.key_order]
+        dense = F.pad(dense, (0, 256 - 205, 0, 256 - 200)).expand(2, H, 256, 256)
+        blocks = dense.unflatten(2, (2, 128)).unflatten(4, (2, 128)).any(-1).any(-2)
+        assert torch.equal(bm.to_dense().bool().expand_as(blocks), blocks), case

@@ -43,7 +43,10 @@ def _flex():
         if hasattr(dynamo, "accumulated_recompile_limit"):
             dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4096)
         _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
-        _COMPILED["create_block_mask"] = create_block_mask
+        # dynamic=False here too: with create_block_mask(_compile=True), Dynamo's automatic dynamic shapes turn
+        # the integer constants of the rules (block sizes, strides) into SymInts once a second pattern with other
+        # values is compiled, and ``torch.div(x, SymInt, rounding_mode=...)`` then fails to trace.
+        _COMPILED["create_block_mask"] = torch.compile(create_block_mask, dynamic=False)
     return _COMPILED["flex"], _COMPILED["create_block_mask"]
 
 
@@ -70,7 +73,7 @@ def block_mask_for(pattern: Pattern, batch: int, n_heads: int, tq: int, tk: int,
     key = (pattern.key, heads, tq, tk, n_mem, k_offset, causal, str(device))
     if key_valid is None:
         return _cached(key, lambda: create_block_mask(flex_mask_mod(pattern, n_mem, k_offset, causal, None, device),
-                                                      None, heads, tq, tk, device=device, _compile=True))
+                                                      None, heads, tq, tk, device=device))
 
     def build():
         buffer = torch.ones(batch, tk, dtype=torch.bool, device=device)
@@ -78,7 +81,7 @@ def block_mask_for(pattern: Pattern, batch: int, n_heads: int, tq: int, tk: int,
 
     mask_mod, buffer = _cached(key + ("valid", batch), build)
     buffer.copy_(key_valid)
-    return create_block_mask(mask_mod, batch, heads, tq, tk, device=device, _compile=True)
+    return create_block_mask(mask_mod, batch, heads, tq, tk, device=device)
 
 
 def alibi_score_mod(slopes: Tensor, n_mem: int, k_offset: int, pattern: Optional[Pattern] = None):

@@ -190,12 +190,12 @@ class BigBirdAttention(PatternAttention):
         def rule(h, i, j, rand=None):
             a, c = block_of(i, bs), block_of(j, bs)
             allowed = ((a - c).abs() <= wb) | is_global(i - m, glob) | is_global(j - m, glob)
-            for t in range(n_rand):
-                allowed = allowed | (c == rand[h, a, t])        # -1 (no random block) never matches
+            for t in range(n_rand):                            # rand: (r, H, nb), two tensor indices
+                allowed = allowed | (c == rand[t][h, a])        # -1 (no random block) never matches
             return allowed
 
         key = ("bigbird", bs, wb, n_rand, glob, m, gl.seed, self.layer, n_blocks, causal)
-        tables = {"rand": self.random_blocks(n_blocks, causal)} if n_rand else {}
+        tables = {"rand": self.random_blocks(n_blocks, causal).permute(2, 0, 1).contiguous()} if n_rand else {}
         return Pattern(rule, key, per_head=n_rand > 0, tables=tables)
 
     def reference_rule(self, ctx, tk):
