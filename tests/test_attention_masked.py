@@ -2,8 +2,10 @@
 
 Fast path (SDPA + the masks.py pattern) == naive loop-built reference, outputs and gradients, in
 float64 with padding and XL memory prefixes; hand-checked pattern entries from the papers;
-degenerate settings == full attention; the FlexAttention mask_mod == the dense mask; build-time
-errors; and (CUDA only) FlexAttention == the dense path.
+degenerate settings == full attention; the FlexAttention mask_mod == the dense mask (no hash
+arithmetic inside it; compiled BlockMasks == dense blocks); build-time errors; the Sparse Transformer
+fast paths (strided columns == reference with gradients, fixed's summary-first key order makes the
+BlockMask sparse, eager Flex forward == dense); and (CUDA only) FlexAttention == the dense path.
 """
 from __future__ import annotations
 

@@ -20,6 +20,10 @@ class FactorizedAttention(PatternAttention):
       residual block, alternating);
     - ``merged``: attend(X, A^(1) U A^(2)) in every head;
     - ``split``: multi-head, head h attends with A^(h mod 2 + 1).
+
+    Fast paths (both equal to the dense pattern): strided runs A^(2) as attention inside the stride
+    columns (``column_attention``); fixed orders the keys summary-first for FlexAttention
+    (``FixedAttention.summary_first``). See the two classes.
     """
 
     name = ""
