@@ -55,3 +55,8 @@ class Block(nn.Module):
 
     def attn_input(self, h: Tensor) -> Tensor:
         return h
+
+    def prenorm_attention(self, norm: nn.Module, h: Tensor, mem: Optional[Tensor], ctx) -> tuple[Tensor, dict]:
+        """Attention of norm(h) over norm([mem; h]): the self-attention sublayer of pre-norm blocks."""
+        kv = norm(with_memory(mem, h))
+        return self.attention(kv[:, kv.shape[1] - h.shape[1]:], kv, ctx)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rlformer.blocks.base import Block, with_memory
+from rlformer.blocks.base import Block
 from rlformer.registry import register
 
 
@@ -46,8 +46,7 @@ class GTrXLBlock(Block):
         return self.norm1(h)
 
     def forward(self, h, mem, ctx):
-        kv = self.norm1(with_memory(mem, h))
-        y, state = self.attention(kv[:, kv.shape[1] - h.shape[1]:], kv, ctx)
+        y, state = self.prenorm_attention(self.norm1, h, mem, ctx)
         h = self.gate1(h, torch.relu(self.drop(y)))
         y = self.ff(self.norm2(h))
         return self.gate2(h, torch.relu(self.drop(y))), state

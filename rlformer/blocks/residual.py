@@ -37,7 +37,6 @@ class PreLNBlock(Block):
         return self.norm1(h)
 
     def forward(self, h, mem, ctx):
-        kv = self.norm1(with_memory(mem, h))
-        y, state = self.attention(kv[:, kv.shape[1] - h.shape[1]:], kv, ctx)
+        y, state = self.prenorm_attention(self.norm1, h, mem, ctx)
         h = h + self.drop(y)
         return h + self.drop(self.ff(self.norm2(h))), state
