@@ -25,7 +25,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], 
         scores = position.score(scores, q, k, q_index, k_index, scale)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
     if dropout > 0 and training:
         probs = torch.nn.functional.dropout(probs, dropout)
     out = probs @ v
