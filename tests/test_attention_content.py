@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import rlformer
-from rlformer.attention.chunked import bucket_attention, naive_bucket_attention
+from rlformer.attention.chunked import bucket_attention
 from rlformer.attention.linformer import LinformerAttention
 from rlformer.attention.lsh import LSHAttention, lsh_buckets
 from rlformer.attention.random_features import (PerformerAttention, RFAAttention, chunked_linear_attention,

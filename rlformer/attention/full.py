@@ -7,7 +7,6 @@ carrying an additive position bias (ALiBi). Positions that rewrite scores in oth
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from rlformer.attention.base import Attention

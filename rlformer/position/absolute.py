@@ -5,7 +5,6 @@ segments sees the same encodings as in one pass.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from rlformer.config import EncoderConfig
