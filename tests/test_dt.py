@@ -301,3 +301,27 @@ def test_cuda_graph_update_matches_eager():
         assert (up.graph is not None) == graph
         losses[graph] = out
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
+@pytest.mark.parametrize("backbone_kw", [dict(depth="act"), dict(attention="adaptive_span")])
+def test_backbone_aux_loss_reaches_training(backbone_kw, tmp_path, monkeypatch):
+    """ACT's ponder cost / adaptive span's penalty are part of the training loss, not dropped."""
+    torch.manual_seed(0)
+    backbone = dataclasses.replace(default_backbone(), d_model=32, n_layers=2, dropout=0.0, **backbone_kw)
+    model = DecisionTransformer(3, 2, backbone, max_ep_len=50)
+    b, k = 2, 5
+    args = (torch.randn(b, k, 3), torch.randn(b, k, 2), torch.randn(b, k), torch.arange(k).expand(b, k),
+            torch.ones(b, k, dtype=torch.bool))
+    pred, aux = model(*args, return_aux=True)
+    torch.testing.assert_close(pred, model(*args))
+    assert aux.requires_grad and float(aux) > 0
+    # With the action loss zeroed, any gradient an update produces comes from the aux loss.
+    import agents.dt.train as train_module
+    monkeypatch.setattr(train_module, "masked_action_loss", lambda pred, target, mask: pred.sum() * 0)
+    d = hand_made()
+    s = WindowSampler(OfflineData(np.random.randn(8, 3), np.random.rand(8, 2).astype(np.float32), d.rewards,
+                                  d.episode_lengths), context_len=4)
+    opt, sched = make_optimizer(model, tiny_cfg(tmp_path).resolved(), torch.device("cpu"))
+    up = Updater(model, s, opt, sched, batch_size=4, grad_clip=0.25, device=torch.device("cpu"))
+    up.step()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())

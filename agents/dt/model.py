@@ -86,7 +86,9 @@ class DecisionTransformer(nn.Module):
         self.predict_action = nn.Sequential(nn.Linear(d, act_dim), *([nn.Tanh()] if action_tanh else []))
 
     def forward(self, states: Tensor, actions: Tensor, returns_to_go: Tensor, timesteps: Tensor,
-                mask: Tensor) -> Tensor:
+                mask: Tensor, return_aux: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Action predictions; with ``return_aux`` also the backbone's extra training loss
+        (``aux_loss``: ACT ponder cost, adaptive-span penalty, compressive reconstruction, ...)."""
         b, k = states.shape[:2]
         time = self.embed_timestep(timesteps.clamp(0, self.max_ep_len - 1))
         tokens = []
@@ -99,8 +101,9 @@ class DecisionTransformer(nn.Module):
         # (B, K, n, d) -> (B, n*K, d): R_1, s_1, a_1, R_2, ...
         x = self.embed_ln(torch.stack(tokens, dim=2).reshape(b, n * k, -1))
         token_mask = mask[:, :, None].expand(b, k, n).reshape(b, n * k)  # (no repeat_interleave: never syncs)
-        h = self.encoder(x, mask=token_mask).output.reshape(b, k, n, -1)
-        return self.predict_action(h[:, :, self.state_slot])
+        out = self.encoder(x, mask=token_mask)
+        pred = self.predict_action(out.output.reshape(b, k, n, -1)[:, :, self.state_slot])
+        return (pred, out.aux_loss) if return_aux else pred
 
 
 def masked_action_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:

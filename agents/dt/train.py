@@ -85,6 +85,8 @@ class Updater:
         self.batch_size, self.grad_clip, self.device = batch_size, grad_clip, device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.fwd: Callable = torch.compile(model) if compile else model
+        # rlformer models also return the backbone's aux loss, which training adds to the action loss
+        self.fwd_kwargs = {"return_aux": True} if isinstance(unwrap_model(model), DecisionTransformer) else {}
         self.amp_dtype = torch.bfloat16 if amp else None
         self.graph_wanted, self.warmup = graph and device.type == "cuda", warmup
         self.graph: Optional[torch.cuda.CUDAGraph] = None
@@ -97,9 +99,10 @@ class Updater:
         b = self.sampler.sample(self.batch_size)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
                             enabled=self.amp_dtype is not None):
-            pred = self.fwd(*b.as_tuple())
+            out = self.fwd(*b.as_tuple(), **self.fwd_kwargs)
+        pred, aux = out if isinstance(out, tuple) else (out, None)
         loss = masked_action_loss(pred, b.actions, b.mask)
-        loss.backward()
+        (loss if aux is None else loss + aux).backward()
         gn = nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.opt.step()
         self.loss_sum.add_(loss.detach())
