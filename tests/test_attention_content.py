@@ -469,3 +469,54 @@ def test_cuda_matches_cpu_float64(name):
     out = enc.to("cuda", dtype)(x.to("cuda", dtype)).output.float().cpu()
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-3 if dtype == torch.float32 else 0.1)
+
+
+@pytest.mark.parametrize("name,gate", [("performer", False), ("rfa", False), ("rfa", True)])
+def test_recomputed_causal_backward_matches_the_recurrence_across_groups(name, gate):
+    att = rf_module(name, gate=gate, chunk_size=3)
+    att.recompute_group = 6                                 # 17 tokens: groups of 6, 6, 5 (chunks of 3)
+    q, k, v = qkv(t=17)
+    g = torch.Generator().manual_seed(3)
+    log_gate = F.logsigmoid(torch.randn(2, 4, 17, generator=g, dtype=F64)).requires_grad_() if gate else None
+    m = att.feature_multiplier * att.n_features
+    s0 = torch.randn(2, 4, m, 8, generator=g, dtype=F64).abs().requires_grad_()
+    z0 = (torch.rand(2, 4, m, generator=g, dtype=F64) + 1).requires_grad_()
+    ctx = ctx_for(2, 17, True, key_valid=padding(2, 17), state={"S": s0, "z": z0})
+    fast, s_fast = att.attend(q, k, v, ctx, log_gate)
+    ref, s_ref = att.reference(q, k, v, ctx, log_gate)
+    inputs = [q, k, v, s0, z0] + ([log_gate] if gate else []) + att.feature_params()
+    assert_same_outputs_and_grads(fast, ref, inputs, atol=1e-9)
+    for key in ("S", "z"):
+        torch.testing.assert_close(s_fast[key], s_ref[key], rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("name,gate", [("performer", False), ("rfa", True)])
+def test_causal_random_features_keep_linear_activation_memory(name, gate):
+    """The causal forward keeps only q, k, v (+ gates, padding) and the carried sums at group
+    boundaries: 3 * dh floats per token and head, plus M * dh per 1024 tokens. With M = dh = 64
+    that is ~1.5 * T * H * (M + dh) * 4 bytes; the old per-chunk tensors kept 7-14x."""
+    h, m, dh = 8, 64, 64
+    cfg = base_config(attention=name, n_heads=h, causal=True, d_model=h * dh)
+    cfg.random_features = rlformer.RandomFeatureConfig(n_features=m // (2 if name == "rfa" else 1), chunk_size=64,
+                                                       gate=gate)
+    att = (PerformerAttention if name == "performer" else RFAAttention)(cfg, layer=0)
+    params = {p.data_ptr() for p in att.parameters()}
+    saved = []
+    for t in (1024, 4096):
+        q, k, v = (torch.randn(1, h, t, dh, requires_grad=True) for _ in range(3))
+        log_gate = F.logsigmoid(torch.randn(1, h, t)).requires_grad_() if gate else None
+        total = 0
+
+        def pack(x):
+            nonlocal total
+            if x.data_ptr() not in params:
+                total += x.numel() * x.element_size()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            out, _ = att.attend(q, k, v, ctx_for(1, t, True), log_gate)
+        out.sum().backward()
+        assert q.grad is not None and k.grad.abs().sum() > 0
+        saved.append(total)
+        assert total < 2.0 * t * h * (m + dh) * 4, (t, total)
+    assert saved[1] <= 4 * saved[0] * 1.05, saved                    # linear in T

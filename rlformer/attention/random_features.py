@@ -120,6 +120,65 @@ def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, chunk_size
     return out.to(v.dtype), {"S": s_end, "z": z_end}
 
 
+class _GroupRecompute(torch.autograd.Function):
+    """Causal linear attention over groups of tokens that keeps only its inputs for backward.
+
+    ``fn(slices, S, z) -> (out, S', z')`` is one group's attention (features + chunked prefix
+    sums) from the sums carried into it. Forward runs the groups in order without a graph and
+    saves the sequence inputs plus the carried sums at group boundaries ((n_groups, B, H, M, dh),
+    a few per thousand tokens). Backward walks the groups in reverse, recomputing each group's
+    graph and back-propagating the gradient of the carried sums into the previous group, so the
+    feature maps, prefix states and intra-chunk scores live one group at a time. Activation
+    memory is O(T * (inputs) + T / group * M * dh) instead of the per-chunk tensors of the whole
+    sequence. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, bounds, dims, n_params, s0, z0, *tensors):
+        params, seq = tensors[:n_params], tensors[n_params:]
+        outs, s_list, z_list = [], [], []
+        s, z = s0, z0
+        for a, b in bounds:
+            s_list.append(s)
+            z_list.append(z)
+            o, s, z = fn([x.narrow(d, a, b - a) for x, d in zip(seq, dims)], s, z)
+            outs.append(o)
+        ctx.fn, ctx.bounds, ctx.dims, ctx.params = fn, bounds, dims, params
+        ctx.s0_grad, ctx.z0_grad = s0.requires_grad, z0.requires_grad
+        ctx.save_for_backward(torch.stack(s_list), torch.stack(z_list), *seq)
+        return torch.cat(outs, 2), s, z
+
+    @staticmethod
+    def backward(ctx, g_out, g_s, g_z):
+        s_all, z_all, *seq = ctx.saved_tensors
+        params = [p for p in ctx.params if p.requires_grad]
+        seq_grads = [[] for _ in seq]
+        param_grads = [torch.zeros_like(p) for p in params]
+        for i in reversed(range(len(ctx.bounds))):
+            a, b = ctx.bounds[i]
+            with torch.enable_grad():
+                sl = [x.narrow(d, a, b - a).detach().requires_grad_(x.requires_grad and x.is_floating_point())
+                      for x, d in zip(seq, ctx.dims)]
+                s_in = s_all[i].detach().requires_grad_()
+                z_in = z_all[i].detach().requires_grad_()
+                o, s_out, z_out = ctx.fn(sl, s_in, z_in)
+            wrt = [t for t in sl if t.requires_grad] + [s_in, z_in] + params
+            grads = torch.autograd.grad([o, s_out, z_out], wrt, [g_out[:, :, a:b], g_s, g_z], allow_unused=True)
+            grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads)]
+            it = iter(grads)
+            for j, t in enumerate(sl):
+                if t.requires_grad:
+                    seq_grads[j].append(next(it))
+            g_s, g_z = next(it), next(it)
+            for j in range(len(params)):
+                param_grads[j] += next(it)
+        out_seq = [torch.cat(g[::-1], d) if g else None for g, d in zip(seq_grads, ctx.dims)]
+        it = iter(param_grads)
+        out_params = [next(it) if p.requires_grad else None for p in ctx.params]
+        return (None, None, None, None, g_s if ctx.s0_grad else None, g_z if ctx.z0_grad else None,
+                *out_params, *out_seq)
+
+
 def recurrent_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, *, causal: bool,
                                state: Optional[dict] = None, log_gate: Optional[Tensor] = None,
                                den_floor: float = DEN_EPS) -> tuple[Tensor, dict]:
@@ -163,6 +222,8 @@ class RandomFeatureAttention(Float32Buffers, Attention):
     feature_multiplier = 1
     """M = feature_multiplier * n_features outputs of phi"""
     float32_buffers = ("features",)
+    recompute_group = 1024
+    """tokens per recomputation group of the causal backward (rounded down to whole chunks)"""
 
     def __init__(self, cfg: EncoderConfig, layer: int, position=None):
         super().__init__(cfg, layer, position)
@@ -219,12 +280,56 @@ class RandomFeatureAttention(Float32Buffers, Attention):
             phi_k = phi_k * (-torch.expm1(log_gate.to(phi_k.dtype)))[..., None]       # (1 - g_t)
         return phi_q, phi_k
 
+    def feature_params(self) -> list[Tensor]:
+        """Parameters the feature map reads (they receive gradients through the recomputation)."""
+        return []
+
     def attend(self, q, k, v, ctx, log_gate: Optional[Tensor] = None):
+        params = self.feature_params()
+        s0 = ctx.state.get("S") if ctx.state else None
+        inputs = [q, k, v, log_gate, s0, *params]
+        if ctx.causal and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+            return self._attend_recomputed(q, k, v, ctx, log_gate, params)
         phi_q, phi_k = self.features_of(q, k, ctx.key_valid, log_gate)
         out, state = chunked_linear_attention(phi_q, phi_k, v, self.cfg.random_features.chunk_size,
                                               causal=ctx.causal, state=ctx.state or None, log_gate=log_gate,
                                               den_floor=self.den_floor(phi_k.dtype))
         return out, {name: t.detach() for name, t in state.items()}
+
+    def _attend_recomputed(self, q, k, v, ctx, log_gate, params):
+        """Causal ``attend`` keeping only q, k, v (and gates) plus group-boundary sums for backward;
+        features and prefix sums are recomputed group by group (``_GroupRecompute``)."""
+        chunk = self.cfg.random_features.chunk_size
+        group = chunk * max(1, self.recompute_group // chunk)       # whole chunks: same partition as one pass
+        t = q.shape[2]
+        bounds = [(a, min(a + group, t)) for a in range(0, t, group)]
+        acc = torch.promote_types(q.dtype, torch.float32)
+        m = self.feature_multiplier * self.n_features
+        b, h = q.shape[:2]
+        state = ctx.state or {}
+        s0 = state["S"].to(acc) if state else q.new_zeros(b, h, m, v.shape[-1], dtype=acc)
+        z0 = state["z"].to(acc) if state else q.new_zeros(b, h, m, dtype=acc)
+        seq, dims = [q, k, v], [2, 2, 2]
+        has_valid, has_gate = ctx.key_valid is not None, log_gate is not None
+        if has_valid:
+            seq.append(ctx.key_valid)
+            dims.append(1)
+        if has_gate:
+            seq.append(log_gate)
+            dims.append(2)
+        floor = self.den_floor(acc)
+
+        def fn(sl, s, z):
+            qg, kg, vg = sl[:3]
+            kv = sl[3] if has_valid else None
+            lg = sl[-1] if has_gate else None
+            phi_q, phi_k = self.features_of(qg, kg, kv, lg)
+            out, st = chunked_linear_attention(phi_q, phi_k, vg, chunk, causal=True, state={"S": s, "z": z},
+                                               log_gate=lg, den_floor=floor)
+            return out, st["S"], st["z"]
+
+        out, s_end, z_end = _GroupRecompute.apply(fn, bounds, dims, len(params), s0, z0, *params, *seq)
+        return out, {"S": s_end.detach(), "z": z_end.detach()}
 
     def reference(self, q, k, v, ctx, log_gate: Optional[Tensor] = None):
         """Naive version of ``attend``: the token-by-token recurrence."""
@@ -317,6 +422,9 @@ class RFAAttention(RandomFeatureAttention):
         super().validate(cfg)
         if cfg.random_features.gate and not cfg.causal:
             raise ValueError("random_features.gate gates RFA's causal recurrence; set causal=True or gate=False")
+
+    def feature_params(self):
+        return [self.log_tau]
 
     def _scaled(self, x: Tensor) -> Tensor:
         acc = torch.promote_types(x.dtype, torch.float32)
