@@ -3,7 +3,7 @@
     python scripts/bench_saved_activations.py --variants performer rfa full --length 4096
 
 Counts every tensor autograd saves during ``attend`` (B=1, H=8, d_head=64) with
-``torch.autograd.graph.saved_tensors_hooks``: the activation memory a training step holds per layer.
+``rlformer.diagnostics.saved_activation_bytes``: the activation memory a training step holds per layer.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 
 import rlformer
 from rlformer.context import AttentionContext
+from rlformer.diagnostics import saved_activation_bytes
 from rlformer.registry import lookup
 
 
@@ -22,18 +23,7 @@ def saved_mib(name: str, length: int, heads: int = 8, d_head: int = 64) -> float
     q, k, v = (torch.randn(1, heads, length, d_head, requires_grad=True) for _ in range(3))
     idx = torch.arange(length)
     ctx = AttentionContext(causal=True, q_index=idx, k_index=idx, q_pos=idx[None], training=True)
-    params = {p.data_ptr() for p in att.parameters()}
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        if t.data_ptr() not in params:
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out, _ = att.attend(q, k, v, ctx)
-    out.sum().backward()
+    total = saved_activation_bytes(lambda: att.attend(q, k, v, ctx)[0], exclude=att)
     return total / 2**20
 
 

@@ -10,16 +10,21 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from variants import D_MODEL, base_config, small_config
 
 import rlformer
 from rlformer.attention.chunked import bucket_attention
 from rlformer.attention.linformer import LinformerAttention
 from rlformer.attention.lsh import LSHAttention, lsh_buckets
-from rlformer.attention.random_features import (PerformerAttention, RFAAttention, chunked_linear_attention,
-                                                recurrent_linear_attention)
+from rlformer.attention.random_features import (
+    PerformerAttention,
+    RFAAttention,
+    chunked_linear_attention,
+    recurrent_linear_attention,
+)
 from rlformer.attention.routing import RoutingAttention
 from rlformer.context import AttentionContext
-from variants import D_MODEL, base_config, small_config
+from rlformer.diagnostics import saved_activation_bytes
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -500,22 +505,11 @@ def test_causal_random_features_keep_linear_activation_memory(name, gate):
     cfg.random_features = rlformer.RandomFeatureConfig(n_features=m // (2 if name == "rfa" else 1), chunk_size=64,
                                                        gate=gate)
     att = (PerformerAttention if name == "performer" else RFAAttention)(cfg, layer=0)
-    params = {p.data_ptr() for p in att.parameters()}
     saved = []
     for t in (1024, 4096):
         q, k, v = (torch.randn(1, h, t, dh, requires_grad=True) for _ in range(3))
         log_gate = F.logsigmoid(torch.randn(1, h, t)).requires_grad_() if gate else None
-        total = 0
-
-        def pack(x):
-            nonlocal total
-            if x.data_ptr() not in params:
-                total += x.numel() * x.element_size()
-            return x
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            out, _ = att.attend(q, k, v, ctx_for(1, t, True), log_gate)
-        out.sum().backward()
+        total = saved_activation_bytes(lambda: att.attend(q, k, v, ctx_for(1, t, True), log_gate)[0], exclude=att)
         assert q.grad is not None and k.grad.abs().sum() > 0
         saved.append(total)
         assert total < 2.0 * t * h * (m + dh) * 4, (t, total)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from variants import D_MODEL, small_config
 
 import rlformer
 from rlformer.blocks.reversible import run_reversible
-from variants import D_MODEL, small_config
+from rlformer.diagnostics import saved_activation_bytes
 
 
 def grads(enc, x):
@@ -37,19 +38,7 @@ def test_reversible_gradients_equal_plain_autograd(dropout, monkeypatch):
 
 def saved_bytes(enc, x) -> int:
     """Bytes of activations the forward pass keeps for backward (parameters excluded)."""
-    params = {p.data_ptr() for p in enc.parameters()}
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        if t.data_ptr() not in params:
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = enc(x).output
-    out.sum().backward()                      # backward still works (recomputation is transient)
-    return total
+    return saved_activation_bytes(lambda: enc(x).output, exclude=enc)
 
 
 def test_reversible_activation_memory_does_not_grow_with_depth():
