@@ -6,6 +6,9 @@
 
 Each (model, seed) is one ``scripts/train_dt.py --preset paper`` process, all started at once
 (or ``--max-parallel`` at a time) on the same device; they share the GPU (the model is tiny).
+With ``--in-process`` all runs are threads of this process instead, each on its own CUDA stream
+(``agents.dt.train.train_concurrently``): processes only time-slice a GPU, while graph replays
+on separate streams overlap, so many small runs finish in little more than the time of one.
 Evaluation uses ``--eval-vector sync`` by default so N concurrent runs do not start N x 200
 environment processes. Every run writes ``<out-dir>/<model>-seed<seed>/`` (log.txt,
 summary.json, TensorBoard, checkpoints). When all are done, a markdown table of the
@@ -48,6 +51,8 @@ class ResultsConfig:
     """runs at the same time (0: all)"""
     out_dir: str = "runs/results"
     out: str = "RESULTS_dt.md"
+    in_process: bool = False
+    """train all runs as threads of this process, one CUDA stream each (they overlap on the GPU)"""
     extra: str = ""
     """more train_dt.py flags for every run, one string: --extra="--train-steps 2000 --backbone.position rope" """
 
@@ -96,6 +101,29 @@ def launch_all(cfg: ResultsConfig) -> list[dict]:
     return done
 
 
+def launch_in_process(cfg: ResultsConfig) -> list[dict]:
+    """All runs as threads of this process (``train_concurrently``); the same records as ``launch_all``."""
+    from agents.dt.config import DTConfig
+    from agents.dt.train import train_concurrently
+
+    os.environ["RLFORMER_PROGRESS"] = "0"
+    jobs = [(m, s) for m in cfg.models for s in ((cfg.hf_seeds or cfg.seeds) if m == "hf" else cfg.seeds)]
+    dirs = [Path(cfg.out_dir) / f"{m}-seed{s}" for m, s in jobs]
+    run_cfgs = [tyro.cli(DTConfig, args=run_args(cfg, m, s, d)[2:]) for (m, s), d in zip(jobs, dirs)]
+    t0 = time.perf_counter()
+    print(f"training {len(jobs)} runs in threads of one process: {jobs}", flush=True)
+    results = train_concurrently(run_cfgs)
+    wall = time.perf_counter() - t0
+    done = []
+    for (m, s), d, r in zip(jobs, dirs, results):
+        ok = isinstance(r, dict)
+        if not ok:
+            print(f"{m} seed {s} failed: {type(r).__name__}: {r}", file=sys.stderr, flush=True)
+        done.append({"model": m, "seed": s, "dir": d, "rc": 0 if ok else 1, "wall_s": r["wall_s"] if ok else wall,
+                     "summary": r if ok else None})
+    return done
+
+
 def mean_std(xs: list[float]) -> str:
     if not xs:
         return "-"
@@ -134,14 +162,15 @@ def table(cfg: ResultsConfig, done: list[dict], total_s: float) -> str:
                   f"device {first['device']} {first.get('gpu_name', '')}".strip()]
     if ref:
         notes.append(f"normalized = 100 (R - {ref['min']}) / ({ref['max']} - {ref['min']}), reference: {ref['source']}")
-    notes.append(f"all runs concurrently ({len(done)} processes), total {total_s:.0f} s")
+    how = "threads of one process, one CUDA stream each" if cfg.in_process else "processes"
+    notes.append(f"all runs concurrently ({len(done)} {how}), total {total_s:.0f} s")
     return "\n".join(lines) + "\n\n" + "; ".join(notes) + ".\n"
 
 
 def main(argv: list[str] | None = None) -> str:
     cfg = tyro.cli(ResultsConfig, args=argv, description=__doc__)
     t0 = time.perf_counter()
-    done = launch_all(cfg)
+    done = launch_in_process(cfg) if cfg.in_process else launch_all(cfg)
     total = time.perf_counter() - t0
     md = table(cfg, done, total)
     cmd = "python scripts/run_dt_results.py " + " ".join(sys.argv[1:] if argv is None else argv)

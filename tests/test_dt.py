@@ -18,7 +18,7 @@ from agents.dt.config import DTConfig, default_backbone, resolve_preset
 from agents.dt.data import OfflineData, WindowSampler, load_offline_data, returns_to_go
 from agents.dt.evaluate import evaluate
 from agents.dt.model import DecisionTransformer, masked_action_loss
-from agents.dt.train import Updater, build_model, make_optimizer, train
+from agents.dt.train import Updater, build_model, make_optimizer, train, train_concurrently
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -173,6 +173,35 @@ def test_resume_continues_at_same_step_with_same_loss(small_data, tmp_path):
     want = [h["train/loss"] for h in straight["loss_history"][3:]]
     got = [h["train/loss"] for h in resumed["loss_history"]]
     assert got == pytest.approx(want, rel=1e-6, abs=1e-7)
+
+
+def test_train_concurrently_isolates_runs_and_failures(small_data, tmp_path):
+    """Threads share the data; a run that fails during setup (non-causal backbone) releases the
+    setup lock and is reported in its slot while the others finish."""
+    kw = dict(train_steps=6, warmup_steps=2, log_every=2)
+    bad = tiny_cfg(tmp_path / "bad", **kw, backbone=tiny_backbone(causal=False))
+    cfgs = [tiny_cfg(tmp_path / "a", seed=0, **kw), bad, tiny_cfg(tmp_path / "b", seed=1, model="bc", **kw)]
+    res = train_concurrently(cfgs, data=small_data)
+    assert isinstance(res[1], ValueError) and "causal" in str(res[1])
+    for r, sub, model in ((res[0], "a", "dt"), (res[2], "b", "bc")):
+        assert isinstance(r, dict) and r["updates"] == 6 and r["model"] == model
+        assert json.loads((tmp_path / sub / "run" / "summary.json").read_text())["updates"] == 6
+        assert all(np.isfinite(h["train/loss"]) for h in r["loss_history"])
+    with pytest.raises(ValueError, match="same --env"):
+        train_concurrently([cfgs[0], dataclasses.replace(cfgs[2], env="walker2d-medium")])
+
+
+def test_init_choices():
+    """gpt2 init: every embedding N(0, 0.02); authors' code: PyTorch defaults (timestep table N(0, 1))."""
+    torch.manual_seed(0)
+    gpt2 = DecisionTransformer(11, 3, dataclasses.replace(tiny_backbone(), d_model=64), init="gpt2")
+    authors = DecisionTransformer(11, 3, dataclasses.replace(tiny_backbone(), d_model=64), init="authors")
+    assert gpt2.embed_timestep.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert authors.embed_timestep.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    assert gpt2.embed_state.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert torch.all(gpt2.predict_action[0].bias == 0)
+    with pytest.raises(ValueError, match="gpt2"):
+        DecisionTransformer(11, 3, tiny_backbone(), init="xavier")
 
 
 # ------------------------------------------------------------------ evaluation

@@ -14,8 +14,8 @@ from agents.dt.model import DecisionTransformer
 
 
 def build_bc_model(state_dim: int, act_dim: int, backbone: rlformer.EncoderConfig,
-                   max_ep_len: int = 1000) -> DecisionTransformer:
+                   max_ep_len: int = 1000, init: str = "gpt2") -> DecisionTransformer:
     """A state-only, return-free DecisionTransformer: ``model(states, actions, rtg, timesteps, mask)``
     keeps the DT signature and ignores ``actions`` and ``rtg``."""
     return DecisionTransformer(state_dim, act_dim, backbone, max_ep_len=max_ep_len,
-                               condition_on_return=False, use_actions=False)
+                               condition_on_return=False, use_actions=False, init=init)

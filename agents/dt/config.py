@@ -71,6 +71,9 @@ class DTConfig:
     """returns-to-go are divided by this (1000 for MuJoCo)"""
     max_ep_len: int = 1000
     """size of the timestep embedding table"""
+    init: Literal["gpt2", "authors"] = "gpt2"
+    """gpt2: N(0, 0.02) for every layer (GPT-2 / Hugging Face); authors: Chen et al.'s code (PyTorch default
+    init for the token embeddings and action head: much slower to fit, see agents/dt/model.py)"""
     eval_episodes: Optional[int] = None
     """episodes per target return (None: the preset's; 0: no evaluation)"""
     eval_targets: Tuple[float, ...] = ()

@@ -42,6 +42,9 @@ def _causal_ok(name: str) -> bool:
     return bool(lookup("attention", name).supports_causal)
 
 
+INITS = ("gpt2", "authors")
+
+
 def gpt2_init_(encoder: nn.Module, n_layers: int) -> None:
     """GPT-2 init on the standard projections only (variant-specific parameters keep their own init)."""
     resid_std = 0.02 / math.sqrt(2 * n_layers)
@@ -67,9 +70,12 @@ class DecisionTransformer(nn.Module):
 
     def __init__(self, state_dim: int, act_dim: int, backbone: rlformer.EncoderConfig, max_ep_len: int = 1000,
                  condition_on_return: bool = True, use_actions: bool = True, action_tanh: bool = True,
-                 gpt2_init: bool = True):
+                 init: str = "gpt2"):
         super().__init__()
         check_causal_backbone(backbone)
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}: choose 'gpt2' (GPT-2/Hugging Face: N(0, 0.02) everywhere) "
+                             "or 'authors' (Chen et al.'s code: PyTorch defaults for embeddings and head)")
         d = backbone.d_model
         self.state_dim, self.act_dim, self.max_ep_len = state_dim, act_dim, max_ep_len
         self.condition_on_return, self.use_actions = condition_on_return, use_actions
@@ -81,9 +87,15 @@ class DecisionTransformer(nn.Module):
         self.embed_action = nn.Linear(act_dim, d) if use_actions else None
         self.embed_ln = nn.LayerNorm(d)
         self.encoder = rlformer.build_encoder(backbone)
-        if gpt2_init:
-            gpt2_init_(self.encoder, backbone.n_layers)
+        gpt2_init_(self.encoder, backbone.n_layers)
         self.predict_action = nn.Sequential(nn.Linear(d, act_dim), *([nn.Tanh()] if action_tanh else []))
+        if init == "gpt2":
+            for mod in (self.embed_timestep, self.embed_return, self.embed_state, self.embed_action,
+                        self.predict_action[0]):
+                if mod is not None:
+                    nn.init.normal_(mod.weight, mean=0.0, std=0.02)
+                    if getattr(mod, "bias", None) is not None:
+                        nn.init.zeros_(mod.bias)
 
     def forward(self, states: Tensor, actions: Tensor, returns_to_go: Tensor, timesteps: Tensor,
                 mask: Tensor, return_aux: bool = False) -> Tensor | tuple[Tensor, Tensor]:

@@ -8,14 +8,21 @@ under bf16 autocast and ``torch.compile``, and the whole update (sample, forward
 clip, fused AdamW) is captured once in a CUDA graph and replayed (the model is tiny, so
 kernel-launch overhead, not arithmetic, decides the speed). The first few updates run
 eagerly on a side stream (warm-up, compilation), as CUDA-graph capture requires.
+
+``train_concurrently([cfg, ...])`` trains several runs (seeds, models) in threads of one process,
+each on its own CUDA stream: the model is so small that one run leaves most of the GPU idle, and
+graph replays on different streams overlap on the device (processes would only time-slice it).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -46,11 +53,11 @@ from agents.dt.model import DecisionTransformer, masked_action_loss
 def build_model(cfg: DTConfig, state_dim: int, act_dim: int) -> nn.Module:
     """``--model dt|bc|hf`` -> a module with the DT call signature."""
     if cfg.model == "dt":
-        return DecisionTransformer(state_dim, act_dim, cfg.backbone, max_ep_len=cfg.max_ep_len)
+        return DecisionTransformer(state_dim, act_dim, cfg.backbone, max_ep_len=cfg.max_ep_len, init=cfg.init)
     if cfg.model == "bc":
         from agents.baselines.bc import build_bc_model
 
-        return build_bc_model(state_dim, act_dim, cfg.backbone, max_ep_len=cfg.max_ep_len)
+        return build_bc_model(state_dim, act_dim, cfg.backbone, max_ep_len=cfg.max_ep_len, init=cfg.init)
     if cfg.model == "hf":
         from agents.baselines.hf_dt import HFDecisionTransformer
 
@@ -80,8 +87,9 @@ class Updater:
 
     def __init__(self, model: nn.Module, sampler: WindowSampler, opt, sched, batch_size: int, grad_clip: float,
                  device: torch.device, compile: bool = False, amp: bool = False, graph: bool = False,
-                 warmup: int = 3):
+                 warmup: int = 3, capture_error_mode: str = "global"):
         self.model, self.sampler, self.opt, self.sched = model, sampler, opt, sched
+        self.capture_error_mode = capture_error_mode  # "thread_local" when other threads use the GPU
         self.batch_size, self.grad_clip, self.device = batch_size, grad_clip, device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.fwd: Callable = torch.compile(model) if compile else model
@@ -126,7 +134,7 @@ class Updater:
         self.opt.zero_grad(set_to_none=True)
         loss0, gn0 = self.loss_sum.clone(), self.gn_sum.clone()
         try:
-            with torch.cuda.graph(g):
+            with torch.cuda.graph(g, capture_error_mode=self.capture_error_mode):
                 self._body()
         except Exception as e:
             warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); replaying eagerly instead")
@@ -205,12 +213,46 @@ def _eval_summary(results: list[EvalResult], ref) -> dict[str, Any]:
     return out
 
 
-def train(cfg: DTConfig, data: Optional[OfflineData] = None) -> dict[str, Any]:
+@dataclass
+class SharedDevice:
+    """How runs in threads of one process share the GPU (``train_concurrently``).
+
+    ``setup`` is held by one run at a time from seeding to its captured CUDA graph (model init
+    stays seed-deterministic, ``torch.compile`` and graph capture never overlap); ``evaluation``
+    bounds the evaluations running at once. The runs share the CUDA RNG (batches and dropout
+    draw from one generator), so a seed's numbers differ from those of the same seed run alone.
+    """
+
+    setup: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    evaluation: threading.Semaphore = dataclasses.field(default_factory=lambda: threading.Semaphore(2))
+
+
+def train(cfg: DTConfig, data: Optional[OfflineData] = None, shared: Optional[SharedDevice] = None) -> dict[str, Any]:
     """The whole run. Returns the summary dict (also written to ``<run dir>/summary.json``).
 
     ``data``: already-loaded trajectories (tests); default: ``load_offline_data(cfg.env)``, which
     raises ``envs.datasets.DatasetNotFoundError`` (with build instructions) when it is missing.
+    ``shared``: set by ``train_concurrently`` when other runs use the same GPU from other threads.
     """
+    if shared is None:
+        return _train(cfg, data, None, lambda: None)
+    shared.setup.acquire()
+    released = False
+
+    def release_setup() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            shared.setup.release()
+
+    try:
+        return _train(cfg, data, shared, release_setup)
+    finally:
+        release_setup()
+
+
+def _train(cfg: DTConfig, data: Optional[OfflineData], shared: Optional[SharedDevice],
+           release_setup: Callable[[], None]) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfg = cfg.resolved()
     if cfg.dataset_root:
@@ -253,7 +295,8 @@ def train(cfg: DTConfig, data: Optional[OfflineData] = None) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     amp = cfg.amp and cuda
     updater = Updater(model, sampler, opt, sched, cfg.batch_size, cfg.grad_clip, device,
-                      compile=cfg.compile and cuda, amp=amp, graph=use_graph)
+                      compile=cfg.compile and cuda, amp=amp, graph=use_graph,
+                      capture_error_mode="thread_local" if shared else "global")
     model.train()
 
     def ckpt_extra() -> dict:
@@ -269,7 +312,8 @@ def train(cfg: DTConfig, data: Optional[OfflineData] = None) -> dict[str, Any]:
         if not cfg.eval_episodes:
             return None
         t0 = time.perf_counter()
-        res = _eval_summary(evaluate_model(model, cfg, env_id, sampler, device, amp), ref)
+        with (shared.evaluation if shared else contextlib.nullcontext()):
+            res = _eval_summary(evaluate_model(model, cfg, env_id, sampler, device, amp), ref)
         res["eval_wall_s"] = time.perf_counter() - t0
         for k in res["final_return"]:
             logger.scalar(f"eval/return_{k}", res["final_return"][k], step)
@@ -284,6 +328,8 @@ def train(cfg: DTConfig, data: Optional[OfflineData] = None) -> dict[str, Any]:
     t_train = time.perf_counter()
     for step in bar:
         updater.step()
+        if updater.n > updater.warmup:  # compiled and captured: the next run may set up
+            release_setup()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.train_steps:
             loss_t, gn_t = updater.pop_means(done - last_log_step)
@@ -304,8 +350,9 @@ def train(cfg: DTConfig, data: Optional[OfflineData] = None) -> dict[str, Any]:
             t_pause = time.perf_counter()
             run_eval(done)
             last_log_t = None if last_log_t is None else last_log_t + (time.perf_counter() - t_pause)
-    if cuda:
-        torch.cuda.synchronize(device)
+    release_setup()
+    if cuda:  # this run's stream only: other runs may be training on other streams
+        torch.cuda.current_stream(device).synchronize()
     train_time = time.perf_counter() - t_train
     bar.close()
     n_done = cfg.train_steps - start
@@ -345,3 +392,43 @@ def train(cfg: DTConfig, data: Optional[OfflineData] = None) -> dict[str, Any]:
     print(f"{n_done} updates in {train_time:.1f} s ({ups or math.nan:.1f} updates/s), total {summary['wall_s']:.1f} s; "
           f"summary: {run_dir / 'summary.json'}", flush=True)
     return summary
+
+
+def train_concurrently(cfgs: list[DTConfig], data: Optional[OfflineData] = None) -> list[Any]:
+    """Train ``cfgs`` at once, one thread and one CUDA stream per run, sharing one copy of the data.
+
+    Returns, per run, its summary dict or the exception that stopped it. The runs must read the
+    same dataset. On CPU they simply share the cores.
+    """
+    if not cfgs:
+        return []
+    if len({(c.env, c.dataset_root) for c in cfgs}) != 1:
+        raise ValueError("train_concurrently: all runs must use the same --env and --dataset-root "
+                         f"(got {sorted({(c.env, str(c.dataset_root)) for c in cfgs})}); start one call per dataset")
+    if cfgs[0].dataset_root:
+        os.environ["MINARI_DATASETS_PATH"] = str(Path(cfgs[0].dataset_root).resolve())
+    if data is None:
+        data = load_offline_data(cfgs[0].env, download=cfgs[0].download)
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):  # one compiled model per run
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 8 * len(cfgs)))
+    shared = SharedDevice()
+    results: list[Any] = [None] * len(cfgs)
+
+    def work(i: int) -> None:
+        device = resolve_device(cfgs[i].device)
+        stream = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()
+        try:
+            with stream:
+                results[i] = train(cfgs[i], data, shared)
+        except BaseException as e:  # reported to the caller with the run it belongs to
+            results[i] = e
+
+    threads = [threading.Thread(target=work, args=(i,), name=f"dt-run-{i}") for i in range(len(cfgs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
