@@ -116,6 +116,16 @@ class PPOConfig(RunConfig):
     ~1e-3 because batch sizes pick different kernels)"""
     compile: bool = False
     """torch.compile the policy (CUDA; fixed shapes make it cheap)"""
+    cuda_graph: bool = False
+    """CUDA: run the rollout's per-step policy inference (reset -> encoder step -> heads -> state update)
+    as one captured CUDA graph; checked against the eager step at capture, falls back to eager with a
+    warning if capture fails (agents.ppo.rollout.PolicyStepper)"""
+    update_precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    """precision of the PPO update's forward/backward: fp32, TF32 matmuls/convs (CUDA) or bf16 autocast.
+    Rollouts stay float32, and the replay check (first minibatch, before any gradient step) is then a
+    separate float32 forward"""
+    fused_adam: Optional[bool] = None
+    """fused Adam kernel; None = on CUDA"""
     checkpoint_every: int = 50
     """updates between checkpoints (0 = only at the end)"""
     log_every: int = 1

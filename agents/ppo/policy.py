@@ -143,38 +143,55 @@ class PPOPolicy(nn.Module):
         out = self.encoder(self.inp(z)[:, None], state=state)
         return out.output[:, 0], out.state, out.aux_loss
 
-    def distribution(self, feat: Tensor):
+    def heads(self, feat: Tensor) -> tuple[Tensor, Tensor]:
+        """(distribution parameters: logits, or the Gaussian mean; value), in float32 even under autocast."""
+        with torch.autocast(feat.device.type, enabled=False):
+            feat = feat.float()
+            return self.actor(feat), self.critic(feat)[:, 0]
+
+    def dist_from_head(self, head: Tensor):
+        """The action distribution of ``heads()``'s first output (no argument validation: it syncs on CUDA)."""
         if self.continuous:
-            mean = self.actor(feat)
-            return Normal(mean, self.log_std.exp().expand_as(mean))
-        return Categorical(logits=self.actor(feat))
+            return Normal(head, self.log_std.exp().expand_as(head), validate_args=False)
+        return Categorical(logits=head, validate_args=False)
+
+    def distribution(self, feat: Tensor):
+        return self.dist_from_head(self.heads(feat)[0])
 
     def log_prob_entropy(self, dist, action: Tensor) -> tuple[Tensor, Tensor]:
         if self.continuous:
             return dist.log_prob(action).sum(-1), dist.entropy().sum(-1)
         return dist.log_prob(action), dist.entropy()
 
+    def sample(self, head: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor]:
+        """(action, log-prob) drawn from the distribution of ``head``; the rollout's eager and CUDA-graph
+        paths both sample here, outside any graph, so they take the same draws from torch's RNG."""
+        dist = self.dist_from_head(head)
+        if deterministic:
+            action = dist.mean if self.continuous else head.argmax(-1)
+        else:
+            action = dist.sample()
+        logprob = dist.log_prob(action)
+        return action, (logprob.sum(-1) if self.continuous else logprob)
+
     def act(self, obs: Tensor, state: Optional[EncoderState], deterministic: bool = False):
         """One rollout step: (action, logprob, value, new_state)."""
         feat, new_state, _ = self.features(obs, state)
-        dist = self.distribution(feat)
-        if deterministic:
-            action = dist.mean if self.continuous else dist.probs.argmax(-1)
-        else:
-            action = dist.sample()
-        logprob, _ = self.log_prob_entropy(dist, action)
-        return action, logprob, self.critic(feat)[:, 0], new_state
+        head, value = self.heads(feat)
+        action, logprob = self.sample(head, deterministic)
+        return action, logprob, value, new_state
 
     def value(self, obs: Tensor, state: Optional[EncoderState]) -> Tensor:
         feat, _, _ = self.features(obs, state)
-        return self.critic(feat)[:, 0]
+        return self.heads(feat)[1]
 
     def evaluate(self, obs: Tensor, state: Optional[EncoderState], action: Tensor):
-        """Training path: (logprob, entropy, value, aux_loss) of stored actions under stored states."""
+        """Training path: (logprob, entropy, value, aux_loss) of stored actions under stored states.
+        Under autocast the encoder runs in low precision; the heads and the distribution stay float32."""
         feat, _, aux = self.features(obs, state)
-        dist = self.distribution(feat)
-        logprob, entropy = self.log_prob_entropy(dist, action)
-        return logprob, entropy, self.critic(feat)[:, 0], aux
+        head, value = self.heads(feat)
+        logprob, entropy = self.log_prob_entropy(self.dist_from_head(head), action)
+        return logprob, entropy, value, aux.float()
 
 
 def check_backbone(cfg: EncoderConfig) -> None:

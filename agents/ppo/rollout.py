@@ -37,6 +37,8 @@ the next step's state is reset for those envs.
 from __future__ import annotations
 
 import collections
+import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -63,13 +65,16 @@ class EnvFactory:
         return gym.make(self.env_id, **self.kwargs)
 
 
-def make_vector_env(env_fn: Callable[[], gym.Env], num_envs: int, mode: str = "async") -> gym.vector.VectorEnv:
-    """``num_envs`` copies with same-step autoreset (the ending step returns the reset obs)."""
+def make_vector_env(env_fn: Callable[[], gym.Env], num_envs: int, mode: str = "async",
+                    copy: bool = True) -> gym.vector.VectorEnv:
+    """``num_envs`` copies with same-step autoreset (the ending step returns the reset obs).
+    ``copy=False``: observations are returned in the vector env's own buffer (shared memory for
+    async), valid until the next step; the rollout copies them straight into its pinned buffer."""
     fns = [env_fn] * num_envs
     if mode == "async":
-        return AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+        return AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP, copy=copy)
     if mode == "sync":
-        return SyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+        return SyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP, copy=copy)
     raise ValueError(f"vector mode must be 'async' or 'sync', got {mode!r}")
 
 
@@ -116,16 +121,6 @@ class EpisodeStats:
         return out
 
 
-@dataclass
-class Carry:
-    """What one rollout hands to the next: current obs, encoder state, pending resets."""
-
-    obs: Tensor
-    state: Optional[EncoderState]
-    reset: Tensor
-    """(E,) bool: the env's previous step ended an episode; clear its state before the next step"""
-
-
 class RolloutBuffer:
     """Per-step tensors (S, E, ...) on the device plus the compact XL memory store."""
 
@@ -137,11 +132,14 @@ class RolloutBuffer:
         obs_shape = () if isinstance(obs_space, gym.spaces.Discrete) else tuple(obs_space.shape)
         act_shape = tuple(act_space.shape) if isinstance(act_space, gym.spaces.Box) else ()
         act_dtype = torch.float32 if isinstance(act_space, gym.spaces.Box) else torch.long
+        self.obs_shape, self.obs_dtype, self.act_shape, self.act_dtype = obs_shape, obs_dtype, act_shape, act_dtype
         self.obs = torch.zeros((s, e, *obs_shape), dtype=obs_dtype, device=device)
         self.actions = torch.zeros((s, e, *act_shape), dtype=act_dtype, device=device)
         self.logprobs = torch.zeros(s, e, device=device)
         self.values = torch.zeros(s, e, device=device)
         self.rewards = torch.zeros(s, e, device=device)
+        self.bootstrap = torch.zeros(s, e, device=device)
+        """gamma * V(final obs) where the transition was truncated by a time limit (added to the rewards)"""
         self.ends = torch.zeros(s, e, device=device)
         """1.0 where the transition at (s, e) ended its episode (terminated or truncated)"""
         self.resets = torch.zeros(s, e, dtype=torch.bool, device=device)
@@ -164,6 +162,7 @@ class RolloutBuffer:
     # ------------------------------------------------------------------ recording
     def record_start(self, state: Optional[EncoderState]) -> None:
         """The memory every env holds before the rollout's first step (before its pending reset)."""
+        self.bootstrap.zero_()
         if not self.xl:
             return
         for layer, slot in enumerate(state.slots):
@@ -171,20 +170,25 @@ class RolloutBuffer:
             self.seq[layer, :, : self.M] = mem["mem"]
             self.seq_valid[layer, :, : self.M] = mem["mem_valid"]
 
-    def record_state(self, t: int, state: Optional[EncoderState], reset: Tensor) -> None:
-        self.resets[t] = reset
+    def record_step(self, t: int, obs: Tensor, out: "StepOutput", action: Tensor, logprob: Tensor) -> None:
+        """Step t's device tensors, one copy each: the observation the policy saw, its outputs, the
+        (post-reset) position of each env and the layer inputs it wrote into XL memory (newest slot)."""
+        self.obs[t].copy_(obs)
+        self.actions[t].copy_(action)
+        self.logprobs[t].copy_(logprob)
+        self.values[t].copy_(out.value)
         if self.recurrent:
-            self.offsets[t] = state.offset
+            self.offsets[t].copy_(out.offset)
+        if self.xl:
+            self.seq[:, :, self.M + t].copy_(out.inputs)
 
-    def record_inputs(self, t: int, new_state: Optional[EncoderState]) -> None:
-        """The layer inputs step t wrote into memory (the newest XL slot of each layer)."""
-        if not self.xl:
-            return
-        for layer, slot in enumerate(new_state.slots):
-            self.seq[layer, :, self.M + t] = slot["memory"]["mem"][:, -1]
-
-    def finish(self) -> None:
-        """Episode starts per step (for masking keys of earlier episodes in the gathered windows)."""
+    def finish(self, rewards: Tensor, ends: Tensor, resets: Tensor) -> None:
+        """Per-step host records (S, E) of the rollout in one copy each; episode starts per step (for
+        masking keys of earlier episodes in the gathered windows)."""
+        self.rewards.copy_(rewards, non_blocking=True)
+        self.rewards += self.bootstrap
+        self.ends.copy_(ends, non_blocking=True)
+        self.resets.copy_(resets, non_blocking=True)
         if not self.xl:
             return
         steps = torch.arange(self.S, device=self.device)[:, None].expand(self.S, self.E)
@@ -193,7 +197,8 @@ class RolloutBuffer:
 
     # ------------------------------------------------------------------ training gather
     def gather_state(self, flat: Tensor) -> Optional[EncoderState]:
-        """The encoder state (post-reset) each flat (step * E + env) index saw in the rollout."""
+        """The encoder state (post-reset) each flat (step * E + env) index saw in the rollout: one
+        advanced index over all layers (no Python loop over sequences)."""
         if not self.recurrent:
             return None
         s, e = flat // self.E, flat % self.E
@@ -202,13 +207,11 @@ class RolloutBuffer:
             return EncoderState(offset, [{"memory": {}, "attention": {}} for _ in range(self.n_slots)])
         pos = s[:, None] + torch.arange(self.M, device=self.device)[None, :]  # (N, M) index in seq
         in_episode = pos >= self.M + self.ep_start[s, e][:, None]
-        slots = []
-        for layer in range(self.seq.shape[0]):
-            rows = e[:, None]
-            slots.append({"memory": {"mem": self.seq[layer][rows, pos],
-                                     "mem_valid": self.seq_valid[layer][rows, pos] & in_episode},
-                          "attention": {}})
-        return EncoderState(offset, slots)
+        rows = e[:, None]
+        mem = self.seq[:, rows, pos]                            # (L, N, M, d)
+        valid = self.seq_valid[:, rows, pos] & in_episode       # (L, N, M)
+        return EncoderState(offset, [{"memory": {"mem": mem[layer], "mem_valid": valid[layer]}, "attention": {}}
+                                     for layer in range(mem.shape[0])])
 
     def minibatch(self, flat: Tensor) -> dict[str, Any]:
         s, e = flat // self.E, flat % self.E
@@ -217,66 +220,314 @@ class RolloutBuffer:
                 "state": self.gather_state(flat)}
 
 
-@torch.no_grad()
-def collect_rollout(policy, envs: gym.vector.VectorEnv, carry: Carry, buf: RolloutBuffer, stats: EpisodeStats,
-                    gamma: float = 0.99, bootstrap_truncated: bool = True) -> Carry:
-    """Fill ``buf`` with ``buf.S`` steps of every env; return the carry for the next rollout."""
-    device = buf.device
-    policy.eval()
-    state, obs, reset = carry.state, carry.obs, carry.reset
-    buf.record_start(state)
-    for t in range(buf.S):
+def state_leaves(state: Optional[EncoderState]) -> list[Tensor]:
+    """The state's tensors in a fixed order (offset, then each slot's tensors by sorted key)."""
+    out: list[Tensor] = []
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, Tensor):
+            out.append(obj)
+        elif isinstance(obj, dict):
+            for k in sorted(obj):
+                walk(obj[k])
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+
+    if state is not None:
+        walk([state.offset, state.slots])
+    return out
+
+
+class HostMirror:
+    """A host tensor the env results are written into (numpy view ``.np``) for the device tensor ``dev``.
+
+    CUDA: pinned host memory and one ``non_blocking`` copy per ``push()``; the caller must not write
+    ``.np`` again before the stream has passed that copy (the rollout synchronizes once per step, on
+    the action's copy back, which is enqueued after it). CPU: ``dev`` itself, ``push()`` copies nothing.
+    """
+
+    def __init__(self, dev: Tensor):
+        self.dev = dev
+        self.host = torch.zeros(dev.shape, dtype=dev.dtype, pin_memory=True) if dev.is_cuda else dev
+        self.np = self.host.numpy()
+
+    def push(self) -> Tensor:
+        if self.host is not self.dev:
+            self.dev.copy_(self.host, non_blocking=True)
+        return self.dev
+
+
+@dataclass
+class StepOutput:
+    head: Tensor
+    """(E, n_actions) logits, or (E, act_dim) Gaussian mean"""
+    value: Tensor
+    offset: Optional[Tensor]
+    """(E,) position of each env's token after the reset (recurrent policies)"""
+    inputs: Optional[Tensor]
+    """(layers, E, d) layer inputs written into XL memory by this step"""
+
+
+class PolicyStepper:
+    """The policy's per-step inference for ``E`` envs over static device buffers; eager or CUDA graph.
+
+    The collector writes the observation batch into ``obs`` (the env's dtype: uint8 images go to the
+    device as uint8 and are converted there) and the pending episode ends into ``reset``; ``step()``
+    applies the reset to the carried encoder state, runs observation encoder -> encoder -> heads,
+    advances the state and returns a ``StepOutput``. Sampling is not part of it (``policy.sample``
+    draws from the head outside, so the eager and the graph path take the same random numbers).
+
+    ``cuda_graph=True`` (CUDA only) captures that whole step, and the truncation value
+    ``V(final_obs | advanced state)``, as CUDA graphs: one launch per step instead of hundreds of
+    kernels. The state then lives in fixed tensors updated in place inside the graph. After capture
+    one replay is checked against the eager step from the same state; on a capture error or a
+    mismatch it warns and stays eager (``self.graphed`` says which path runs, ``graph_error`` why).
+    """
+
+    def __init__(self, policy, num_envs: int, obs_shape: tuple, obs_dtype: torch.dtype, device: torch.device,
+                 cuda_graph: bool = False):
+        self.policy, self.E, self.device = policy, num_envs, device
+        self.obs = torch.zeros((num_envs, *obs_shape), dtype=obs_dtype, device=device)
+        self.final_obs = torch.zeros_like(self.obs)
+        self.reset = torch.zeros(num_envs, dtype=torch.bool, device=device)
+        self.state = policy.initial_state(num_envs, device)
+        self.xl = policy.recurrent and policy.backbone.memory == "xl"
+        self.graphed = False
+        self.graph_error: Optional[str] = None
+        self.graph_check_max_diff: Optional[float] = None
+        self._graphs: Optional[tuple] = None
+        if cuda_graph:
+            if device.type != "cuda":
+                self.graph_error = "cuda_graph needs a CUDA device"
+                warnings.warn(f"PPO rollout: cuda_graph is ignored on {device} (CUDA only); running the policy "
+                              f"eagerly", RuntimeWarning, stacklevel=2)
+            else:
+                self._capture()
+
+    # ------------------------------------------------------------------ bodies (eager, or captured)
+    def _step_body(self, in_place: bool) -> StepOutput:
+        policy, state = self.policy, self.state
         if state is not None:
-            state = state.reset(reset)
-        buf.record_state(t, state, reset)
-        action, logprob, value, new_state = policy.act(obs, state)
-        buf.record_inputs(t, new_state)
-        buf.obs[t] = obs
-        buf.actions[t] = action
-        buf.logprobs[t] = logprob
-        buf.values[t] = value
-        env_action = action.cpu().numpy()
-        if policy.continuous:
-            env_action = np.clip(env_action, envs.single_action_space.low, envs.single_action_space.high)
-        next_obs, reward, term, trunc, info = envs.step(env_action)
-        done = np.logical_or(term, trunc)
-        stats.step(reward, done, info)
-        reward = np.asarray(reward, dtype=np.float32).copy()
-        next_obs_t = obs_to_tensor(next_obs, device)
-        cut = np.logical_and(trunc, np.logical_not(term))
-        if bootstrap_truncated and cut.any():
-            idx = np.flatnonzero(cut)
-            final = next_obs_t.clone()
-            final[torch.as_tensor(idx, device=device)] = obs_to_tensor(np.stack(info["final_obs"][idx]), device)
-            v_final = policy.value(final, new_state)[torch.as_tensor(idx, device=device)]
-            reward[idx] += gamma * v_final.cpu().numpy()
-        buf.rewards[t] = torch.as_tensor(reward, device=device)
-        reset = torch.as_tensor(done, device=device)
-        buf.ends[t] = reset.float()
-        obs, state = next_obs_t, new_state
-    buf.finish()
-    return Carry(obs, state, reset)
+            state = state.reset(self.reset)
+        feat, new_state, _ = policy.features(self.obs, state)
+        head, value = policy.heads(feat)
+        out = StepOutput(head, value, state.offset if state is not None else None,
+                         torch.stack([slot["memory"]["mem"][:, -1] for slot in new_state.slots]) if self.xl else None)
+        if new_state is not None:
+            if in_place:
+                old, new = state_leaves(self.state), state_leaves(new_state)
+                if [(t.shape, t.dtype) for t in old] != [(t.shape, t.dtype) for t in new]:
+                    raise RuntimeError("the encoder state changes structure from step to step; it cannot be "
+                                       "kept in fixed buffers")
+                for dst, src in zip(old, new):
+                    dst.copy_(src)
+            else:
+                self.state = new_state
+        return out
+
+    def _final_body(self) -> Tensor:
+        feat, _, _ = self.policy.features(self.final_obs, self.state)
+        return self.policy.heads(feat)[1]
+
+    # ------------------------------------------------------------------ public
+    def step(self) -> StepOutput:
+        if self._graphs is not None:
+            self._graphs[0].replay()
+            return self._graph_out
+        return self._step_body(in_place=False)
+
+    def final_value(self) -> Tensor:
+        """V(final_obs) under the state as advanced by the last ``step()`` (the truncated episodes' own)."""
+        if self._graphs is not None:
+            self._graphs[1].replay()
+            return self._graph_final
+        return self._final_body()
+
+    def bootstrap_value(self) -> Tensor:
+        """V(obs) under the reset-applied state, without advancing it (eager: once per rollout)."""
+        state = self.state.reset(self.reset) if self.state is not None else None
+        return self.policy.value(self.obs, state)
+
+    def load_state(self, state: Optional[EncoderState]) -> None:
+        if self._graphs is not None:
+            for dst, src in zip(state_leaves(self.state), state_leaves(state)):
+                dst.copy_(src)
+        else:
+            self.state = state
+
+    # ------------------------------------------------------------------ capture
+    def _capture(self) -> None:
+        leaves = state_leaves(self.state)
+        snap = [t.clone() for t in leaves]
+
+        def restore() -> None:
+            for t, v in zip(leaves, snap):
+                t.copy_(v)
+
+        cur = torch.cuda.current_stream(self.device)
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):  # warm-up outside capture (cuBLAS/cuDNN handles, lazy inits)
+                for _ in range(2):
+                    restore()
+                    self._step_body(in_place=True)
+                    self._final_body()
+            cur.wait_stream(side)
+            restore()
+            step_graph, final_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(step_graph):
+                out = self._step_body(in_place=True)
+            with torch.cuda.graph(final_graph):
+                final = self._final_body()
+            # the replay must equal the eager step from the same state
+            step_graph.replay()
+            final_graph.replay()
+            got = [out.head, out.value, final, *leaves] + [t for t in (out.offset, out.inputs) if t is not None]
+            got = [t.clone() for t in got]
+            restore()
+            ref_out = self._step_body(in_place=True)
+            ref = [ref_out.head, ref_out.value, self._final_body(), *leaves] + \
+                [t for t in (ref_out.offset, ref_out.inputs) if t is not None]
+            diff = max((float((a.double() - b.double()).abs().max()) if a.numel() else 0.0) for a, b in zip(got, ref))
+            self.graph_check_max_diff = diff
+            if diff > 0.0:
+                raise RuntimeError(f"graph replay differs from the eager step by {diff:.3g}")
+            self._graphs, self._graph_out, self._graph_final = (step_graph, final_graph), out, final
+            self.graphed = True
+        except Exception as err:  # noqa: BLE001  (any capture problem: fall back, say why)
+            torch.cuda.synchronize(self.device)
+            self._graphs = None
+            self.graph_error = f"{type(err).__name__}: {err}"
+            warnings.warn(f"PPO rollout: CUDA graph capture failed ({self.graph_error}); running the policy "
+                          f"eagerly", RuntimeWarning, stacklevel=3)
+        finally:
+            restore()
+            torch.cuda.synchronize(self.device)
+
+
+class RolloutCollector:
+    """Fills a ``RolloutBuffer`` from vector envs with the carried per-env encoder state.
+
+    Per vector step: one (graph) policy call on the device, sampling on the device, ONE copy of the
+    actions back (the step's only synchronization), the env step, then the host records (rewards,
+    ends, resets) go into (S, E) host arrays copied to the device once per rollout, and the next
+    observation batch goes to the device in one non-blocking copy from pinned memory. Device-side
+    records are single indexed copies. No per-env Python except gathering ``final_obs`` of envs
+    cut by a time limit. ``timers`` accumulates wall seconds: ``policy`` (step + sample + buffer
+    writes + the action copy), ``env`` (step_async + step_wait) and ``host`` (everything else).
+    """
+
+    def __init__(self, policy, envs: gym.vector.VectorEnv, buf: RolloutBuffer, stats: EpisodeStats,
+                 device: torch.device, gamma: float = 0.99, bootstrap_truncated: bool = True,
+                 cuda_graph: bool = False):
+        self.policy, self.envs, self.buf, self.stats, self.device = policy, envs, buf, stats, device
+        self.gamma, self.bootstrap_truncated = gamma, bootstrap_truncated
+        e, s = buf.E, buf.S
+        self.stepper = PolicyStepper(policy, e, buf.obs_shape, buf.obs_dtype, device, cuda_graph)
+        self.obs = HostMirror(self.stepper.obs)
+        self.final = HostMirror(self.stepper.final_obs)
+        self.reset = HostMirror(self.stepper.reset)
+        self.cut = HostMirror(torch.zeros(e, dtype=torch.bool, device=device))
+        pin = device.type == "cuda"
+        self.actions_host = torch.zeros((e, *buf.act_shape), dtype=buf.act_dtype, pin_memory=pin)
+        self.rewards = torch.zeros(s, e, pin_memory=pin)
+        self.ends = torch.zeros(s, e, pin_memory=pin)
+        self.resets = torch.zeros(s, e, dtype=torch.bool, pin_memory=pin)
+        self.event = torch.cuda.Event() if device.type == "cuda" else None
+        self.has_async = hasattr(envs, "step_async") and hasattr(envs, "step_wait")
+        space = envs.single_action_space
+        self.clip = (space.low, space.high) if policy.continuous else None
+        self.timers = {"policy": 0.0, "env": 0.0, "host": 0.0, "steps": 0}
+
+    def start(self, obs: np.ndarray) -> None:
+        """Begin from the envs' reset observations: fresh states, no pending resets."""
+        np.copyto(self.obs.np, np.asarray(obs), casting="unsafe")
+        self.obs.push()
+        self.reset.np[:] = False
+        self.reset.push()
+        self.stepper.load_state(self.policy.initial_state(self.buf.E, self.device))
+
+    def bootstrap_value(self) -> Tensor:
+        return self.stepper.bootstrap_value()
+
+    @torch.no_grad()
+    def collect(self) -> None:
+        """Fill the buffer with ``S`` steps of every env; the state, observation and pending resets carry
+        over to the next call."""
+        policy, envs, buf, stepper, timers = self.policy, self.envs, self.buf, self.stepper, self.timers
+        policy.eval()
+        clock = time.perf_counter
+        t_start = clock()
+        t_policy = t_env = 0.0
+        buf.record_start(stepper.state)
+        rewards, ends, resets = self.rewards.numpy(), self.ends.numpy(), self.resets.numpy()
+        act_np = self.actions_host.numpy()
+        for t in range(buf.S):
+            t0 = clock()
+            out = stepper.step()
+            action, logprob = policy.sample(out.head)
+            self.actions_host.copy_(action, non_blocking=self.event is not None)
+            if self.event is not None:
+                self.event.record()
+            buf.record_step(t, stepper.obs, out, action, logprob)
+            if self.event is not None:
+                self.event.synchronize()
+            env_action = act_np if self.clip is None else np.clip(act_np, *self.clip)
+            t1 = clock()
+            if self.has_async:
+                envs.step_async(env_action)
+                next_obs, reward, term, trunc, info = envs.step_wait()
+            else:
+                next_obs, reward, term, trunc, info = envs.step(env_action)
+            t2 = clock()
+            done = np.logical_or(term, trunc)
+            self.stats.step(reward, done, info)
+            resets[t] = self.reset.np
+            rewards[t] = reward
+            ends[t] = done
+            np.copyto(self.obs.np, next_obs, casting="unsafe")
+            self.obs.push()
+            cut = np.logical_and(trunc, np.logical_not(term))
+            if self.bootstrap_truncated and cut.any():
+                idx = np.flatnonzero(cut)
+                self.final.np[idx] = np.stack(info["final_obs"][idx])
+                self.final.push()
+                self.cut.np[:] = cut
+                v_final = stepper.final_value()
+                buf.bootstrap[t] = torch.where(self.cut.push(), self.gamma * v_final, 0.0)
+            self.reset.np[:] = done
+            self.reset.push()
+            t_policy += t1 - t0
+            t_env += t2 - t1
+        buf.finish(self.rewards, self.ends, self.resets)
+        if self.event is not None:  # the host arrays are rewritten by the next rollout
+            self.event.record()
+            self.event.synchronize()
+        total = clock() - t_start
+        timers["policy"] += t_policy
+        timers["env"] += t_env
+        timers["host"] += total - t_policy - t_env
+        timers["steps"] += buf.S
 
 
 @torch.no_grad()
 def compute_gae(buf: RolloutBuffer, next_value: Tensor, gamma: float, gae_lambda: float) -> None:
-    """Generalized advantage estimation (Schulman et al. 2016) over ``buf``; episode ends cut the trace."""
+    """Generalized advantage estimation (Schulman et al. 2016) over ``buf``; episode ends cut the trace.
+    The backward recursion runs on host copies (S small steps would be S x 6 kernel launches on a GPU)."""
+    values, rewards, ends = buf.values.cpu(), buf.rewards.cpu(), buf.ends.cpu()
+    next_value = next_value.cpu()
+    adv = torch.empty_like(values)
     last = torch.zeros_like(next_value)
     for t in reversed(range(buf.S)):
-        nxt = next_value if t == buf.S - 1 else buf.values[t + 1]
-        keep = 1.0 - buf.ends[t]
-        delta = buf.rewards[t] + gamma * nxt * keep - buf.values[t]
+        nxt = next_value if t == buf.S - 1 else values[t + 1]
+        keep = 1.0 - ends[t]
+        delta = rewards[t] + gamma * nxt * keep - values[t]
         last = delta + gamma * gae_lambda * keep * last
-        buf.advantages[t] = last
-    buf.returns.copy_(buf.advantages + buf.values)
-
-
-@torch.no_grad()
-def bootstrap_value(policy, carry: Carry) -> Tensor:
-    """V(obs) of the carry's observation under its (reset-applied) state."""
-    policy.eval()
-    state = carry.state.reset(carry.reset) if carry.state is not None else None
-    return policy.value(carry.obs, state)
+        adv[t] = last
+    buf.advantages.copy_(adv)
+    buf.returns.copy_(adv + values)
 
 
 @torch.no_grad()

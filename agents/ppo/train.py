@@ -10,6 +10,7 @@ windows that make the training forward exact are described in ``agents.ppo.rollo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -23,8 +24,8 @@ from agents.common import (RunLogger, gpu_memory_mb, latest_checkpoint, load_che
                            resolve_device, save_checkpoint, seed_everything, write_summary)
 from agents.ppo.config import PPOConfig
 from agents.ppo.policy import PPOPolicy
-from agents.ppo.rollout import (Carry, EnvFactory, EpisodeStats, RolloutBuffer, bootstrap_value, collect_rollout,
-                                compute_gae, evaluate_policy, make_vector_env, obs_to_tensor)
+from agents.ppo.rollout import (EnvFactory, EpisodeStats, RolloutBuffer, RolloutCollector, compute_gae,
+                                evaluate_policy, make_vector_env)
 
 
 def default_run_name(cfg: PPOConfig) -> str:
@@ -51,28 +52,41 @@ class PPOTrainer:
         seed_everything(cfg.seed)
         self.run_dir = Path(run_dir) if run_dir is not None else make_run_dir(cfg.out_dir, default_run_name(cfg))
         self.env_fn = env_fn or EnvFactory(cfg.env, cfg.env_kwargs.kwargs())
-        self.envs = make_vector_env(self.env_fn, cfg.num_envs, cfg.vector)
+        self.envs = make_vector_env(self.env_fn, cfg.num_envs, cfg.vector, copy=False)
         obs_space, act_space = self.envs.single_observation_space, self.envs.single_action_space
         self.policy = PPOPolicy(obs_space, act_space, cfg.policy, cfg.backbone, cfg.obs_hidden,
                                 cfg.mlp_layers).to(self.device)
         if cfg.compile:
             self.policy.features = torch.compile(self.policy.features)
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr, eps=1e-5)
+        fused = cfg.fused_adam if cfg.fused_adam is not None else self.device.type == "cuda"
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr, eps=1e-5, **({"fused": True} if fused else {}))
         self.buf = RolloutBuffer(cfg.num_steps, cfg.num_envs, obs_space, act_space, self.policy, self.device)
         self.stats = EpisodeStats(cfg.num_envs, cfg.stats_window)
         self.update_idx = 0
         self.global_step = 0
         self.wall_before = 0.0  # wall seconds of earlier sessions of a resumed run
+        self.collector = RolloutCollector(self.policy, self.envs, self.buf, self.stats, self.device, cfg.gamma,
+                                          cfg.bootstrap_truncated, cuda_graph=cfg.cuda_graph)
         obs, _ = self.envs.reset(seed=cfg.seed)
-        self.carry = Carry(obs_to_tensor(obs, self.device), self.policy.initial_state(cfg.num_envs, self.device),
-                           torch.zeros(cfg.num_envs, dtype=torch.bool, device=self.device))
+        self.collector.start(obs)
 
     # ------------------------------------------------------------------ one update
     def collect(self) -> None:
+        """One rollout into ``self.buf``, then GAE (its time counts as rollout host time)."""
         cfg = self.cfg
-        self.carry = collect_rollout(self.policy, self.envs, self.carry, self.buf, self.stats, cfg.gamma,
-                                     cfg.bootstrap_truncated)
-        compute_gae(self.buf, bootstrap_value(self.policy, self.carry), cfg.gamma, cfg.gae_lambda)
+        self.collector.collect()
+        t0 = time.perf_counter()
+        compute_gae(self.buf, self.collector.bootstrap_value(), cfg.gamma, cfg.gae_lambda)
+        self.collector.timers["host"] += time.perf_counter() - t0
+
+    def precision(self) -> contextlib.AbstractContextManager:
+        """The update's forward/backward precision (``cfg.update_precision``)."""
+        mode, dev = self.cfg.update_precision, self.device
+        if mode == "bf16":
+            return torch.autocast(dev.type, dtype=torch.bfloat16)
+        if mode == "tf32" and dev.type == "cuda":
+            return allow_tf32()
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def recompute(self, flat: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,11 +117,16 @@ class PPOTrainer:
             perm = torch.randperm(n, device=self.device)
             for start in range(0, n, mbs):
                 mb = buf.minibatch(perm[start:start + mbs])
-                logprob, entropy, value, aux = policy.evaluate(mb["obs"], mb["state"], mb["actions"])
+                if replay_error is None and cfg.update_precision != "fp32":  # the check stays float32
+                    with torch.no_grad():
+                        logprob, _, value, _ = policy.evaluate(mb["obs"], mb["state"], mb["actions"])
+                    replay_error = replay_diff(logprob, value, mb)
+                with self.precision():
+                    logprob, entropy, value, aux = policy.evaluate(mb["obs"], mb["state"], mb["actions"])
                 logratio = logprob - mb["logprobs"]
                 ratio = logratio.exp()
                 if replay_error is None:  # before the first gradient step: must be ~0 (exact replay)
-                    replay_error = torch.maximum(logratio.detach().abs().max(), (value.detach() - mb["values"]).abs().max())
+                    replay_error = replay_diff(logprob.detach(), value.detach(), mb)
                 with torch.no_grad():
                     sums["old_approx_kl"].append((-logratio).mean())
                     sums["approx_kl"].append(((ratio - 1) - logratio).mean())
@@ -227,6 +246,22 @@ class PPOTrainer:
         self.envs.close()
 
 
+@contextlib.contextmanager
+def allow_tf32():
+    """TF32 matmuls and convolutions inside the block (CUDA), the previous settings after it."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def replay_diff(logprob: Tensor, value: Tensor, mb: dict) -> Tensor:
+    """max(|log-prob - rollout log-prob|, |value - rollout value|) over a minibatch (a device scalar)."""
+    return torch.maximum((logprob - mb["logprobs"]).abs().max(), (value - mb["values"]).abs().max())
+
+
 def train(cfg: PPOConfig, env_fn: Optional[Callable[[], gym.Env]] = None) -> dict:
     """Build a trainer, run it, close the envs; returns the summary dict."""
     trainer = PPOTrainer(cfg, env_fn=env_fn)
@@ -243,9 +278,7 @@ def replay_error(trainer: PPOTrainer) -> float:
     for start in range(0, flat.numel(), trainer.cfg.minibatch_size):
         idx = flat[start:start + trainer.cfg.minibatch_size]
         logprob, value = trainer.recompute(idx)
-        s, e = idx // trainer.buf.E, idx % trainer.buf.E
-        worst = max(worst, float((logprob - trainer.buf.logprobs[s, e]).abs().max()),
-                    float((value - trainer.buf.values[s, e]).abs().max()))
+        worst = max(worst, float(replay_diff(logprob, value, trainer.buf.minibatch(idx))))
     return worst
 
 
