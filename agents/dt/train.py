@@ -87,9 +87,12 @@ class Updater:
 
     def __init__(self, model: nn.Module, sampler: WindowSampler, opt, sched, batch_size: int, grad_clip: float,
                  device: torch.device, compile: bool = False, amp: bool = False, graph: bool = False,
-                 warmup: int = 3, capture_error_mode: str = "global"):
+                 warmup: int = 3, capture_error_mode: str = "global", rng_lock: Optional[threading.Lock] = None):
         self.model, self.sampler, self.opt, self.sched = model, sampler, opt, sched
+        # With other runs in other threads: they share the CUDA generator, which must not be advanced
+        # (by their replays) while this run captures, so captures and replays take ``rng_lock``.
         self.capture_error_mode = capture_error_mode  # "thread_local" when other threads use the GPU
+        self.rng_lock = rng_lock if rng_lock is not None else contextlib.nullcontext()
         self.batch_size, self.grad_clip, self.device = batch_size, grad_clip, device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.fwd: Callable = torch.compile(model) if compile else model
@@ -147,17 +150,19 @@ class Updater:
 
     def step(self) -> None:
         if self.graph is not None:
-            self.graph.replay()
+            with self.rng_lock:  # held for the launch only: the replay itself runs asynchronously
+                self.graph.replay()
         elif self.graph_wanted and self.n < self.warmup:
             self._side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._side):
                 self._eager()
             torch.cuda.current_stream(self.device).wait_stream(self._side)
         elif self.graph_wanted:
-            self._capture()
-            if self.graph is not None:
-                self.graph.replay()
-            else:
+            with self.rng_lock:
+                self._capture()
+                if self.graph is not None:
+                    self.graph.replay()
+            if self.graph is None:
                 self._eager()
         else:
             self._eager()
@@ -224,6 +229,8 @@ class SharedDevice:
     """
 
     setup: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    rng: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    """CUDA-generator users that must not overlap a capture: graph captures, replays, RNG-state saves"""
     evaluation: threading.Semaphore = dataclasses.field(default_factory=lambda: threading.Semaphore(2))
 
 
@@ -296,7 +303,8 @@ def _train(cfg: DTConfig, data: Optional[OfflineData], shared: Optional[SharedDe
     amp = cfg.amp and cuda
     updater = Updater(model, sampler, opt, sched, cfg.batch_size, cfg.grad_clip, device,
                       compile=cfg.compile and cuda, amp=amp, graph=use_graph,
-                      capture_error_mode="thread_local" if shared else "global")
+                      capture_error_mode="thread_local" if shared else "global",
+                      rng_lock=shared.rng if shared else None)
     model.train()
 
     def ckpt_extra() -> dict:
@@ -345,7 +353,8 @@ def _train(cfg: DTConfig, data: Optional[OfflineData], shared: Optional[SharedDe
             history.append({"step": done, **vals})
             bar.set_postfix(loss=f"{loss_now:.4f}", refresh=False)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.train_steps:
-            save_checkpoint(ckpt_dir, done, model, opt, sched, extra=ckpt_extra())
+            with (shared.rng if shared else contextlib.nullcontext()):  # saves the CUDA RNG state
+                save_checkpoint(ckpt_dir, done, model, opt, sched, extra=ckpt_extra())
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.train_steps:
             t_pause = time.perf_counter()
             run_eval(done)
@@ -356,7 +365,8 @@ def _train(cfg: DTConfig, data: Optional[OfflineData], shared: Optional[SharedDe
     train_time = time.perf_counter() - t_train
     bar.close()
     n_done = cfg.train_steps - start
-    save_checkpoint(ckpt_dir, cfg.train_steps, model, opt, sched, extra=ckpt_extra())
+    with (shared.rng if shared else contextlib.nullcontext()):
+        save_checkpoint(ckpt_dir, cfg.train_steps, model, opt, sched, extra=ckpt_extra())
 
     final = run_eval(cfg.train_steps)
     summary: dict[str, Any] = {
