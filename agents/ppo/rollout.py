@@ -258,6 +258,10 @@ class HostMirror:
         return self.dev
 
 
+GRAPH_CHECK_TOL = 1e-5
+"""largest |graph replay - eager step| (outputs and new state) accepted at capture (normally exactly 0)"""
+
+
 @dataclass
 class StepOutput:
     head: Tensor
@@ -331,12 +335,14 @@ class PolicyStepper:
         return self.policy.heads(feat)[1]
 
     # ------------------------------------------------------------------ public
+    @torch.no_grad()
     def step(self) -> StepOutput:
         if self._graphs is not None:
             self._graphs[0].replay()
             return self._graph_out
         return self._step_body(in_place=False)
 
+    @torch.no_grad()
     def final_value(self) -> Tensor:
         """V(final_obs) under the state as advanced by the last ``step()`` (the truncated episodes' own)."""
         if self._graphs is not None:
@@ -344,11 +350,13 @@ class PolicyStepper:
             return self._graph_final
         return self._final_body()
 
+    @torch.no_grad()
     def bootstrap_value(self) -> Tensor:
         """V(obs) under the reset-applied state, without advancing it (eager: once per rollout)."""
         state = self.state.reset(self.reset) if self.state is not None else None
         return self.policy.value(self.obs, state)
 
+    @torch.no_grad()
     def load_state(self, state: Optional[EncoderState]) -> None:
         if self._graphs is not None:
             for dst, src in zip(state_leaves(self.state), state_leaves(state)):
@@ -357,7 +365,10 @@ class PolicyStepper:
             self.state = state
 
     # ------------------------------------------------------------------ capture
+    @torch.no_grad()
     def _capture(self) -> None:
+        was_training = self.policy.training
+        self.policy.eval()  # what the rollout runs (no dropout RNG draws inside the graph)
         leaves = state_leaves(self.state)
         snap = [t.clone() for t in leaves]
 
@@ -392,8 +403,8 @@ class PolicyStepper:
                 [t for t in (ref_out.offset, ref_out.inputs) if t is not None]
             diff = max((float((a.double() - b.double()).abs().max()) if a.numel() else 0.0) for a, b in zip(got, ref))
             self.graph_check_max_diff = diff
-            if diff > 0.0:
-                raise RuntimeError(f"graph replay differs from the eager step by {diff:.3g}")
+            if diff > GRAPH_CHECK_TOL:
+                raise RuntimeError(f"graph replay differs from the eager step by {diff:.3g} (> {GRAPH_CHECK_TOL})")
             self._graphs, self._graph_out, self._graph_final = (step_graph, final_graph), out, final
             self.graphed = True
         except Exception as err:  # noqa: BLE001  (any capture problem: fall back, say why)
@@ -405,6 +416,7 @@ class PolicyStepper:
         finally:
             restore()
             torch.cuda.synchronize(self.device)
+            self.policy.train(was_training)
 
 
 class RolloutCollector:

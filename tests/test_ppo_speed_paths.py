@@ -1,0 +1,306 @@
+"""PPO speed paths: the buffered rollout collector equals a plain per-step loop, the update's precision /
+optimizer options keep the replay check exact, host GAE, the benchmark's variants; CUDA graph == eager (GPU)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Categorical, Normal
+
+from agents.ppo import PPOConfig, PPOTrainer, gtrxl_backbone, replay_error
+from agents.ppo.rollout import EnvFactory, compute_gae, make_vector_env
+from rlformer import EncoderState
+
+torch.set_num_threads(1)
+
+CUDA = torch.cuda.is_available()
+
+
+class CutEnv(gym.Env):
+    """Float observations, episodes that end by termination (p = 0.15 a step) or by a time limit of 4..9
+    steps (truncation: the rollout bootstraps from ``final_obs``), random rewards."""
+
+    def __init__(self, continuous: bool = False):
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+        self.action_space = (gym.spaces.Box(-1.0, 1.0, (2,), np.float32) if continuous
+                             else gym.spaces.Discrete(3))
+
+    def _obs(self):
+        return np.array([self.np_random.uniform(-1, 1), self.t / 10.0, self.last], dtype=np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t, self.limit, self.last = 0, int(self.np_random.integers(4, 10)), 0.0
+        return self._obs(), {}
+
+    def step(self, action):
+        self.t += 1
+        self.last = float(np.asarray(action).reshape(-1)[0]) / 3.0
+        term = bool(self.np_random.uniform() < 0.15)
+        return self._obs(), float(self.np_random.normal()), term, (not term) and self.t >= self.limit, {}
+
+
+def make_cfg(tmp_path, **kw) -> PPOConfig:
+    base = dict(env="cut", num_envs=4, num_steps=12, num_minibatches=4, update_epochs=2, vector="sync", device="cpu",
+                backbone=gtrxl_backbone(d_model=32, n_layers=2, n_heads=2, mem_len=6), obs_hidden=32,
+                out_dir=str(tmp_path / "run"), tensorboard=False, progress=False, eval_episodes=0, total_steps=4096,
+                checkpoint_every=0)
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+@torch.no_grad()
+def reference_rollout(policy, env_fn, cfg: PPOConfig, steps: int, seed: int) -> dict:
+    """The plain loop: policy.act-style forward on tensors built from the env's arrays every step, the
+    distribution sampled through torch.distributions, the state carried and reset, truncated rewards
+    bootstrapped per env on the host."""
+    policy.eval()
+    envs = make_vector_env(env_fn, cfg.num_envs, "sync")
+    obs, _ = envs.reset(seed=cfg.seed)
+    state = policy.initial_state(cfg.num_envs, "cpu")
+    reset = torch.zeros(cfg.num_envs, dtype=torch.bool)
+    torch.manual_seed(seed)
+    rec = {k: [] for k in ("obs", "actions", "logprobs", "values", "rewards", "ends", "resets", "offsets", "inputs")}
+    for _ in range(steps):
+        obs_t = torch.as_tensor(np.array(obs), dtype=torch.float32)
+        state = state.reset(reset)
+        feat, new_state, _ = policy.features(obs_t, state)
+        head = policy.actor(feat)
+        dist = Normal(head, policy.log_std.exp().expand_as(head)) if policy.continuous else Categorical(logits=head)
+        action = dist.sample()
+        logp = dist.log_prob(action)
+        logp = logp.sum(-1) if policy.continuous else logp
+        value = policy.critic(feat)[:, 0]
+        env_action = action.numpy()
+        if policy.continuous:
+            env_action = np.clip(env_action, -1.0, 1.0)
+        obs, reward, term, trunc, info = envs.step(env_action)
+        reward = np.asarray(reward, dtype=np.float32).copy()
+        for i in np.flatnonzero(trunc & ~term):  # one env at a time, obviously
+            final = torch.as_tensor(np.array(obs), dtype=torch.float32)
+            final[i] = torch.as_tensor(info["final_obs"][i])
+            f_feat, _, _ = policy.features(final, new_state)
+            reward[i] += cfg.gamma * policy.critic(f_feat)[i, 0].item()
+        for k, v in (("obs", obs_t), ("actions", action), ("logprobs", logp), ("values", value),
+                     ("rewards", torch.as_tensor(reward)), ("ends", torch.as_tensor(term | trunc).float()),
+                     ("resets", reset), ("offsets", state.offset),
+                     ("inputs", torch.stack([s["memory"]["mem"][:, -1] for s in new_state.slots], dim=0))):
+            rec[k].append(v)
+        reset = torch.as_tensor(term | trunc)
+        state = new_state
+    envs.close()
+    return {k: torch.stack(v) for k, v in rec.items()}
+
+
+@pytest.mark.parametrize("continuous,vector", [(False, "sync"), (True, "async")], ids=["discrete-sync", "continuous-async"])
+def test_collector_equals_plain_loop(tmp_path, continuous, vector):
+    """Two consecutive rollouts (state, observation and pending resets carried over) of the buffered
+    collector equal the plain per-step loop: observations, actions, log-probs, values, bootstrapped
+    rewards, ends, resets, positions and the layer inputs stored for the XL windows."""
+    env_fn = EnvFactory("cut", {"continuous": continuous}, make=CutEnv)
+    cfg = make_cfg(tmp_path, vector=vector)
+    trainer = PPOTrainer(cfg, env_fn=env_fn)
+    try:
+        ref = reference_rollout(trainer.policy, env_fn, cfg, 2 * cfg.num_steps, seed=7)
+        assert ref["ends"].sum() > 4 and ref["resets"][cfg.num_steps:].any()
+        assert (ref["rewards"] != 0).any()
+        torch.manual_seed(7)
+        buf, m = trainer.buf, trainer.buf.M
+        for r in range(2):
+            start_mem = trainer.buf.seq[:, :, m:].clone() if r else None
+            trainer.collect()
+            sl = slice(r * cfg.num_steps, (r + 1) * cfg.num_steps)
+            torch.testing.assert_close(buf.obs, ref["obs"][sl], rtol=0, atol=0, msg=lambda m: f"rollout {r}: {m}")
+            torch.testing.assert_close(buf.actions, ref["actions"][sl], rtol=0, atol=0)
+            for k in ("logprobs", "values", "rewards"):
+                torch.testing.assert_close(getattr(buf, k), ref[k][sl], rtol=0, atol=1e-6, msg=k)
+            assert torch.equal(buf.ends, ref["ends"][sl]) and torch.equal(buf.resets, ref["resets"][sl])
+            assert torch.equal(buf.offsets, ref["offsets"][sl])
+            torch.testing.assert_close(buf.seq[:, :, m:], ref["inputs"][sl].permute(1, 2, 0, 3), rtol=0, atol=1e-6)
+            if r:  # the second rollout's windows start with the last M inputs of the first one (the valid
+                # slots: an episode end inside them cleared the memory before it)
+                valid = buf.seq_valid[:, :, :m]
+                assert valid.any() and not valid.all()
+                assert torch.equal(buf.seq[:, :, :m][valid], start_mem[:, :, -m:][valid])
+            rng = torch.get_rng_state()  # replay_error draws a permutation; keep the sampling stream aligned
+            assert replay_error(trainer) < 1e-5
+            torch.set_rng_state(rng)
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize("precision,fused", [("bf16", False), ("tf32", True)])
+def test_update_precision_keeps_float32_replay_check(tmp_path, precision, fused):
+    """bf16 autocast / TF32 updates (and fused Adam) still report the float32 replay error (< 1e-5, checked
+    before any gradient step) and train: finite losses, parameters move."""
+    env_fn = EnvFactory("cut", {}, make=CutEnv)
+    trainer = PPOTrainer(make_cfg(tmp_path, update_precision=precision, fused_adam=fused), env_fn=env_fn)
+    try:
+        assert bool(trainer.optimizer.defaults.get("fused")) == fused
+        before = [p.detach().clone() for p in trainer.policy.parameters()]
+        for _ in range(2):
+            trainer.collect()
+            metrics = trainer.update()
+            assert float(metrics["replay_max_abs_diff"]) < 1e-5
+            for k in ("pg_loss", "v_loss", "entropy", "grad_norm"):
+                assert torch.isfinite(torch.as_tensor(metrics[k])), k
+        moved = [float((p.detach() - b).abs().max()) for p, b in zip(trainer.policy.parameters(), before)]
+        assert max(moved) > 1e-4
+    finally:
+        trainer.close()
+
+
+def test_bf16_update_runs_the_encoder_in_bf16(tmp_path):
+    """The bf16 path really autocasts (the encoder's matmuls run in bf16) while the heads stay float32."""
+    trainer = PPOTrainer(make_cfg(tmp_path, update_precision="bf16"), env_fn=EnvFactory("cut", {}, make=CutEnv))
+    try:
+        trainer.collect()
+        mb = trainer.buf.minibatch(torch.arange(8))
+        dtypes = {}
+        block = trainer.policy.encoder.depth.blocks[0]
+        def hook(name):
+            def record(mod, args, out):
+                dtypes.setdefault(name, out.dtype)
+            return record
+
+        hooks = [m.register_forward_hook(hook(name)) for name, m in (("inp", trainer.policy.inp), ("ff", block.ff.w1), ("actor", trainer.policy.actor))]
+        with trainer.precision():
+            logprob, _, value, _ = trainer.policy.evaluate(mb["obs"], mb["state"], mb["actions"])
+        for h in hooks:
+            h.remove()
+        assert dtypes == {"inp": torch.bfloat16, "ff": torch.bfloat16, "actor": torch.float32}
+        assert logprob.dtype == value.dtype == torch.float32
+    finally:
+        trainer.close()
+
+
+def test_host_gae_matches_recursion():
+    """compute_gae against the textbook recursion in float64 (episode ends cut the trace)."""
+    class Buf:
+        S, E = 9, 3
+    g = torch.Generator().manual_seed(0)
+    buf = Buf()
+    buf.values, buf.rewards = torch.randn(9, 3, generator=g), torch.randn(9, 3, generator=g)
+    buf.ends = (torch.rand(9, 3, generator=g) < 0.3).float()
+    buf.advantages, buf.returns = torch.zeros(9, 3), torch.zeros(9, 3)
+    nxt = torch.randn(3, generator=g)
+    compute_gae(buf, nxt, gamma=0.9, gae_lambda=0.8)
+    v, r, d = buf.values.double().numpy(), buf.rewards.double().numpy(), buf.ends.double().numpy()
+    want = np.zeros((9, 3))
+    for e in range(3):
+        acc = 0.0
+        for t in reversed(range(9)):
+            nv = nxt[e].item() if t == 8 else v[t + 1, e]
+            delta = r[t, e] + 0.9 * nv * (1 - d[t, e]) - v[t, e]
+            acc = delta + 0.9 * 0.8 * (1 - d[t, e]) * acc
+            want[t, e] = acc
+    np.testing.assert_allclose(buf.advantages.numpy(), want, atol=1e-5)
+    np.testing.assert_allclose(buf.returns.numpy(), want + v, atol=1e-5)
+
+
+def test_cuda_graph_flag_on_cpu_warns_and_runs_eager(tmp_path):
+    with pytest.warns(RuntimeWarning, match="CUDA only"):
+        trainer = PPOTrainer(make_cfg(tmp_path, cuda_graph=True), env_fn=EnvFactory("cut", {}, make=CutEnv))
+    try:
+        assert not trainer.collector.stepper.graphed
+        trainer.collect()
+        assert replay_error(trainer) < 1e-5
+    finally:
+        trainer.close()
+
+
+def test_bench_variants_tiny(tmp_path):
+    """scripts/bench_ppo.py --variants at tiny sizes: one row per variant with the rollout breakdown."""
+    pytest.importorskip("minigrid")
+    from scripts.bench_ppo import apply_variant, BenchConfig, main
+
+    with pytest.raises(ValueError, match="unknown variant token"):
+        apply_variant(BenchConfig(), "graph+fp8")
+    out = tmp_path / "bench.json"
+    rows = main(["--device", "cpu", "--num-envs", "2", "--num-steps", "4", "--updates", "1", "--warmup", "0",
+                 "--num-minibatches", "2", "--update-epochs", "1", "--d-model", "16", "--n-heads", "2",
+                 "--mem-len", "4", "--vector", "sync", "--variants", "eager", "graph+bf16", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert [r["variant"] for r in saved] == ["eager", "graph+bf16"] == [r["variant"] for r in rows]
+    for r in saved:
+        assert "error" not in r, r.get("error")
+        assert r["sps"] > 0 and r["replay_max_abs_diff"] < 1e-5
+        parts = r["env_s_per_update"] + r["policy_s_per_update"] + r["host_s_per_update"]
+        assert parts == pytest.approx(r["rollout_s_per_update"], rel=1e-6)
+        assert min(r["env_s_per_update"], r["policy_s_per_update"], r["host_s_per_update"]) > 0
+    assert saved[1]["config"]["update_precision"] == "bf16" and saved[1]["config"]["cuda_graph"]
+
+
+# ---------------------------------------------------------------------------------------------- CUDA only
+
+def _cuda_pair(tmp_path, **kw):
+    cfg = make_cfg(tmp_path, device="cuda", num_envs=8, num_steps=32, **kw)
+    env_fn = EnvFactory("cut", {}, make=CutEnv)
+    graph = PPOTrainer(dataclasses.replace(cfg, cuda_graph=True, out_dir=str(tmp_path / "g")), env_fn=env_fn)
+    eager = PPOTrainer(dataclasses.replace(cfg, cuda_graph=False, out_dir=str(tmp_path / "e")), env_fn=env_fn)
+    return graph, eager
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_cuda_graph_rollout_equals_eager_step_by_step(tmp_path):
+    graph, eager = _cuda_pair(tmp_path, update_precision="bf16")
+    try:
+        st = graph.collector.stepper
+        assert st.graphed, st.graph_error
+        assert st.graph_check_max_diff == 0.0
+        for k, v in eager.policy.state_dict().items():
+            assert torch.equal(v, graph.policy.state_dict()[k])
+        for r in range(2):  # the second rollout continues the carried state in both
+            for tr in (graph, eager):
+                torch.manual_seed(100 + r)
+                tr.collect()
+            gb, eb = graph.buf, eager.buf
+            assert torch.equal(gb.actions, eb.actions) and torch.equal(gb.obs, eb.obs)
+            assert torch.equal(gb.resets, eb.resets) and torch.equal(gb.offsets, eb.offsets)
+            assert gb.resets[1:].any()
+            for k in ("logprobs", "values", "rewards", "seq"):
+                torch.testing.assert_close(getattr(gb, k), getattr(eb, k), rtol=0, atol=1e-6, msg=k)
+            assert replay_error(graph) < 1e-5
+        metrics = graph.update()
+        assert float(metrics["replay_max_abs_diff"]) < 1e-5
+        # after the update (weights changed in place) the graph still follows the new weights
+        torch.manual_seed(5)
+        graph.collect()
+        assert replay_error(graph) < 1e-5
+    finally:
+        graph.close()
+        eager.close()
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture_failure_falls_back_to_eager(tmp_path):
+    """position='xl' reads tensor values on the host (int(dist.min())), which a capture forbids."""
+    backbone = gtrxl_backbone(d_model=32, n_layers=1, n_heads=2, mem_len=6, position="xl")
+    cfg = make_cfg(tmp_path, device="cuda", backbone=backbone, cuda_graph=True)
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        trainer = PPOTrainer(cfg, env_fn=EnvFactory("cut", {}, make=CutEnv))
+    try:
+        assert not trainer.collector.stepper.graphed and trainer.collector.stepper.graph_error
+        trainer.collect()
+        assert replay_error(trainer) < 1e-5
+    finally:
+        trainer.close()
+
+
+def test_state_is_fixed_structure_for_graphs(tmp_path):
+    """The XL state keeps its tensors' shapes from step to step (what in-place graph buffers need)."""
+    from agents.ppo.rollout import state_leaves
+
+    trainer = PPOTrainer(make_cfg(tmp_path), env_fn=EnvFactory("cut", {}, make=CutEnv))
+    try:
+        st = trainer.collector.stepper
+        before = [(t.shape, t.dtype) for t in state_leaves(st.state)]
+        trainer.collect()
+        assert [(t.shape, t.dtype) for t in state_leaves(st.state)] == before
+        assert isinstance(st.state, EncoderState) and len(before) == 1 + 2 * 2
+    finally:
+        trainer.close()
