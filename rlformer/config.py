@@ -116,6 +116,8 @@ class LSHConfig:
     """length of the chunks of the sorted sequence; each attends to itself and the previous chunk"""
     seed: int = 0
     """seed of the fixed random rotations (each layer draws its own from seed and its index)"""
+    max_scores: int = 1 << 24
+    """scores computed at once (forward, and the recomputing backward): bounds the scratch memory"""
 
 
 @dataclass
@@ -133,6 +135,8 @@ class RoutingConfig:
     """chunk length of the cluster-sorted sequence; each chunk attends to itself and the previous one"""
     seed: int = 0
     """seed of the initial centroids (each layer draws its own from seed and its index)"""
+    max_scores: int = 1 << 24
+    """scores computed at once (forward, and the recomputing backward): bounds the scratch memory"""
 
 
 @dataclass

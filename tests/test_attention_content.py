@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from variants import D_MODEL, base_config, small_config
 
 import rlformer
-from rlformer.attention.chunked import bucket_attention
+from rlformer.attention.chunked import bucket_attention, combine_rounds, naive_bucket_attention
+from rlformer.attention.chunked_softmax import bucket_softmax_attention
 from rlformer.attention.linformer import LinformerAttention
 from rlformer.attention.lsh import LSHAttention, lsh_buckets
 from rlformer.attention.random_features import (
@@ -138,6 +139,41 @@ def test_bucket_attention_sorted_chunks_bound_memory():
     out, lse = bucket_attention(q, F.normalize(q, dim=-1), q, buckets, 16, 32, dh ** -0.5, causal=True,
                                 self_penalty=True)
     assert out.shape == (b, h, 1, t, dh) and torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("kernel", ["math", "flash_cpu"])
+@pytest.mark.parametrize("causal,window,after", [(True, None, 0), (False, None, 1), (True, 4, 0), (False, 5, 0)])
+def test_bucket_softmax_attention_matches_naive_in_one_and_many_groups(kernel, causal, window, after):
+    """The lean path (kernels per group of chunks, rounds combined online, backward recomputed) ==
+    the naive loops + combine_rounds, outputs and gradients, for 1 group and for groups of 1-2 chunks."""
+    q, _, v = qkv(t=23)
+    k = F.normalize(q, dim=-1)
+    g = torch.Generator().manual_seed(4)
+    buckets = torch.randint(0, 4, (2, 4, 3, 23), generator=g)
+    kw = dict(causal=causal, after=after, self_penalty=True, key_valid=padding(2, 23), window=window)
+    ref = combine_rounds(*naive_bucket_attention(q, k, v, buckets, 4, 3, 0.3, round_buckets=buckets, **kw))
+    for max_scores in (1 << 20, 20):
+        fast = bucket_softmax_attention(q, k, v, buckets, 4, 3, 0.3, dedup=True, max_scores=max_scores,
+                                        kernel=kernel, **kw)
+        assert_same_outputs_and_grads(fast, ref, [q, v], atol=1e-10)
+
+
+def test_lsh_keeps_linear_activation_memory():
+    """lsh saves q, k, v, the combined output and integer layout tables: no per-chunk scores or
+    probabilities (the materializing path kept ~13x the output at T=4096)."""
+    h, dh = 8, 64
+    cfg = base_config(attention="lsh", n_heads=h, causal=True, d_model=h * dh)
+    cfg.lsh = rlformer.LSHConfig(n_buckets=16, n_hashes=2, chunk_size=64, max_scores=1 << 20)
+    att = LSHAttention(cfg, layer=0)
+    saved = []
+    for t in (1024, 4096):
+        q, v = (torch.randn(1, h, t, dh, requires_grad=True) for _ in range(2))
+        k = F.normalize(q, dim=-1)
+        total = saved_activation_bytes(lambda: att.attend(q, k, v, ctx_for(1, t, True))[0], exclude=att)
+        assert v.grad.abs().sum() > 0 and torch.isfinite(q.grad).all()
+        saved.append(total)
+        assert total < 1.25 * 4 * t * h * dh * 4, (t, total)          # q, k, v, out (+ small tables)
+    assert saved[1] <= 4 * saved[0] * 1.05, saved
 
 
 @pytest.mark.parametrize("bad,match", [(dict(n_buckets=3), "even"), (dict(n_hashes=0), "n_hashes"),
@@ -474,6 +510,33 @@ def test_cuda_matches_cpu_float64(name):
     out = enc.to("cuda", dtype)(x.to("cuda", dtype)).output.float().cpu()
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-3 if dtype == torch.float32 else 0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: fused memory-efficient kernel vs CPU float64")
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_bucket_softmax_kernels_match_cpu_float64(dtype, atol, causal):
+    """The CUDA branch (aten memory-efficient attention forward/backward per group, bias in the
+    inputs' dtype) and the CUDA math kernel against the CPU float64 path, outputs and gradients."""
+    g = torch.Generator().manual_seed(5)
+    b, h, t, dh = 2, 4, 200, 64
+    q, v = (torch.randn(b, h, t, dh, generator=g, dtype=F64) for _ in range(2))
+    buckets = torch.randint(0, 4, (b, h, 2, t), generator=g)
+    valid = padding(b, t)
+    probe = torch.randn(b, h, t, dh, generator=g, dtype=F64)
+    kw = dict(causal=causal, after=0 if causal else 1, self_penalty=True, key_valid=valid, dedup=True)
+
+    def run(device, dt, kernel, max_scores):
+        qq, vv = (x.to(device, dt).requires_grad_() for x in (q, v))
+        out = bucket_softmax_attention(qq, F.normalize(qq, dim=-1), vv, buckets.to(device), 4, 16, 0.125,
+                                       key_valid=valid.to(device), max_scores=max_scores, kernel=kernel, **kw)
+        (out * probe.to(device, dt)).sum().backward()
+        return [x.double().cpu() for x in (out, qq.grad, vv.grad)]
+
+    ref = run("cpu", F64, "flash_cpu", 1 << 24)
+    for kernel, max_scores in (("efficient", 1 << 24), ("efficient", 5000), ("math", 1 << 24)):
+        for a, r in zip(run("cuda", dtype, kernel, max_scores), ref):
+            torch.testing.assert_close(a, r, rtol=0, atol=atol * max(1.0, r.abs().max().item()))
 
 
 @pytest.mark.parametrize("name,gate", [("performer", False), ("rfa", False), ("rfa", True)])

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from rlformer.attention.base import Attention, split_heads
 from rlformer.attention.chunked import bucket_attention, combine_rounds, naive_bucket_attention
+from rlformer.attention.chunked_softmax import bucket_softmax_attention
 from rlformer.config import EncoderConfig
 from rlformer.registry import register
 
@@ -33,19 +34,28 @@ class Float32Buffers(nn.Module):
         return out
 
 
-def lsh_buckets(x: Tensor, rotations: Tensor) -> Tensor:
+@torch.no_grad()
+def lsh_buckets(x: Tensor, rotations: Tensor, max_elements: int = 1 << 24) -> Tensor:
     """Angular LSH (Reformer sec. 2, after Andoni et al. 2015): h(x) = argmax([xR; -xR]).
 
     x: (B, H, T, dh); rotations: (H, R, dh, n_buckets / 2) -> buckets (B, H, R, T) in [0, n_buckets).
     One bucket (rotations with 0 columns) sends everything to bucket 0. Invariant to scaling x > 0.
+    The rotated values (float32) are formed for blocks of tokens of at most ``max_elements``;
+    argmax over [xR; -xR] is argmax(xR) when max(xR) >= -min(xR), else n_buckets/2 + argmin(xR).
     """
     b, h, t, _ = x.shape
     n_rounds, half = rotations.shape[1], rotations.shape[-1]
+    out = torch.zeros(b, h, n_rounds, t, dtype=torch.long, device=x.device)
     if half == 0:
-        return torch.zeros(b, h, n_rounds, t, dtype=torch.long, device=x.device)
+        return out
     acc = torch.promote_types(x.dtype, torch.float32)
-    rotated = torch.einsum("bhtd,hrdn->bhrtn", x.to(acc), rotations.to(acc))
-    return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+    rot = rotations.to(device=x.device, dtype=acc)
+    step = max(1, max_elements // (b * h * n_rounds * half))
+    for s in range(0, t, step):
+        rotated = torch.einsum("bhtd,hrdn->bhrtn", x[:, :, s:s + step].to(acc), rot)
+        hi, lo = rotated.amax(-1), rotated.amin(-1)
+        out[..., s:s + step] = torch.where(hi >= -lo, rotated.argmax(-1), rotated.argmin(-1) + half)
+    return out
 
 
 @register("attention", "lsh")
@@ -66,7 +76,11 @@ class LSHAttention(Float32Buffers, Attention):
       z(i, P_i)) o_i^r with the per-round logsumexp z, scores lowered by log N_ij (the number of
       rounds in which i and j share a bucket) so duplicates count once.
 
-    Scores use the usual 1/sqrt(dh) scale. Time and memory O(T * n_hashes * chunk_size).
+    Scores use the usual 1/sqrt(dh) scale. Time O(T * n_hashes * chunk_size). Fast path:
+    ``chunked_softmax.bucket_softmax_attention`` (fused attention kernels per group of chunks, rounds
+    combined online, probabilities recomputed in backward): activation memory O(T * (dh + n_hashes))
+    plus one group's scratch (``lsh.max_scores``). With dropout in training it falls back to
+    ``chunked.bucket_attention``, which materializes the per-chunk probabilities.
     Positions: "input" and "rotary" (scores are only formed inside chunks). No memory prefix.
     """
 
@@ -104,10 +118,15 @@ class LSHAttention(Float32Buffers, Attention):
     def attend(self, q, k, v, ctx):
         c = self.cfg.lsh
         buckets = self.buckets(k)
-        out, lse = bucket_attention(q, k, v, buckets, c.n_buckets, c.chunk_size, self.scale, causal=ctx.causal,
-                                    self_penalty=True, key_valid=ctx.key_valid, round_buckets=buckets,
-                                    dropout=self.dropout, training=self.training)
-        return combine_rounds(out, lse), {}
+        if self.dropout > 0 and self.training:    # dropout needs the probabilities: the materializing path
+            out, lse = bucket_attention(q, k, v, buckets, c.n_buckets, c.chunk_size, self.scale, causal=ctx.causal,
+                                        self_penalty=True, key_valid=ctx.key_valid, round_buckets=buckets,
+                                        dropout=self.dropout, training=self.training)
+            return combine_rounds(out, lse), {}
+        out = bucket_softmax_attention(q, k, v, buckets, c.n_buckets, c.chunk_size, self.scale, causal=ctx.causal,
+                                       self_penalty=True, key_valid=ctx.key_valid, dedup=True,
+                                       max_scores=c.max_scores)
+        return out, {}
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, ctx) -> Tensor:
         """Naive version of ``attend`` (explicit loops over rounds, buckets and positions)."""
