@@ -8,6 +8,7 @@ from torch import Tensor
 
 from rlformer.attention.base import Attention
 from rlformer.attention.chunked import bucket_attention, naive_bucket_attention
+from rlformer.attention.chunked_softmax import bucket_softmax_attention
 from rlformer.attention.lsh import Float32Buffers, layer_generator
 from rlformer.config import EncoderConfig
 from rlformer.registry import register
@@ -35,6 +36,11 @@ class RoutingAttention(Float32Buffers, Attention):
       mu <- lambda mu + (1 - lambda) mean{x : c(x) = mu}, lambda = ``routing.ema_decay``;
       centroids are buffers updated under no_grad, never parameters, kept in float32 under
       half-precision casts. Eval leaves them fixed.
+
+    Fast path: ``chunked_softmax.bucket_softmax_attention`` for both head groups (fused attention
+    kernels per group of chunks, probabilities recomputed in backward; activation memory
+    O(T * dh) plus one group's scratch, ``routing.max_scores``). With dropout in training it
+    falls back to ``chunked.bucket_attention``, which materializes the per-chunk probabilities.
 
     Positions: "input" and "rotary". No memory prefix (the state would need the clusters).
     """
@@ -68,6 +74,7 @@ class RoutingAttention(Float32Buffers, Attention):
         if not 0.0 <= r.ema_decay < 1.0:
             raise ValueError(f"routing.ema_decay={r.ema_decay} must be in [0, 1), e.g. 0.999")
 
+    @torch.no_grad()
     def clusters(self, x: Tensor) -> Tensor:
         """(B, Hr, T) index of the nearest centroid to each (normalized) routing-head vector."""
         acc = torch.promote_types(x.dtype, torch.float32)
@@ -90,7 +97,16 @@ class RoutingAttention(Float32Buffers, Attention):
         return k, self.clusters(k)
 
     def attend(self, q, k, v, ctx):
-        return self._attend(q, k, v, ctx, bucket_attention)
+        if self.dropout > 0 and self.training:    # dropout needs the probabilities: the materializing path
+            return self._attend(q, k, v, ctx, bucket_attention)
+        return self._attend(q, k, v, ctx, self._lean)
+
+    def _lean(self, q, k, v, buckets, n_buckets, chunk_size, scale, **kw):
+        """``bucket_softmax_attention`` in the (out (B, H, 1, T, dh), lse) form of ``bucket_attention``."""
+        kw.pop("dropout"), kw.pop("training")
+        out = bucket_softmax_attention(q, k, v, buckets, n_buckets, chunk_size, scale,
+                                       max_scores=self.cfg.routing.max_scores, **kw)
+        return out[:, :, None], None
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, ctx) -> Tensor:
         """Naive version of ``attend`` (dense masks built with explicit loops); no centroid update."""
@@ -119,4 +135,5 @@ class RoutingAttention(Float32Buffers, Attention):
             outs.append(out[:, :, 0])
             if self.training:
                 self.update_centroids(kr, clusters, ctx.key_valid)
-        return torch.cat(outs, dim=1), {}
+        # joined in (B, T, H, dh) storage, which merge_heads reshapes without a copy
+        return torch.cat([o.transpose(1, 2) for o in outs], dim=2).transpose(1, 2), {}
