@@ -12,8 +12,10 @@ writes all rows to ``--out``. A variant is ``+``-joined tokens:
     compile            torch.compile the policy's features (PPOConfig.compile)
     nofused            plain (foreach) Adam instead of the fused kernel
     sync               gymnasium SyncVectorEnv (envs stepped in the main process) instead of async workers
+    split              two env groups of num_envs / 2, pipelined: the policy runs for one group while the
+                       other's workers step (PPOConfig.env_groups = 2)
 
-    python scripts/bench_ppo.py --device cuda --variants eager graph graph+bf16 graph+tf32 --out bench_ppo.json
+    python scripts/bench_ppo.py --device cuda --variants eager graph graph+bf16 graph+split+bf16 --out bench_ppo.json
     python scripts/bench_ppo.py --device cpu --num-envs 2 --num-steps 8 --updates 1 --warmup 0   # smoke
 
 Per variant: SPS, the rollout split into env wait (step_async + step_wait), policy (step + sampling
@@ -35,7 +37,7 @@ from typing import Literal, Optional
 import torch
 import tyro
 
-TOKENS = ("eager", "graph", "bf16", "tf32", "compile", "nofused", "sync")
+TOKENS = ("eager", "graph", "bf16", "tf32", "compile", "nofused", "sync", "split")
 
 
 def minigrid_rgb(size: int = 9, view: int = 3, tile: int = 28, max_steps: int = 96, random_length: bool = False):
@@ -67,6 +69,7 @@ class BenchConfig:
     size: int = 9
     """MiniGrid-MemoryS{size}"""
     vector: Literal["async", "sync"] = "async"
+    env_groups: int = 1
     compile: bool = False
     tf32: bool = False
     """TF32 everywhere, rollout included (the replay is then exact only to ~1e-3)"""
@@ -98,6 +101,8 @@ def apply_variant(bc: BenchConfig, variant: str) -> BenchConfig:
         changes["compile"] = True
     if "sync" in tokens:
         changes["vector"] = "sync"
+    if "split" in tokens:
+        changes["env_groups"] = 2
     return dataclasses.replace(bc, variants=[], **changes)
 
 
@@ -107,7 +112,7 @@ def run(bc: BenchConfig, fused_adam: Optional[bool] = None) -> dict:
 
     cfg = PPOConfig(env=f"MiniGrid-MemoryS{bc.size}-rgb84", num_envs=bc.num_envs, num_steps=bc.num_steps,
                     num_minibatches=bc.num_minibatches, update_epochs=bc.update_epochs, device=bc.device,
-                    seed=bc.seed, vector=bc.vector, compile=bc.compile, tf32=bc.tf32, obs_hidden=bc.d_model,
+                    seed=bc.seed, vector=bc.vector, env_groups=bc.env_groups, compile=bc.compile, tf32=bc.tf32, obs_hidden=bc.d_model,
                     cuda_graph=bc.cuda_graph, update_precision=bc.update_precision, fused_adam=fused_adam,
                     backbone=gtrxl_backbone(d_model=bc.d_model, n_layers=bc.n_layers, n_heads=bc.n_heads,
                                             mem_len=bc.mem_len),

@@ -55,56 +55,69 @@ def make_cfg(tmp_path, **kw) -> PPOConfig:
 
 @torch.no_grad()
 def reference_rollout(policy, env_fn, cfg: PPOConfig, steps: int, seed: int) -> dict:
-    """The plain loop: policy.act-style forward on tensors built from the env's arrays every step, the
-    distribution sampled through torch.distributions, the state carried and reset, truncated rewards
-    bootstrapped per env on the host."""
+    """The plain loop: a forward on tensors built from the env's arrays every step, the distribution
+    sampled through torch.distributions (group by group, in group order, as the pipelined collector draws),
+    the state carried and reset, truncated rewards bootstrapped one env at a time on the host."""
     policy.eval()
     envs = make_vector_env(env_fn, cfg.num_envs, "sync")
     obs, _ = envs.reset(seed=cfg.seed)
-    state = policy.initial_state(cfg.num_envs, "cpu")
+    n = cfg.num_envs // cfg.env_groups
+    groups = [slice(g * n, (g + 1) * n) for g in range(cfg.env_groups)]
+    states = [policy.initial_state(n, "cpu") for _ in groups]
     reset = torch.zeros(cfg.num_envs, dtype=torch.bool)
     torch.manual_seed(seed)
     rec = {k: [] for k in ("obs", "actions", "logprobs", "values", "rewards", "ends", "resets", "offsets", "inputs")}
     for _ in range(steps):
         obs_t = torch.as_tensor(np.array(obs), dtype=torch.float32)
-        state = state.reset(reset)
-        feat, new_state, _ = policy.features(obs_t, state)
-        head = policy.actor(feat)
-        dist = Normal(head, policy.log_std.exp().expand_as(head)) if policy.continuous else Categorical(logits=head)
-        action = dist.sample()
-        logp = dist.log_prob(action)
-        logp = logp.sum(-1) if policy.continuous else logp
-        value = policy.critic(feat)[:, 0]
-        env_action = action.numpy()
-        if policy.continuous:
-            env_action = np.clip(env_action, -1.0, 1.0)
+        step = {k: [] for k in rec}
+        new_states = []
+        for g, sl in enumerate(groups):
+            state = states[g].reset(reset[sl])
+            feat, new_state, _ = policy.features(obs_t[sl], state)
+            head = policy.actor(feat)
+            dist = Normal(head, policy.log_std.exp().expand_as(head)) if policy.continuous else Categorical(logits=head)
+            action = dist.sample()
+            logp = dist.log_prob(action)
+            step["actions"].append(action)
+            step["logprobs"].append(logp.sum(-1) if policy.continuous else logp)
+            step["values"].append(policy.critic(feat)[:, 0])
+            step["offsets"].append(state.offset)
+            step["inputs"].append(torch.stack([s["memory"]["mem"][:, -1] for s in new_state.slots], dim=0))
+            new_states.append(new_state)
+        action = torch.cat(step["actions"])
+        env_action = np.clip(action.numpy(), -1.0, 1.0) if policy.continuous else action.numpy()
         obs, reward, term, trunc, info = envs.step(env_action)
         reward = np.asarray(reward, dtype=np.float32).copy()
         for i in np.flatnonzero(trunc & ~term):  # one env at a time, obviously
-            final = torch.as_tensor(np.array(obs), dtype=torch.float32)
-            final[i] = torch.as_tensor(info["final_obs"][i])
-            f_feat, _, _ = policy.features(final, new_state)
-            reward[i] += cfg.gamma * policy.critic(f_feat)[i, 0].item()
-        for k, v in (("obs", obs_t), ("actions", action), ("logprobs", logp), ("values", value),
-                     ("rewards", torch.as_tensor(reward)), ("ends", torch.as_tensor(term | trunc).float()),
-                     ("resets", reset), ("offsets", state.offset),
-                     ("inputs", torch.stack([s["memory"]["mem"][:, -1] for s in new_state.slots], dim=0))):
+            g, row = divmod(int(i), n)
+            final = torch.as_tensor(np.array(obs), dtype=torch.float32)[groups[g]]
+            final[row] = torch.as_tensor(info["final_obs"][i])
+            f_feat, _, _ = policy.features(final, new_states[g])
+            reward[i] += cfg.gamma * policy.critic(f_feat)[row, 0].item()
+        for k in ("actions", "logprobs", "values", "offsets"):
+            rec[k].append(torch.cat(step[k]))
+        rec["inputs"].append(torch.cat(step["inputs"], dim=1))
+        for k, v in (("obs", obs_t), ("rewards", torch.as_tensor(reward)), ("resets", reset),
+                     ("ends", torch.as_tensor(term | trunc).float())):
             rec[k].append(v)
         reset = torch.as_tensor(term | trunc)
-        state = new_state
+        states = new_states
     envs.close()
     return {k: torch.stack(v) for k, v in rec.items()}
 
 
-@pytest.mark.parametrize("continuous,vector", [(False, "sync"), (True, "async")], ids=["discrete-sync", "continuous-async"])
-def test_collector_equals_plain_loop(tmp_path, continuous, vector):
+@pytest.mark.parametrize("continuous,vector,groups", [(False, "sync", 1), (True, "async", 1), (False, "async", 2)],
+                         ids=["discrete-sync", "continuous-async", "discrete-async-2groups"])
+def test_collector_equals_plain_loop(tmp_path, continuous, vector, groups):
     """Two consecutive rollouts (state, observation and pending resets carried over) of the buffered
     collector equal the plain per-step loop: observations, actions, log-probs, values, bootstrapped
-    rewards, ends, resets, positions and the layer inputs stored for the XL windows."""
+    rewards, ends, resets, positions and the layer inputs stored for the XL windows; also with the envs
+    split into two pipelined groups."""
     env_fn = EnvFactory("cut", {"continuous": continuous}, make=CutEnv)
-    cfg = make_cfg(tmp_path, vector=vector)
+    cfg = make_cfg(tmp_path, vector=vector, env_groups=groups)
     trainer = PPOTrainer(cfg, env_fn=env_fn)
     try:
+        assert len(trainer.collector.lanes) == groups
         ref = reference_rollout(trainer.policy, env_fn, cfg, 2 * cfg.num_steps, seed=7)
         assert ref["ends"].sum() > 4 and ref["resets"][cfg.num_steps:].any()
         assert (ref["rewards"] != 0).any()
@@ -223,9 +236,9 @@ def test_bench_variants_tiny(tmp_path):
     out = tmp_path / "bench.json"
     rows = main(["--device", "cpu", "--num-envs", "2", "--num-steps", "4", "--updates", "1", "--warmup", "0",
                  "--num-minibatches", "2", "--update-epochs", "1", "--d-model", "16", "--n-heads", "2",
-                 "--mem-len", "4", "--vector", "sync", "--variants", "eager", "graph+bf16", "--out", str(out)])
+                 "--mem-len", "4", "--vector", "sync", "--variants", "eager", "graph+bf16+split", "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert [r["variant"] for r in saved] == ["eager", "graph+bf16"] == [r["variant"] for r in rows]
+    assert [r["variant"] for r in saved] == ["eager", "graph+bf16+split"] == [r["variant"] for r in rows]
     for r in saved:
         assert "error" not in r, r.get("error")
         assert r["sps"] > 0 and r["replay_max_abs_diff"] < 1e-5
@@ -233,6 +246,7 @@ def test_bench_variants_tiny(tmp_path):
         assert parts == pytest.approx(r["rollout_s_per_update"], rel=1e-6)
         assert min(r["env_s_per_update"], r["policy_s_per_update"], r["host_s_per_update"]) > 0
     assert saved[1]["config"]["update_precision"] == "bf16" and saved[1]["config"]["cuda_graph"]
+    assert saved[1]["config"]["env_groups"] == 2
 
 
 # ---------------------------------------------------------------------------------------------- CUDA only

@@ -66,6 +66,9 @@ class RunConfig:
     """run directory (default runs/<env>-<policy>-seed<seed>)"""
     vector: Literal["async", "sync"] = "async"
     """gymnasium.vector backend (async = one process per env)"""
+    env_groups: int = 1
+    """split the envs into this many vector envs stepped in a pipeline: the policy runs for one group
+    while the other groups' async workers step (PPO; same results up to the order of random draws)"""
     threads: Optional[int] = None
     """torch CPU threads; None = 1 when the model runs on the CPU (more threads spin against the env
     workers and other jobs on small machines), torch's default otherwise"""

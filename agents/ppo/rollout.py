@@ -94,22 +94,24 @@ class EpisodeStats:
         self.successes: collections.deque = collections.deque(maxlen=window)
         self.episodes = 0
 
-    def step(self, reward: np.ndarray, done: np.ndarray, info: dict) -> None:
-        self.ret += reward
-        self.len += 1
+    def step(self, reward: np.ndarray, done: np.ndarray, info: dict, cols: slice = slice(None)) -> None:
+        """One vector step of the envs ``cols`` (all by default)."""
+        ret, length = self.ret[cols], self.len[cols]  # views
+        ret += reward
+        length += 1
         if not done.any():
             return
         idx = np.flatnonzero(done)
-        self.returns.extend(self.ret[idx].tolist())
-        self.lengths.extend(self.len[idx].tolist())
+        self.returns.extend(ret[idx].tolist())
+        self.lengths.extend(length[idx].tolist())
         self.episodes += len(idx)
         final = info.get("final_info", {})
         if "success" in final:
             has = final.get("_success", np.ones_like(done))
             sel = idx[has[idx]]
             self.successes.extend(np.asarray(final["success"])[sel].astype(float).tolist())
-        self.ret[idx] = 0.0
-        self.len[idx] = 0
+        ret[idx] = 0.0
+        length[idx] = 0
 
     def summary(self) -> dict[str, float]:
         out = {}
@@ -160,27 +162,28 @@ class RolloutBuffer:
             self.ep_start = torch.zeros(s, e, dtype=torch.long, device=device)
 
     # ------------------------------------------------------------------ recording
-    def record_start(self, state: Optional[EncoderState]) -> None:
-        """The memory every env holds before the rollout's first step (before its pending reset)."""
-        self.bootstrap.zero_()
+    def record_start(self, state: Optional[EncoderState], cols: slice = slice(None)) -> None:
+        """The memory envs ``cols`` hold before the rollout's first step (before their pending reset)."""
+        self.bootstrap[:, cols] = 0.0
         if not self.xl:
             return
         for layer, slot in enumerate(state.slots):
             mem = slot["memory"]
-            self.seq[layer, :, : self.M] = mem["mem"]
-            self.seq_valid[layer, :, : self.M] = mem["mem_valid"]
+            self.seq[layer, cols, : self.M] = mem["mem"]
+            self.seq_valid[layer, cols, : self.M] = mem["mem_valid"]
 
-    def record_step(self, t: int, obs: Tensor, out: "StepOutput", action: Tensor, logprob: Tensor) -> None:
-        """Step t's device tensors, one copy each: the observation the policy saw, its outputs, the
+    def record_step(self, t: int, cols: slice, obs: Tensor, out: "StepOutput", action: Tensor,
+                    logprob: Tensor) -> None:
+        """Step t of envs ``cols``, one copy each: the observation the policy saw, its outputs, the
         (post-reset) position of each env and the layer inputs it wrote into XL memory (newest slot)."""
-        self.obs[t].copy_(obs)
-        self.actions[t].copy_(action)
-        self.logprobs[t].copy_(logprob)
-        self.values[t].copy_(out.value)
+        self.obs[t, cols].copy_(obs)
+        self.actions[t, cols].copy_(action)
+        self.logprobs[t, cols].copy_(logprob)
+        self.values[t, cols].copy_(out.value)
         if self.recurrent:
-            self.offsets[t].copy_(out.offset)
+            self.offsets[t, cols].copy_(out.offset)
         if self.xl:
-            self.seq[:, :, self.M + t].copy_(out.inputs)
+            self.seq[:, cols, self.M + t].copy_(out.inputs)
 
     def finish(self, rewards: Tensor, ends: Tensor, resets: Tensor) -> None:
         """Per-step host records (S, E) of the rollout in one copy each; episode starts per step (for
@@ -419,6 +422,25 @@ class PolicyStepper:
             self.policy.train(was_training)
 
 
+class Lane:
+    """One group of envs, columns ``cols`` of the buffer: its vector env, its policy stepper, the pinned
+    host mirrors of the stepper's inputs and the pinned action buffer."""
+
+    def __init__(self, policy, envs: gym.vector.VectorEnv, cols: slice, buf: RolloutBuffer, device: torch.device,
+                 cuda_graph: bool):
+        n = cols.stop - cols.start
+        self.envs, self.cols = envs, cols
+        self.stepper = PolicyStepper(policy, n, buf.obs_shape, buf.obs_dtype, device, cuda_graph)
+        self.obs = HostMirror(self.stepper.obs)
+        self.final = HostMirror(self.stepper.final_obs)
+        self.reset = HostMirror(self.stepper.reset)
+        self.cut = HostMirror(torch.zeros(n, dtype=torch.bool, device=device))
+        self.actions = torch.zeros((n, *buf.act_shape), dtype=buf.act_dtype, pin_memory=device.type == "cuda")
+        self.event = torch.cuda.Event() if device.type == "cuda" else None
+        self.has_async = hasattr(envs, "step_async") and hasattr(envs, "step_wait")
+        self.result: Optional[tuple] = None  # a SyncVectorEnv's step result, between act and wait
+
+
 class RolloutCollector:
     """Fills a ``RolloutBuffer`` from vector envs with the carried per-env encoder state.
 
@@ -427,101 +449,130 @@ class RolloutCollector:
     ends, resets) go into (S, E) host arrays copied to the device once per rollout, and the next
     observation batch goes to the device in one non-blocking copy from pinned memory. Device-side
     records are single indexed copies. No per-env Python except gathering ``final_obs`` of envs
-    cut by a time limit. ``timers`` accumulates wall seconds: ``policy`` (step + sample + buffer
-    writes + the action copy), ``env`` (step_async + step_wait) and ``host`` (everything else).
+    cut by a time limit.
+
+    ``envs`` may be several vector envs (groups, e.g. 2 x 8 async workers for 16 envs): group g owns
+    the next ``num_envs`` columns of the buffer and has its own stepper, and the groups are pipelined,
+    so the policy runs for one group while the other's workers step (``act`` sends group g's actions
+    with ``step_async``; its ``wait`` comes after the next group's ``act``). Each group's rows are
+    independent, so this changes nothing but the order of the random draws.
+
+    ``timers`` accumulates wall seconds: ``policy`` (step + sample + buffer writes + the action copy
+    back), ``env`` (step_async + step_wait: waiting for the workers) and ``host`` (everything else).
     """
 
-    def __init__(self, policy, envs: gym.vector.VectorEnv, buf: RolloutBuffer, stats: EpisodeStats,
+    def __init__(self, policy, envs: gym.vector.VectorEnv | list, buf: RolloutBuffer, stats: EpisodeStats,
                  device: torch.device, gamma: float = 0.99, bootstrap_truncated: bool = True,
                  cuda_graph: bool = False):
-        self.policy, self.envs, self.buf, self.stats, self.device = policy, envs, buf, stats, device
+        self.policy, self.buf, self.stats, self.device = policy, buf, stats, device
         self.gamma, self.bootstrap_truncated = gamma, bootstrap_truncated
-        e, s = buf.E, buf.S
-        self.stepper = PolicyStepper(policy, e, buf.obs_shape, buf.obs_dtype, device, cuda_graph)
-        self.obs = HostMirror(self.stepper.obs)
-        self.final = HostMirror(self.stepper.final_obs)
-        self.reset = HostMirror(self.stepper.reset)
-        self.cut = HostMirror(torch.zeros(e, dtype=torch.bool, device=device))
+        groups = list(envs) if isinstance(envs, (list, tuple)) else [envs]
+        if sum(g.num_envs for g in groups) != buf.E:
+            raise ValueError(f"the env groups hold {[g.num_envs for g in groups]} envs but the buffer has {buf.E}")
+        self.lanes, start = [], 0
+        for g in groups:
+            self.lanes.append(Lane(policy, g, slice(start, start + g.num_envs), buf, device, cuda_graph))
+            start += g.num_envs
         pin = device.type == "cuda"
-        self.actions_host = torch.zeros((e, *buf.act_shape), dtype=buf.act_dtype, pin_memory=pin)
-        self.rewards = torch.zeros(s, e, pin_memory=pin)
-        self.ends = torch.zeros(s, e, pin_memory=pin)
-        self.resets = torch.zeros(s, e, dtype=torch.bool, pin_memory=pin)
-        self.event = torch.cuda.Event() if device.type == "cuda" else None
-        self.has_async = hasattr(envs, "step_async") and hasattr(envs, "step_wait")
-        space = envs.single_action_space
+        self.rewards = torch.zeros(buf.S, buf.E, pin_memory=pin)
+        self.ends = torch.zeros(buf.S, buf.E, pin_memory=pin)
+        self.resets = torch.zeros(buf.S, buf.E, dtype=torch.bool, pin_memory=pin)
+        space = groups[0].single_action_space
         self.clip = (space.low, space.high) if policy.continuous else None
         self.timers = {"policy": 0.0, "env": 0.0, "host": 0.0, "steps": 0}
 
-    def start(self, obs: np.ndarray) -> None:
-        """Begin from the envs' reset observations: fresh states, no pending resets."""
-        np.copyto(self.obs.np, np.asarray(obs), casting="unsafe")
-        self.obs.push()
-        self.reset.np[:] = False
-        self.reset.push()
-        self.stepper.load_state(self.policy.initial_state(self.buf.E, self.device))
+    @property
+    def stepper(self) -> PolicyStepper:
+        """The first group's stepper (the only one without groups)."""
+        return self.lanes[0].stepper
+
+    def start(self, seed: Optional[int] = None) -> None:
+        """Reset the envs (group g's env i gets seed + its column, as one vector env would seed them) and
+        begin from their first observations: fresh states, no pending resets."""
+        for lane in self.lanes:
+            obs, _ = lane.envs.reset(seed=None if seed is None else seed + lane.cols.start)
+            np.copyto(lane.obs.np, np.asarray(obs), casting="unsafe")
+            lane.obs.push()
+            lane.reset.np[:] = False
+            lane.reset.push()
+            lane.stepper.load_state(self.policy.initial_state(lane.stepper.E, self.device))
 
     def bootstrap_value(self) -> Tensor:
-        return self.stepper.bootstrap_value()
+        """V of every env's current observation under its reset-applied state (for GAE)."""
+        return torch.cat([lane.stepper.bootstrap_value() for lane in self.lanes])
+
+    def _act(self, lane: Lane, t: int) -> None:
+        clock = time.perf_counter
+        t0 = clock()
+        out = lane.stepper.step()
+        action, logprob = self.policy.sample(out.head)
+        lane.actions.copy_(action, non_blocking=lane.event is not None)
+        if lane.event is not None:
+            lane.event.record()
+        self.buf.record_step(t, lane.cols, lane.stepper.obs, out, action, logprob)
+        if lane.event is not None:
+            lane.event.synchronize()
+        env_action = lane.actions.numpy()
+        if self.clip is not None:
+            env_action = np.clip(env_action, *self.clip)
+        t1 = clock()
+        if lane.has_async:
+            lane.envs.step_async(env_action)
+        else:
+            lane.result = lane.envs.step(env_action)
+        self._t_policy += t1 - t0
+        self._t_env += clock() - t1
+
+    def _wait(self, lane: Lane, t: int) -> None:
+        t0 = time.perf_counter()
+        next_obs, reward, term, trunc, info = lane.envs.step_wait() if lane.has_async else lane.result
+        self._t_env += time.perf_counter() - t0
+        cols = lane.cols
+        done = np.logical_or(term, trunc)
+        self.stats.step(reward, done, info, cols)
+        self.resets.numpy()[t, cols] = lane.reset.np
+        self.rewards.numpy()[t, cols] = reward
+        self.ends.numpy()[t, cols] = done
+        np.copyto(lane.obs.np, next_obs, casting="unsafe")
+        lane.obs.push()
+        cut = np.logical_and(trunc, np.logical_not(term))
+        if self.bootstrap_truncated and cut.any():
+            idx = np.flatnonzero(cut)
+            lane.final.np[idx] = np.stack(info["final_obs"][idx])
+            lane.final.push()
+            lane.cut.np[:] = cut
+            v_final = lane.stepper.final_value()
+            self.buf.bootstrap[t, cols] = torch.where(lane.cut.push(), self.gamma * v_final, 0.0)
+        lane.reset.np[:] = done
+        lane.reset.push()
 
     @torch.no_grad()
     def collect(self) -> None:
-        """Fill the buffer with ``S`` steps of every env; the state, observation and pending resets carry
+        """Fill the buffer with ``S`` steps of every env; the states, observations and pending resets carry
         over to the next call."""
-        policy, envs, buf, stepper, timers = self.policy, self.envs, self.buf, self.stepper, self.timers
-        policy.eval()
-        clock = time.perf_counter
-        t_start = clock()
-        t_policy = t_env = 0.0
-        buf.record_start(stepper.state)
-        rewards, ends, resets = self.rewards.numpy(), self.ends.numpy(), self.resets.numpy()
-        act_np = self.actions_host.numpy()
+        buf, lanes = self.buf, self.lanes
+        self.policy.eval()
+        t_start = time.perf_counter()
+        self._t_policy = self._t_env = 0.0
+        for lane in lanes:
+            buf.record_start(lane.stepper.state, lane.cols)
+        pending: collections.deque = collections.deque()
         for t in range(buf.S):
-            t0 = clock()
-            out = stepper.step()
-            action, logprob = policy.sample(out.head)
-            self.actions_host.copy_(action, non_blocking=self.event is not None)
-            if self.event is not None:
-                self.event.record()
-            buf.record_step(t, stepper.obs, out, action, logprob)
-            if self.event is not None:
-                self.event.synchronize()
-            env_action = act_np if self.clip is None else np.clip(act_np, *self.clip)
-            t1 = clock()
-            if self.has_async:
-                envs.step_async(env_action)
-                next_obs, reward, term, trunc, info = envs.step_wait()
-            else:
-                next_obs, reward, term, trunc, info = envs.step(env_action)
-            t2 = clock()
-            done = np.logical_or(term, trunc)
-            self.stats.step(reward, done, info)
-            resets[t] = self.reset.np
-            rewards[t] = reward
-            ends[t] = done
-            np.copyto(self.obs.np, next_obs, casting="unsafe")
-            self.obs.push()
-            cut = np.logical_and(trunc, np.logical_not(term))
-            if self.bootstrap_truncated and cut.any():
-                idx = np.flatnonzero(cut)
-                self.final.np[idx] = np.stack(info["final_obs"][idx])
-                self.final.push()
-                self.cut.np[:] = cut
-                v_final = stepper.final_value()
-                buf.bootstrap[t] = torch.where(self.cut.push(), self.gamma * v_final, 0.0)
-            self.reset.np[:] = done
-            self.reset.push()
-            t_policy += t1 - t0
-            t_env += t2 - t1
+            for lane in lanes:  # with one group: act, wait; with two: act A, act B, wait A, act A', wait B, ...
+                self._act(lane, t)
+                pending.append((lane, t))
+                if len(pending) == len(lanes):
+                    self._wait(*pending.popleft())
+        while pending:
+            self._wait(*pending.popleft())
         buf.finish(self.rewards, self.ends, self.resets)
-        if self.event is not None:  # the host arrays are rewritten by the next rollout
-            self.event.record()
-            self.event.synchronize()
-        total = clock() - t_start
-        timers["policy"] += t_policy
-        timers["env"] += t_env
-        timers["host"] += total - t_policy - t_env
-        timers["steps"] += buf.S
+        if self.device.type == "cuda":  # the host arrays are rewritten by the next rollout
+            torch.cuda.current_stream(self.device).synchronize()
+        total = time.perf_counter() - t_start
+        self.timers["policy"] += self._t_policy
+        self.timers["env"] += self._t_env
+        self.timers["host"] += total - self._t_policy - self._t_env
+        self.timers["steps"] += buf.S
 
 
 @torch.no_grad()

@@ -52,7 +52,11 @@ class PPOTrainer:
         seed_everything(cfg.seed)
         self.run_dir = Path(run_dir) if run_dir is not None else make_run_dir(cfg.out_dir, default_run_name(cfg))
         self.env_fn = env_fn or EnvFactory(cfg.env, cfg.env_kwargs.kwargs())
-        self.envs = make_vector_env(self.env_fn, cfg.num_envs, cfg.vector, copy=False)
+        if cfg.env_groups < 1 or cfg.num_envs % cfg.env_groups:
+            raise ValueError(f"env_groups = {cfg.env_groups} must be >= 1 and divide num_envs = {cfg.num_envs}")
+        self.env_groups = [make_vector_env(self.env_fn, cfg.num_envs // cfg.env_groups, cfg.vector, copy=False)
+                           for _ in range(cfg.env_groups)]
+        self.envs = self.env_groups[0]  # the final evaluation runs on the first group
         obs_space, act_space = self.envs.single_observation_space, self.envs.single_action_space
         self.policy = PPOPolicy(obs_space, act_space, cfg.policy, cfg.backbone, cfg.obs_hidden,
                                 cfg.mlp_layers).to(self.device)
@@ -65,10 +69,9 @@ class PPOTrainer:
         self.update_idx = 0
         self.global_step = 0
         self.wall_before = 0.0  # wall seconds of earlier sessions of a resumed run
-        self.collector = RolloutCollector(self.policy, self.envs, self.buf, self.stats, self.device, cfg.gamma,
+        self.collector = RolloutCollector(self.policy, self.env_groups, self.buf, self.stats, self.device, cfg.gamma,
                                           cfg.bootstrap_truncated, cuda_graph=cfg.cuda_graph)
-        obs, _ = self.envs.reset(seed=cfg.seed)
-        self.collector.start(obs)
+        self.collector.start(seed=cfg.seed)
 
     # ------------------------------------------------------------------ one update
     def collect(self) -> None:
@@ -243,7 +246,8 @@ class PPOTrainer:
             logger.close()
 
     def close(self) -> None:
-        self.envs.close()
+        for envs in self.env_groups:
+            envs.close()
 
 
 @contextlib.contextmanager
