@@ -249,6 +249,118 @@ def test_bench_variants_tiny(tmp_path):
     assert saved[1]["config"]["env_groups"] == 2
 
 
+class _FakeGraph:
+    """CPU stand-in for a captured graph: replay re-runs the captured function and refills its outputs in
+    place (a real replay rewrites the captured output tensors the same way)."""
+
+    def __init__(self, fn, out, offset: float = 0.0):
+        self.fn, self.out, self.offset = fn, out, offset
+
+    @staticmethod
+    def tensors(out):
+        if isinstance(out, torch.Tensor):
+            return [out]
+        fields = (getattr(out, f.name) for f in dataclasses.fields(out))  # (astuple would deep-copy them)
+        return [t for t in fields if t is not None]
+
+    def replay(self):
+        for dst, src in zip(self.tensors(self.out), self.tensors(self.fn())):
+            dst.copy_(src + self.offset if src.is_floating_point() else src)
+
+
+def _emulate_cuda(monkeypatch, capture):
+    """Let PolicyStepper._capture run on the CPU: streams and syncs do nothing, capture_graph is ``capture``."""
+    import contextlib
+
+    import agents.ppo.rollout as rollout
+
+    class Stream:
+        def __init__(self, *a, **k):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(rollout, "capture_graph", capture)
+
+
+def _stepper_pair(continuous=False):
+    from agents.ppo.policy import PPOPolicy
+    from agents.ppo.rollout import PolicyStepper
+
+    torch.manual_seed(0)
+    act = gym.spaces.Box(-1, 1, (2,), np.float32) if continuous else gym.spaces.Discrete(3)
+    policy = PPOPolicy(gym.spaces.Box(-1, 1, (3,), np.float32), act, "transformer",
+                       gtrxl_backbone(d_model=32, n_layers=2, n_heads=2, mem_len=5), 32)
+    make = lambda: PolicyStepper(policy, 4, (3,), torch.float32, torch.device("cpu"))  # noqa: E731
+    return policy, make(), make()
+
+
+def test_graph_stepper_logic_emulated_on_cpu(monkeypatch):
+    """The graph path's bookkeeping (warm-up and restore, static outputs, in-place state, the capture-time
+    check against eager, final/bootstrap values) with CUDA graphs emulated on the CPU: 12 steps with random
+    observations and resets equal the eager stepper's."""
+    from agents.ppo.rollout import state_leaves
+
+    def capture(fn):
+        out = fn()
+        return _FakeGraph(fn, out), out
+
+    _emulate_cuda(monkeypatch, capture)
+    policy, eager, graph = _stepper_pair()
+    fresh = [t.clone() for t in state_leaves(graph.state)]
+    graph._capture()
+    assert graph.graphed and graph.graph_check_max_diff == 0.0, graph.graph_error
+    assert all(torch.equal(a, b) for a, b in zip(state_leaves(graph.state), fresh))  # capture left it fresh
+    assert policy.training  # the mode is restored
+    g = torch.Generator().manual_seed(1)
+    for t in range(12):
+        obs, reset = torch.randn(4, 3, generator=g), torch.rand(4, generator=g) < 0.25
+        for st in (eager, graph):
+            st.obs.copy_(obs)
+            st.reset.copy_(reset)
+        torch.testing.assert_close(graph.bootstrap_value(), eager.bootstrap_value(), rtol=0, atol=0)
+        out_e, out_g = eager.step(), graph.step()
+        assert out_g is graph._graph_out
+        for k in ("head", "value", "offset", "inputs"):
+            assert torch.equal(getattr(out_g, k), getattr(out_e, k)), (t, k)
+        for a, b in zip(state_leaves(graph.state), state_leaves(eager.state)):
+            assert torch.equal(a, b)
+        final = torch.randn(4, 3, generator=g)
+        eager.final_obs.copy_(final)
+        graph.final_obs.copy_(final)
+        assert torch.equal(graph.final_value(), eager.final_value())
+    assert state_leaves(graph.state)[0].max() > 0  # positions advanced in the fixed buffers
+
+
+def test_graph_capture_failures_fall_back_to_eager(monkeypatch):
+    """A capture that raises, or whose replay differs from the eager step, leaves the stepper eager (with a
+    warning saying why) and its state as it was."""
+    from agents.ppo.rollout import state_leaves
+
+    def broken(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    def drifting(fn):
+        out = fn()
+        return _FakeGraph(fn, out, offset=1e-3), out
+
+    for capture, why in ((broken, "not permitted"), (drifting, "differs from the eager step")):
+        _emulate_cuda(monkeypatch, capture)
+        _, eager, st = _stepper_pair()
+        with pytest.warns(RuntimeWarning, match=why):
+            st._capture()
+        assert not st.graphed and why in st.graph_error
+        assert all(not t.any() for t in state_leaves(st.state))
+        st.obs.normal_()
+        eager.obs.copy_(st.obs)
+        assert torch.equal(st.step().head, eager.step().head)
+
+
 # ---------------------------------------------------------------------------------------------- CUDA only
 
 def _cuda_pair(tmp_path, **kw):

@@ -261,6 +261,14 @@ class HostMirror:
         return self.dev
 
 
+def capture_graph(fn: Callable[[], Any]) -> tuple[Any, Any]:
+    """``fn`` captured as a CUDA graph (its own memory pool): (graph, fn's outputs, refilled by each replay)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 GRAPH_CHECK_TOL = 1e-5
 """largest |graph replay - eager step| (outputs and new state) accepted at capture (normally exactly 0)"""
 
@@ -390,11 +398,9 @@ class PolicyStepper:
                     self._final_body()
             cur.wait_stream(side)
             restore()
-            step_graph, final_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-            with torch.cuda.graph(step_graph):
-                out = self._step_body(in_place=True)
-            with torch.cuda.graph(final_graph):
-                final = self._final_body()
+            step_graph, out = capture_graph(lambda: self._step_body(in_place=True))
+            final_graph, final = capture_graph(self._final_body)
+            restore()  # a capture runs nothing; this only matters for emulated captures (tests)
             # the replay must equal the eager step from the same state
             step_graph.replay()
             final_graph.replay()
