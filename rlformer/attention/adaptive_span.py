@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rlformer.attention.base import Attention, merge_heads
+from rlformer.attention.chunked_softmax import SpanBias, chunked_softmax, span_layout
 from rlformer.config import EncoderConfig
 from rlformer.context import AttentionContext
 from rlformer.registry import register
@@ -98,14 +99,37 @@ def adaptive_span_reference(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[T
 
 def banded_adaptive_span(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tensor], scale: float, z: Tensor,
                          ramp: int, max_span: int, dropout: float = 0.0, training: bool = False,
-                         max_chunk: int = 128) -> Tensor:
+                         max_chunk: int = 128, max_scores: int = 1 << 24, kernel: Optional[str] = None) -> Tensor:
     """Causal adaptive-span attention that only scores keys at distance < W = min(S, ceil(R + max z)).
 
     Queries are the last Tq of the Tk keys (query i at key index Tk - Tq + i, as in the
     [memory; segment] layout). ``key_valid``: (B, Tk) bool or None; a query always sees its
     own key. Same result as ``adaptive_span_reference`` with the causal mask and eps = 0.
-    Queries go in chunks of C = clamp(W, MIN_CHUNK, max_chunk) (one chunk when W >= Tq), each
-    scoring C + W - 1 keys.
+    Queries go in chunks of C = clamp(W, MIN_CHUNK, max_chunk); each chunk scores the
+    ceil((W - 1) / C) chunks of keys before it and itself, with the bias log m_z (masked beyond
+    W), through ``chunked_softmax`` (fused kernels per group of at most ``max_scores`` scores,
+    probabilities recomputed in backward, the span gradient from the bias gradient). Keys older
+    than W - 1 before the first query are never read. With dropout in training: the
+    materializing ``banded_probs_adaptive_span``.
+    """
+    if dropout > 0 and training:
+        return banded_probs_adaptive_span(q, k, v, key_valid, scale, z, ramp, max_span, dropout, training,
+                                          max_chunk)
+    b, h, t, _ = q.shape
+    tk = k.shape[2]
+    w = span_window(z, ramp, max_span)
+    layout = span_layout(b, h, t, tk, w, max(MIN_CHUNK, min(w, max_chunk)), q.device)
+    valid = None if key_valid is None else F.pad(key_valid.to(torch.bool), (0, 1), value=False)
+    return chunked_softmax(layout, SpanBias(valid, ramp=ramp, window=w), scale, q, k, v, z,
+                           max_scores=max_scores, kernel=kernel)
+
+
+def banded_probs_adaptive_span(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tensor], scale: float,
+                               z: Tensor, ramp: int, max_span: int, dropout: float = 0.0, training: bool = False,
+                               max_chunk: int = 128) -> Tensor:
+    """``banded_adaptive_span`` with the per-chunk probabilities materialized (and kept for
+    backward): the path that applies dropout to them. Queries go in chunks of
+    C = clamp(W, MIN_CHUNK, max_chunk) (one chunk when W >= Tq), each scoring C + W - 1 keys.
     """
     b, h, t, dh = q.shape
     tk = k.shape[2]

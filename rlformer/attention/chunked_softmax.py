@@ -148,14 +148,16 @@ class RowIndex:
 class ChunkLayout:
     """Rows of slots cut into chunks; each chunk attends to its window of neighbouring chunks.
 
-    ``src``: (P, L) long, the position (0..T-1) each slot of each row holds, T for an empty slot;
-    rows are ordered (round, batch, head), P = R * B * H, L a multiple of ``chunk``. Empty slots
-    only end a run (chunks whose first slot is empty are skipped). ``groups(max_scores)`` yields
-    ``Group``s of used chunks, never mixing rounds, each with at most ``max_scores`` scores.
+    ``src``: (P, L) long, the key index (0..T-1) each slot of each row holds, T for an empty slot;
+    rows are ordered (round, batch, head), P = R * B * H, L a multiple of ``chunk``. Queries are
+    the keys from ``q_offset`` on (query i = key q_offset + i, the [memory; segment] layout);
+    a slot holding an earlier key, or none, is no query. Chunks whose first slot is no query are
+    skipped, so a run of queries must start on a chunk boundary.
     """
 
-    def __init__(self, src: Tensor, batch: int, heads: int, length: int, chunk: int, before: int, after: int):
-        self.src, self.b, self.h, self.t = src, batch, heads, length
+    def __init__(self, src: Tensor, batch: int, heads: int, length: int, chunk: int, before: int, after: int,
+                 q_offset: int = 0):
+        self.src, self.b, self.h, self.t, self.q_offset = src, batch, heads, length, q_offset
         self.c, self.before, self.after = chunk, before, after
         self.n = src.shape[1] // chunk
         self.w = (before + 1 + after) * chunk
@@ -167,24 +169,32 @@ class ChunkLayout:
         return F.pad(x, (self.before * c, self.after * c), value=fill).unfold(1, self.w, c)
 
     def used_chunks(self) -> list[Tensor]:
-        """Per round, the flat ids (row * n + chunk) of the chunks that hold at least one query."""
-        used = self.src.view(-1, self.n, self.c)[:, :, 0] != self.t                 # (P, n)
-        per_round = used.view(self.rounds, -1)
+        """Per round, the flat ids (row * n + chunk) of the chunks that hold queries."""
+        first = self.src.view(-1, self.n, self.c)[:, :, 0]                         # (P, n)
+        per_round = ((first != self.t) & (first >= self.q_offset)).view(self.rounds, -1)
         span = per_round.shape[1]
         return [per_round[r].nonzero()[:, 0] + r * span for r in range(self.rounds)]
 
 
 class Group:
-    """One batch of chunks: ids (G,), their row / batch / head (G, 1), query slots' positions (G, C)
-    and key slots' positions (G, W) (T = empty)."""
+    """One batch of chunks: ids (G,), their row / batch / head (G, 1), the key index of each query
+    slot (G, C) and key slot (G, W) (T = empty), and the rows to read and write."""
 
     def __init__(self, layout: ChunkLayout, ids: Tensor, kwin: Tensor, round_: int):
+        t, off, heads = layout.t, layout.q_offset, layout.h
+        tq = t - off
         self.ids, self.round = ids, round_
         self.row, self.chunk = ids // layout.n, ids % layout.n
-        bh = (self.row % (layout.b * layout.h))[:, None]
-        self.bi, self.hi = bh // layout.h, bh % layout.h
+        bh = (self.row % (layout.b * heads))[:, None]
+        self.bi, self.hi = bh // heads, bh % heads
         self.qpos = layout.src.view(-1, layout.c)[ids]                              # (G, C)
         self.kpos = kwin[self.row, self.chunk]                                      # (G, W)
+        self.qempty = (self.qpos == t) | (self.qpos < off)
+        self.qidx = (self.qpos - off).clamp(0, tq - 1)                               # query index to read
+        self.kidx = self.kpos.clamp(max=t - 1)
+        # rows in (B, T, H) order, where outputs and gradients are written; empty slots -> a dummy row
+        self.dest = torch.where(self.qempty, layout.b * tq * heads, (self.bi * tq + self.qidx) * heads + self.hi)
+        self.kdest = torch.where(self.kpos == t, layout.b * t * heads, (self.bi * t + self.kidx) * heads + self.hi)
 
 
 def _split(ids: Tensor, size: int) -> Sequence[Tensor]:
@@ -197,20 +207,21 @@ class ChunkedSoftmax(torch.autograd.Function):
     ``layout``: ChunkLayout; ``bias``: an object with ``tensors`` (a list, saved for backward),
     ``prepare(layout)`` / ``release()`` (derive and drop per-pass tables), ``__call__(group, dtype,
     *params) -> (G, 1, C, W)`` and, when ``params`` need gradients, ``backward(group, grad_bias,
-    *params) -> grads of params``. Returns (B, H, T, dh) in the
-    (B, T, H, dh) storage that merge_heads reshapes for free. Not twice differentiable.
+    *params) -> grads of params``. q: (B, H, Tq, dh), k, v: (B, H, T, dh), Tq = T - q_offset.
+    Returns (B, H, Tq, dh) in the (B, Tq, H, dh) storage that merge_heads reshapes for free.
+    Not twice differentiable.
     """
 
     @staticmethod
     def forward(ctx, layout, bias, scale, max_scores, kernel, q, k, v, *params):
-        bsz, heads, t, dh = q.shape
+        bsz, heads, tq, dh = q.shape
         rows_q, rows_k, rows_v = RowIndex(q), RowIndex(k), RowIndex(v)
-        n_out = bsz * t * heads
+        n_out = bsz * tq * heads
         multi = layout.rounds > 1
         acc = _acc(q.dtype)
         out = q.new_zeros(n_out + 1, dh, dtype=acc if multi else q.dtype)        # + a dummy row for empty slots
         lse = q.new_full((n_out + 1,), float("-inf"), dtype=acc)
-        kwin = layout.windows(layout.src, t)
+        kwin = layout.windows(layout.src, layout.t)
         used = layout.used_chunks()
         bias.prepare(layout)
         size = max(1, min(max_scores // (layout.c * layout.w), 32768))
@@ -218,10 +229,10 @@ class ChunkedSoftmax(torch.autograd.Function):
         for r, ids in enumerate(used):
             for part in _split(ids, size):
                 grp = Group(layout, part, kwin, r)
-                qc, kw, vw = _gather(grp, layout, rows_q, rows_k, rows_v, q, k, v)
+                qc, kw, vw = _gather(grp, layout, rows_q, rows_k, rows_v)
                 o, s, extra = kernel_forward(kernel, qc, kw, vw, bias(grp, bias_dtype(kernel, q.dtype), *params),
                                              scale)
-                dest = _out_rows(grp.bi, grp.hi, grp.qpos, bsz, heads, t).view(-1)
+                dest = grp.dest.view(-1)
                 o, s = o.reshape(-1, dh), s.reshape(-1).to(acc)
                 if multi:                                                           # online logsumexp over rounds
                     old = lse.index_select(0, dest)
@@ -236,11 +247,10 @@ class ChunkedSoftmax(torch.autograd.Function):
         out = out[:n_out].to(q.dtype)
         ctx.layout, ctx.bias, ctx.scale, ctx.max_scores, ctx.kernel, ctx.extra = \
             layout, bias, scale, max_scores, kernel, extra
-        ctx.n_params = len(params)
         ctx.save_for_backward(q, k, v, out, lse, layout.src, *used, *bias.tensors, *params)
         ctx.n_used, ctx.n_bias = len(used), len(bias.tensors)
         layout.src, bias.tensors = None, None                       # held by the saved tensors only
-        return out.view(bsz, t, heads, dh).transpose(1, 2)
+        return out.view(bsz, tq, heads, dh).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, g):
@@ -249,13 +259,15 @@ class ChunkedSoftmax(torch.autograd.Function):
         bias_tensors, params = rest[:ctx.n_bias], rest[ctx.n_bias:]
         layout, bias, kernel, scale = ctx.layout, ctx.bias, ctx.kernel, ctx.scale
         layout.src, bias.tensors = src, list(bias_tensors)
-        bsz, heads, t, dh = q.shape
+        bsz, heads, tq, dh = q.shape
+        t = layout.t
         rows_q, rows_k, rows_v, rows_g = RowIndex(q), RowIndex(k), RowIndex(v), RowIndex(g)
-        n_out = bsz * t * heads
-        grads = [torch.zeros(n_out + 1, dh, dtype=x.dtype, device=x.device) for x in (q, k, v)]
+        n_out, n_key = bsz * tq * heads, bsz * t * heads
+        grads = [torch.zeros(n + 1, dh, dtype=x.dtype, device=x.device) for n, x in ((n_out, q), (n_key, k),
+                                                                                      (n_key, v))]
         param_grads = [torch.zeros_like(p) if p.requires_grad else None for p in params]
         want_bias = any(p is not None for p in param_grads)
-        out_rows = out.view(n_out, dh)
+        out_rows = torch.cat([out.view(n_out, dh), out.new_zeros(1, dh)])
         lse_rows = lse.clone()
         lse_rows[n_out] = -MASKED                                   # empty slots: p = exp(s - 1e30) = 0
         kwin = layout.windows(src, t)
@@ -264,45 +276,37 @@ class ChunkedSoftmax(torch.autograd.Function):
         for r, ids in enumerate(used):
             for part in _split(ids, size):
                 grp = Group(layout, part, kwin, r)
-                qc, kw, vw = _gather(grp, layout, rows_q, rows_k, rows_v, q, k, v)
+                qc, kw, vw = _gather(grp, layout, rows_q, rows_k, rows_v)
                 b = bias(grp, bias_dtype(kernel, q.dtype), *params)
-                dest = _out_rows(grp.bi, grp.hi, grp.qpos, bsz, heads, t).view(-1)
-                empty = (grp.qpos == t).view(-1, 1)
-                gc = rows_g.take(rows_g.rows(grp.bi, grp.hi, grp.qpos.clamp(max=t - 1)))
-                gc = gc.masked_fill(empty, 0).view(qc.shape)
-                oc = out_rows.index_select(0, dest.clamp(max=n_out - 1)).view(qc.shape)
+                dest = grp.dest.view(-1)
+                gc = rows_g.take(rows_g.rows(grp.bi, grp.hi, grp.qidx))
+                gc = gc.masked_fill(grp.qempty.view(-1, 1), 0).view(qc.shape)
+                oc = out_rows.index_select(0, dest).view(qc.shape)
                 sc = lse_rows.index_select(0, dest).view(qc.shape[:-1])
                 dq, dk, dv, db = kernel_backward(kernel, gc, qc, kw, vw, b, oc, sc, scale, ctx.extra, want_bias)
-                krows = _out_rows(grp.bi, grp.hi, grp.kpos, bsz, heads, t).view(-1)
+                kdest = grp.kdest.view(-1)
                 grads[0].index_add_(0, dest, dq.reshape(-1, dh).to(q.dtype))
-                grads[1].index_add_(0, krows, dk.reshape(-1, dh).to(k.dtype))
-                grads[2].index_add_(0, krows, dv.reshape(-1, dh).to(v.dtype))
+                grads[1].index_add_(0, kdest, dk.reshape(-1, dh).to(k.dtype))
+                grads[2].index_add_(0, kdest, dv.reshape(-1, dh).to(v.dtype))
                 if want_bias:
                     for acc_g, pg in zip(param_grads, bias.backward(grp, db, *params)):
                         if acc_g is not None and pg is not None:
                             acc_g += pg
         bias.release()
         layout.src, bias.tensors = None, None
-        dq, dk, dv = (x[:n_out].view(bsz, t, heads, dh).transpose(1, 2) for x in grads)
+        dq = grads[0][:n_out].view(bsz, tq, heads, dh).transpose(1, 2)
+        dk, dv = (x[:n_key].view(bsz, t, heads, dh).transpose(1, 2) for x in grads[1:])
         return (None, None, None, None, None, dq, dk, dv, *param_grads)
 
 
-def _out_rows(bi: Tensor, hi: Tensor, pos: Tensor, bsz: int, heads: int, t: int) -> Tensor:
-    """Rows of (b, h, pos) in the (B, T, H) output order; empty slots (pos = T) -> the dummy row."""
-    rows = (bi * t + pos) * heads + hi
-    return torch.where(pos == t, bsz * t * heads, rows)
-
-
-def _gather(grp: Group, layout: ChunkLayout, rows_q: RowIndex, rows_k: RowIndex, rows_v: RowIndex,
-            q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _gather(grp: Group, layout: ChunkLayout, rows_q: RowIndex, rows_k: RowIndex,
+            rows_v: RowIndex) -> tuple[Tensor, Tensor, Tensor]:
     """The group's queries (G, 1, C, dh) and window keys / values (G, 1, W, dh)."""
-    t, dh = q.shape[2], q.shape[3]
-    g = grp.ids.shape[0]
-    qp, kp = grp.qpos.clamp(max=t - 1), grp.kpos.clamp(max=t - 1)
-    qc = rows_q.take(rows_q.rows(grp.bi, grp.hi, qp)).view(g, 1, layout.c, dh)
-    krows = rows_k.rows(grp.bi, grp.hi, kp)
+    g, dh = grp.ids.shape[0], rows_q.flat.shape[1]
+    qc = rows_q.take(rows_q.rows(grp.bi, grp.hi, grp.qidx)).view(g, 1, layout.c, dh)
+    krows = rows_k.rows(grp.bi, grp.hi, grp.kidx)
     kw = rows_k.take(krows).view(g, 1, layout.w, dh)
-    vw = rows_v.take(krows if rows_v.strides == rows_k.strides else rows_v.rows(grp.bi, grp.hi, kp))
+    vw = rows_v.take(krows if rows_v.strides == rows_k.strides else rows_v.rows(grp.bi, grp.hi, grp.kidx))
     return qc, kw, vw.view(g, 1, layout.w, dh)
 
 
@@ -404,3 +408,72 @@ def bucket_softmax_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, n
     layout = ChunkLayout(src, b, h, t, chunk_size, before, after)
     bias = BucketBias(slot_bucket, valid, rounds, causal=causal, window=window, self_penalty=self_penalty)
     return chunked_softmax(layout, bias, scale, q, k, v, max_scores=max_scores, kernel=kernel)
+
+
+# ------------------------------------------------------------------------- adaptive span
+
+
+class SpanBias:
+    """log m_z(x) of adaptive span (Sukhbaatar et al. 2019, eq. 3) over chunk windows of the
+    [memory; segment] keys: m_z(x) = clamp((R + z - x) / R, 0, 1) at distance x = i - j, so that
+    softmax(s + log m) = m exp(s) / sum m exp(s). Keys at x >= ``window``, later keys, invalid
+    keys (``key_valid``: (B, T + 1), False at T) and m = 0 are MASKED; the own key (x = 0, m = 1)
+    always counts. ``z``: (H,) spans, or (B, H, Tq) per query; its gradient comes from the bias
+    gradient: d log m / dz = 1 / (R m) where 0 < m, (R + z - x) / R <= 1.
+    Slots of a row hold consecutive key indices, so x = before * C + a - j for query slot a and
+    window slot j.
+    """
+
+    def __init__(self, key_valid: Optional[Tensor], *, ramp: int, window: int):
+        self.tensors = [] if key_valid is None else [key_valid]
+        self.ramp, self.window = ramp, window
+        self.layout = None
+
+    def prepare(self, layout: ChunkLayout) -> None:
+        self.layout = layout
+
+    def release(self) -> None:
+        self.layout = None
+
+    def _ramp(self, grp: Group, z: Tensor) -> tuple[Tensor, Tensor]:
+        """u = (R + z - x) / R (float32/64) and the entries with weight, both (G, C, W)."""
+        lay = self.layout
+        c, w = lay.c, lay.w
+        dev = grp.kpos.device
+        dist = lay.before * c + torch.arange(c, device=dev)[:, None] - torch.arange(w, device=dev)   # (C, W)
+        ok = grp.kpos != lay.t                                                      # (G, W)
+        if self.tensors:
+            ok = ok & self.tensors[0][grp.bi, grp.kpos]
+        allowed = (ok[:, None, :] & (dist >= 0) & (dist < self.window)) | (dist == 0)
+        zz = (z[grp.hi] if z.dim() == 1 else z[grp.bi, grp.hi, grp.qidx])[..., None]  # (G, 1, 1) | (G, C, 1)
+        u = (self.ramp + zz.to(_acc(z.dtype)) - dist) / self.ramp
+        return u, allowed & (u > 0)
+
+    def __call__(self, grp: Group, dtype: torch.dtype, z: Tensor) -> Tensor:
+        u, keep = self._ramp(grp, z.detach())
+        log_m = torch.log(u.clamp(1e-30, 1.0)).to(dtype)
+        return torch.where(keep, log_m, torch.tensor(MASKED, dtype=dtype, device=u.device))[:, None]
+
+    def backward(self, grp: Group, grad_bias: Tensor, z: Tensor) -> list[Tensor]:
+        u, keep = self._ramp(grp, z.detach())
+        d = torch.where(keep & (u <= 1), grad_bias[:, 0].to(u.dtype) / (self.ramp * u), 0.0)
+        if z.dim() == 1:
+            return [torch.zeros_like(z).index_add_(0, grp.hi[:, 0], d.sum((1, 2)).to(z.dtype))]
+        b, h, tq = z.shape
+        rows = torch.where(grp.qempty, b * h * tq, (grp.bi * h + grp.hi) * tq + grp.qidx)
+        dz = z.new_zeros(b * h * tq + 1).index_add_(0, rows.view(-1), d.sum(-1).view(-1).to(z.dtype))
+        return [dz[:-1].view_as(z)]
+
+
+def span_layout(batch: int, heads: int, n_queries: int, n_keys: int, window: int, chunk: int,
+                device) -> ChunkLayout:
+    """Layout of causal banded attention: queries are the last ``n_queries`` of ``n_keys`` keys,
+    in chunks of ``chunk`` starting at the first query; each chunk's window reaches ``window`` - 1
+    keys back. Keys older than the oldest query's window are no slot at all (never read)."""
+    n_mem = n_keys - n_queries
+    before = -(-(window - 1) // chunk)
+    length = (before + -(-n_queries // chunk)) * chunk
+    pos = torch.arange(length, device=device) + n_mem - before * chunk
+    pos = torch.where((pos >= max(0, n_mem - (window - 1))) & (pos < n_keys), pos, n_keys)
+    src = pos.expand(batch * heads, length).contiguous()
+    return ChunkLayout(src, batch, heads, n_keys, chunk, before, 0, q_offset=n_mem)
