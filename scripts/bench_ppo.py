@@ -112,7 +112,8 @@ def run(bc: BenchConfig, fused_adam: Optional[bool] = None) -> dict:
 
     cfg = PPOConfig(env=f"MiniGrid-MemoryS{bc.size}-rgb84", num_envs=bc.num_envs, num_steps=bc.num_steps,
                     num_minibatches=bc.num_minibatches, update_epochs=bc.update_epochs, device=bc.device,
-                    seed=bc.seed, vector=bc.vector, env_groups=bc.env_groups, compile=bc.compile, tf32=bc.tf32, obs_hidden=bc.d_model,
+                    seed=bc.seed, vector=bc.vector, env_groups=bc.env_groups, compile=bc.compile, tf32=bc.tf32,
+                    obs_hidden=bc.d_model,
                     cuda_graph=bc.cuda_graph, update_precision=bc.update_precision, fused_adam=fused_adam,
                     backbone=gtrxl_backbone(d_model=bc.d_model, n_layers=bc.n_layers, n_heads=bc.n_heads,
                                             mem_len=bc.mem_len),
@@ -184,7 +185,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         fused = False if "nofused" in variant.split("+") else None
         try:
             res = run(vbc, fused_adam=fused)
-        except Exception as err:  # noqa: BLE001  (one failing variant must not lose the others' rows)
+        except Exception as err:  # one failing variant must not lose the others' rows
             res = {"config": dataclasses.asdict(vbc), "error": f"{type(err).__name__}: {err}"}
         res["variant"] = variant or "flags"
         rows.append(res)

@@ -127,7 +127,7 @@ def test_collector_equals_plain_loop(tmp_path, continuous, vector, groups):
             start_mem = trainer.buf.seq[:, :, m:].clone() if r else None
             trainer.collect()
             sl = slice(r * cfg.num_steps, (r + 1) * cfg.num_steps)
-            torch.testing.assert_close(buf.obs, ref["obs"][sl], rtol=0, atol=0, msg=lambda m: f"rollout {r}: {m}")
+            torch.testing.assert_close(buf.obs, ref["obs"][sl], rtol=0, atol=0, msg=lambda m, r=r: f"rollout {r}: {m}")
             torch.testing.assert_close(buf.actions, ref["actions"][sl], rtol=0, atol=0)
             for k in ("logprobs", "values", "rewards"):
                 torch.testing.assert_close(getattr(buf, k), ref[k][sl], rtol=0, atol=1e-6, msg=k)
@@ -180,7 +180,8 @@ def test_bf16_update_runs_the_encoder_in_bf16(tmp_path):
                 dtypes.setdefault(name, out.dtype)
             return record
 
-        hooks = [m.register_forward_hook(hook(name)) for name, m in (("inp", trainer.policy.inp), ("ff", block.ff.w1), ("actor", trainer.policy.actor))]
+        watched = (("inp", trainer.policy.inp), ("ff", block.ff.w1), ("actor", trainer.policy.actor))
+        hooks = [m.register_forward_hook(hook(name)) for name, m in watched]
         with trainer.precision():
             logprob, _, value, _ = trainer.policy.evaluate(mb["obs"], mb["state"], mb["actions"])
         for h in hooks:

@@ -33,6 +33,14 @@ Autoreset: envs use ``AutoresetMode.SAME_STEP`` (gymnasium >= 1.1): the step tha
 episode returns the next episode's first observation (the last one is in
 ``info["final_obs"]``), so every stored step is a real transition and nothing needs masking;
 the next step's state is reset for those envs.
+
+Speed (``RolloutCollector``, ``PolicyStepper``): per vector step the host does one policy call
+(optionally one CUDA-graph replay: reset -> observation encoder -> encoder step -> heads -> state
+update in fixed buffers), samples on the device, copies the actions back (the step's only sync),
+steps the envs, and sends the next observation batch (uint8 images stay uint8) to the device in
+one non-blocking copy from pinned memory. Device records are single indexed copies; rewards,
+ends and resets are collected on the host and copied once per rollout; truncation bootstraps are
+added on the device without a sync. Envs can be split into pipelined groups (``env_groups``).
 """
 from __future__ import annotations
 
@@ -416,7 +424,7 @@ class PolicyStepper:
                 raise RuntimeError(f"graph replay differs from the eager step by {diff:.3g} (> {GRAPH_CHECK_TOL})")
             self._graphs, self._graph_out, self._graph_final = (step_graph, final_graph), out, final
             self.graphed = True
-        except Exception as err:  # noqa: BLE001  (any capture problem: fall back, say why)
+        except Exception as err:  # any capture problem: fall back, say why
             torch.cuda.synchronize(self.device)
             self._graphs = None
             self.graph_error = f"{type(err).__name__}: {err}"

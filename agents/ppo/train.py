@@ -63,7 +63,8 @@ class PPOTrainer:
         if cfg.compile:
             self.policy.features = torch.compile(self.policy.features)
         fused = cfg.fused_adam if cfg.fused_adam is not None else self.device.type == "cuda"
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr, eps=1e-5, **({"fused": True} if fused else {}))
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr, eps=1e-5,
+                                          **({"fused": True} if fused else {}))
         self.buf = RolloutBuffer(cfg.num_steps, cfg.num_envs, obs_space, act_space, self.policy, self.device)
         self.stats = EpisodeStats(cfg.num_envs, cfg.stats_window)
         self.update_idx = 0
