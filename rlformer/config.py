@@ -116,8 +116,9 @@ class LSHConfig:
     """length of the chunks of the sorted sequence; each attends to itself and the previous chunk"""
     seed: int = 0
     """seed of the fixed random rotations (each layer draws its own from seed and its index)"""
-    max_scores: int = 1 << 24
-    """scores computed at once (forward, and the recomputing backward): bounds the scratch memory"""
+    max_scores: int = 1 << 22
+    """scores computed at once (forward, and the recomputing backward): bounds the scratch memory
+    (about 15 bytes per score in bf16); fewer, larger groups launch fewer kernels"""
 
 
 @dataclass
@@ -135,8 +136,9 @@ class RoutingConfig:
     """chunk length of the cluster-sorted sequence; each chunk attends to itself and the previous one"""
     seed: int = 0
     """seed of the initial centroids (each layer draws its own from seed and its index)"""
-    max_scores: int = 1 << 24
-    """scores computed at once (forward, and the recomputing backward): bounds the scratch memory"""
+    max_scores: int = 1 << 22
+    """scores computed at once (forward, and the recomputing backward): bounds the scratch memory
+    (about 15 bytes per score in bf16); fewer, larger groups launch fewer kernels"""
 
 
 @dataclass
@@ -182,6 +184,9 @@ class AdaptiveSpanConfig:
     """L1 coefficient on spans in aux_loss (per layer: penalty * mean span over heads)"""
     dynamic: bool = False
     """z = S * sigmoid(v^T x + b) per token"""
+    max_scores: int = 1 << 23
+    """scores computed at once (forward, and the recomputing backward): bounds the scratch memory
+    (about 10 bytes per score in bf16); fewer, larger groups launch fewer kernels"""
 
 
 @dataclass

@@ -245,7 +245,7 @@ class AdaptiveSpanAttention(Attention):
 
     def attend_with_spans(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, z: Tensor):
         out = banded_adaptive_span(q, k, v, ctx.key_valid, self.scale, z, self.ramp, self.max_span,
-                                   self.dropout, self.training)
+                                   self.dropout, self.training, max_scores=self.cfg.adaptive_span.max_scores)
         ctx.aux.add(self.penalty * z.float().mean())
         info, zd = ctx.aux.info, z.detach()
         info.setdefault("span", {})[ctx.layer] = zd if zd.dim() == 1 else zd.mean(dim=(0, 2))

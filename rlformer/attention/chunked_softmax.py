@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rlformer.attention.chunked import SELF_PENALTY, bucket_layout
+
 MASKED = -1e30
 """bias of a masked (query, key) pair: finite, so that a row of masked keys stays well defined"""
 
@@ -177,74 +179,98 @@ class ChunkLayout:
 
 
 class Group:
-    """One batch of chunks: ids (G,), their row / batch / head (G, 1), the key index of each query
-    slot (G, C) and key slot (G, W) (T = empty), and the rows to read and write."""
+    """Chunks attended together: ids (G,), their row / batch / head (G, 1), the key index of each
+    query slot (G, C) and key slot (G, W) (T = empty), the rows to read (q, k, v) and to write
+    (outputs and gradients, in (B, T, H) order; empty slots -> a dummy row). Built once per pass for
+    all used chunks of a round; ``parts(size)`` slices it (views) into groups of ``size`` chunks."""
 
-    def __init__(self, layout: ChunkLayout, ids: Tensor, kwin: Tensor, round_: int):
+    def __init__(self, round_: int, **fields: Tensor):
+        self.round = round_
+        self.__dict__.update(fields)
+
+    @classmethod
+    def build(cls, layout: ChunkLayout, ids: Tensor, kwin: Tensor, round_: int, rows: Sequence[RowIndex]):
         t, off, heads = layout.t, layout.q_offset, layout.h
         tq = t - off
-        self.ids, self.round = ids, round_
-        self.row, self.chunk = ids // layout.n, ids % layout.n
-        bh = (self.row % (layout.b * heads))[:, None]
-        self.bi, self.hi = bh // heads, bh % heads
-        self.qpos = layout.src.view(-1, layout.c)[ids]                              # (G, C)
-        self.kpos = kwin[self.row, self.chunk]                                      # (G, W)
-        self.qempty = (self.qpos == t) | (self.qpos < off)
-        self.qidx = (self.qpos - off).clamp(0, tq - 1)                               # query index to read
-        self.kidx = self.kpos.clamp(max=t - 1)
-        # rows in (B, T, H) order, where outputs and gradients are written; empty slots -> a dummy row
-        self.dest = torch.where(self.qempty, layout.b * tq * heads, (self.bi * tq + self.qidx) * heads + self.hi)
-        self.kdest = torch.where(self.kpos == t, layout.b * t * heads, (self.bi * t + self.kidx) * heads + self.hi)
+        row, chunk = ids // layout.n, ids % layout.n
+        bh = (row % (layout.b * heads))[:, None]
+        bi, hi = bh // heads, bh % heads
+        qpos = layout.src.view(-1, layout.c)[ids]                                   # (G, C)
+        kpos = kwin[row, chunk]                                                     # (G, W)
+        qempty = (qpos == t) | (qpos < off)
+        qidx = (qpos - off).clamp(0, tq - 1)                                        # query index to read
+        kidx = kpos.clamp(max=t - 1)
+        dest = torch.where(qempty, layout.b * tq * heads, (bi * tq + qidx) * heads + hi)
+        kdest = torch.where(kpos == t, layout.b * t * heads, (bi * t + kidx) * heads + hi)
+        rq, rk, rv = rows
+        krows = rk.rows(bi, hi, kidx)
+        vrows = krows if rv.strides == rk.strides else rv.rows(bi, hi, kidx)
+        return cls(round_, ids=ids, bi=bi, hi=hi, qpos=qpos, kpos=kpos, qempty=qempty, qidx=qidx, kidx=kidx,
+                   dest=dest, kdest=kdest, qrows=rq.rows(bi, hi, qidx), krows=krows, vrows=vrows)
+
+    def parts(self, size: int) -> list["Group"]:
+        """Views of every per-chunk field (those added by a bias's ``annotate`` too)."""
+        fields = {f: x for f, x in self.__dict__.items() if isinstance(x, Tensor)}
+        return [Group(self.round, **{f: x[a:a + size] for f, x in fields.items()})
+                for a in range(0, self.ids.shape[0], size)]
 
 
-def _split(ids: Tensor, size: int) -> Sequence[Tensor]:
-    return ids.split(size) if ids.numel() else []
+def _groups(layout: ChunkLayout, used: Sequence[Tensor], rows: Sequence[RowIndex], max_scores: int,
+            bias) -> list[Group]:
+    kwin = layout.windows(layout.src, layout.t)
+    size = max(1, min(max_scores // (layout.c * layout.w), 32768))   # 32768: CUDA grid limit on the batch
+    out = []
+    for r, ids in enumerate(used):
+        if ids.numel():
+            grp = Group.build(layout, ids, kwin, r, rows)
+            bias.annotate(grp)
+            out += grp.parts(size)
+    return out
 
 
 class ChunkedSoftmax(torch.autograd.Function):
     """out = sum over rounds of chunk-window softmax attention, recomputed per group in backward.
 
     ``layout``: ChunkLayout; ``bias``: an object with ``tensors`` (a list, saved for backward),
-    ``prepare(layout)`` / ``release()`` (derive and drop per-pass tables), ``__call__(group, dtype,
-    *params) -> (G, 1, C, W)`` and, when ``params`` need gradients, ``backward(group, grad_bias,
-    *params) -> grads of params``. q: (B, H, Tq, dh), k, v: (B, H, T, dh), Tq = T - q_offset.
-    Returns (B, H, Tq, dh) in the (B, Tq, H, dh) storage that merge_heads reshapes for free.
-    Not twice differentiable.
+    ``prepare(layout, dtype, *params)`` / ``release()`` (derive and drop per-pass tables),
+    ``annotate(group)`` (add per-chunk fields to a round's chunks before they are split),
+    ``__call__(group, dtype, *params) -> (G, 1, C, W)`` and, when ``params`` need gradients,
+    ``backward(group, grad_bias, *params) -> grads of params``. q: (B, H, Tq, dh), k, v:
+    (B, H, T, dh), Tq = T - q_offset. Returns (B, H, Tq, dh) in the (B, Tq, H, dh) storage that
+    merge_heads reshapes for free. Not twice differentiable.
     """
 
     @staticmethod
     def forward(ctx, layout, bias, scale, max_scores, kernel, q, k, v, *params):
         bsz, heads, tq, dh = q.shape
-        rows_q, rows_k, rows_v = RowIndex(q), RowIndex(k), RowIndex(v)
+        rows = RowIndex(q), RowIndex(k), RowIndex(v)
         n_out = bsz * tq * heads
-        multi = layout.rounds > 1
         acc = _acc(q.dtype)
-        out = q.new_zeros(n_out + 1, dh, dtype=acc if multi else q.dtype)        # + a dummy row for empty slots
-        lse = q.new_full((n_out + 1,), float("-inf"), dtype=acc)
-        kwin = layout.windows(layout.src, layout.t)
+        out = q.new_zeros(layout.rounds, n_out + 1, dh)                 # per round; + a dummy row for empty slots
+        lse = q.new_full((layout.rounds, n_out + 1), float("-inf"), dtype=acc)
         used = layout.used_chunks()
-        bias.prepare(layout)
-        size = max(1, min(max_scores // (layout.c * layout.w), 32768))
+        bdtype = bias_dtype(kernel, q.dtype)
+        bias.prepare(layout, bdtype, *params)
+        groups = _groups(layout, used, rows, max_scores, bias)
         extra = None
-        for r, ids in enumerate(used):
-            for part in _split(ids, size):
-                grp = Group(layout, part, kwin, r)
-                qc, kw, vw = _gather(grp, layout, rows_q, rows_k, rows_v)
-                o, s, extra = kernel_forward(kernel, qc, kw, vw, bias(grp, bias_dtype(kernel, q.dtype), *params),
-                                             scale)
-                dest = grp.dest.view(-1)
-                o, s = o.reshape(-1, dh), s.reshape(-1).to(acc)
-                if multi:                                                           # online logsumexp over rounds
-                    old = lse.index_select(0, dest)
-                    top = torch.maximum(old, s)
-                    w_old, w_new = torch.exp(old - top), torch.exp(s - top)
-                    total = w_old + w_new
-                    o = (out.index_select(0, dest) * w_old[:, None] + o.to(acc) * w_new[:, None]) / total[:, None]
-                    s = top + torch.log(total)
-                out.index_copy_(0, dest, o.to(out.dtype))
-                lse.index_copy_(0, dest, s)
+        for grp in groups:
+            qc, kw, vw = _gather(grp, layout, rows)
+            o, s, extra = kernel_forward(kernel, qc, kw, vw, bias(grp, bdtype, *params), scale)
+            dest = grp.dest.view(-1)
+            out[grp.round].index_copy_(0, dest, o.reshape(-1, dh))
+            lse[grp.round].index_copy_(0, dest, s.reshape(-1).to(acc))
         bias.release()
-        out = out[:n_out].to(q.dtype)
+        del groups
+        if layout.rounds > 1:       # Reformer: o = sum_r exp(lse_r - lse) o_r, lse = logsumexp_r lse_r
+            weights = torch.softmax(lse[:, :n_out], dim=0)[..., None]
+            combined = torch.zeros(n_out, dh, dtype=acc, device=q.device)
+            for r in range(layout.rounds):
+                combined.addcmul_(out[r, :n_out], weights[r])
+            out = combined.to(q.dtype)
+            lse = torch.cat([torch.logsumexp(lse[:, :n_out], dim=0), lse.new_full((1,), -MASKED)])
+        else:
+            out, lse = out[0, :n_out], lse[0]
+            lse[n_out] = -MASKED                                    # empty slots: p = exp(s - 1e30) = 0
         ctx.layout, ctx.bias, ctx.scale, ctx.max_scores, ctx.kernel, ctx.extra = \
             layout, bias, scale, max_scores, kernel, extra
         ctx.save_for_backward(q, k, v, out, lse, layout.src, *used, *bias.tensors, *params)
@@ -261,37 +287,36 @@ class ChunkedSoftmax(torch.autograd.Function):
         layout.src, bias.tensors = src, list(bias_tensors)
         bsz, heads, tq, dh = q.shape
         t = layout.t
-        rows_q, rows_k, rows_v, rows_g = RowIndex(q), RowIndex(k), RowIndex(v), RowIndex(g)
+        rows = RowIndex(q), RowIndex(k), RowIndex(v)
+        rows_g = RowIndex(g)
         n_out, n_key = bsz * tq * heads, bsz * t * heads
         grads = [torch.zeros(n + 1, dh, dtype=x.dtype, device=x.device) for n, x in ((n_out, q), (n_key, k),
                                                                                       (n_key, v))]
         param_grads = [torch.zeros_like(p) if p.requires_grad else None for p in params]
         want_bias = any(p is not None for p in param_grads)
         out_rows = torch.cat([out.view(n_out, dh), out.new_zeros(1, dh)])
-        lse_rows = lse.clone()
-        lse_rows[n_out] = -MASKED                                   # empty slots: p = exp(s - 1e30) = 0
-        kwin = layout.windows(src, t)
-        bias.prepare(layout)
-        size = max(1, min(ctx.max_scores // (layout.c * layout.w), 32768))
-        for r, ids in enumerate(used):
-            for part in _split(ids, size):
-                grp = Group(layout, part, kwin, r)
-                qc, kw, vw = _gather(grp, layout, rows_q, rows_k, rows_v)
-                b = bias(grp, bias_dtype(kernel, q.dtype), *params)
-                dest = grp.dest.view(-1)
-                gc = rows_g.take(rows_g.rows(grp.bi, grp.hi, grp.qidx))
-                gc = gc.masked_fill(grp.qempty.view(-1, 1), 0).view(qc.shape)
-                oc = out_rows.index_select(0, dest).view(qc.shape)
-                sc = lse_rows.index_select(0, dest).view(qc.shape[:-1])
-                dq, dk, dv, db = kernel_backward(kernel, gc, qc, kw, vw, b, oc, sc, scale, ctx.extra, want_bias)
-                kdest = grp.kdest.view(-1)
-                grads[0].index_add_(0, dest, dq.reshape(-1, dh).to(q.dtype))
-                grads[1].index_add_(0, kdest, dk.reshape(-1, dh).to(k.dtype))
-                grads[2].index_add_(0, kdest, dv.reshape(-1, dh).to(v.dtype))
-                if want_bias:
-                    for acc_g, pg in zip(param_grads, bias.backward(grp, db, *params)):
-                        if acc_g is not None and pg is not None:
-                            acc_g += pg
+        g_rows = torch.cat([rows_g.flat, g.new_zeros(1, dh)])      # empty query slots read a zero gradient
+        bdtype = bias_dtype(kernel, q.dtype)
+        bias.prepare(layout, bdtype, *params)
+        groups = _groups(layout, used, rows, ctx.max_scores, bias)
+        for grp in groups:
+            qc, kw, vw = _gather(grp, layout, rows)
+            b = bias(grp, bdtype, *params)
+            dest = grp.dest.view(-1)
+            gc = g_rows.index_select(0, torch.where(grp.qempty, rows_g.flat.shape[0],
+                                                    rows_g.rows(grp.bi, grp.hi, grp.qidx)).view(-1))
+            oc = out_rows.index_select(0, dest).view(qc.shape)
+            sc = lse.index_select(0, dest).view(qc.shape[:-1])
+            dq, dk, dv, db = kernel_backward(kernel, gc.view(qc.shape), qc, kw, vw, b, oc, sc, scale, ctx.extra,
+                                             want_bias)
+            kdest = grp.kdest.view(-1)
+            grads[0].index_add_(0, dest, dq.reshape(-1, dh).to(q.dtype))
+            grads[1].index_add_(0, kdest, dk.reshape(-1, dh).to(k.dtype))
+            grads[2].index_add_(0, kdest, dv.reshape(-1, dh).to(v.dtype))
+            if want_bias:
+                for acc_g, pg in zip(param_grads, bias.backward(grp, db, *params)):
+                    if acc_g is not None and pg is not None:
+                        acc_g += pg
         bias.release()
         layout.src, bias.tensors = None, None
         dq = grads[0][:n_out].view(bsz, tq, heads, dh).transpose(1, 2)
@@ -299,15 +324,12 @@ class ChunkedSoftmax(torch.autograd.Function):
         return (None, None, None, None, None, dq, dk, dv, *param_grads)
 
 
-def _gather(grp: Group, layout: ChunkLayout, rows_q: RowIndex, rows_k: RowIndex,
-            rows_v: RowIndex) -> tuple[Tensor, Tensor, Tensor]:
+def _gather(grp: Group, layout: ChunkLayout, rows: Sequence[RowIndex]) -> tuple[Tensor, Tensor, Tensor]:
     """The group's queries (G, 1, C, dh) and window keys / values (G, 1, W, dh)."""
-    g, dh = grp.ids.shape[0], rows_q.flat.shape[1]
-    qc = rows_q.take(rows_q.rows(grp.bi, grp.hi, grp.qidx)).view(g, 1, layout.c, dh)
-    krows = rows_k.rows(grp.bi, grp.hi, grp.kidx)
-    kw = rows_k.take(krows).view(g, 1, layout.w, dh)
-    vw = rows_v.take(krows if rows_v.strides == rows_k.strides else rows_v.rows(grp.bi, grp.hi, grp.kidx))
-    return qc, kw, vw.view(g, 1, layout.w, dh)
+    g, dh = grp.ids.shape[0], rows[0].flat.shape[1]
+    rq, rk, rv = rows
+    return (rq.take(grp.qrows).view(g, 1, layout.c, dh), rk.take(grp.krows).view(g, 1, layout.w, dh),
+            rv.take(grp.vrows).view(g, 1, layout.w, dh))
 
 
 def chunked_softmax(layout: ChunkLayout, bias, scale: float, q: Tensor, k: Tensor, v: Tensor,
@@ -338,50 +360,54 @@ class BucketBias:
         self.tensors = [slot_bucket] + [x for x in (key_valid, rounds) if x is not None]
         self.has_valid, self.has_rounds = key_valid is not None, rounds is not None
         self.causal, self.window, self.self_penalty = causal, window, self_penalty
-        self.kb = None
+        self.layout = None
 
-    def prepare(self, layout: ChunkLayout) -> None:
+    def prepare(self, layout: ChunkLayout, dtype: torch.dtype) -> None:
         self.layout = layout
-        self.kb = layout.windows(self.tensors[0], -1)                               # (P, n, W) view
+        c, w = layout.c, layout.w
+        dev = layout.src.device
+        j = torch.arange(w, device=dev) - layout.before * c                         # key slot - chunk start
+        a = torch.arange(c, device=dev)[:, None]
+        self.own = j == a                                                           # (C, W)
+        self.order = (j <= a) if self.causal else None
+        base = torch.zeros(c, w, dtype=dtype, device=dev)
+        self.base = base.masked_fill(self.own, -SELF_PENALTY) if self.self_penalty else base
+        self.masked = torch.tensor(MASKED, dtype=dtype, device=dev)
+
+    def annotate(self, grp: Group) -> None:
+        """grp.key_ok (G, W): window key in the query chunk's bucket, present and valid."""
+        lay = self.layout
+        kb = lay.windows(self.tensors[0], -1)[grp.ids // lay.n, grp.ids % lay.n]    # (G, W); -1 = empty
+        grp.key_ok = kb == self.tensors[0].view(-1, lay.c)[grp.ids, :1]
+        if self.has_valid:
+            grp.key_ok &= self.tensors[1][grp.bi, grp.kpos]
 
     def release(self) -> None:
-        self.kb = self.layout = None
+        self.layout = self.own = self.order = self.base = self.masked = None
 
     def __call__(self, grp: Group, dtype: torch.dtype) -> Tensor:
-        from rlformer.attention.chunked import SELF_PENALTY
-        lay = self.layout
-        c, w = lay.c, lay.w
-        rest = iter(self.tensors[1:])
-        valid = next(rest) if self.has_valid else None
-        rounds = next(rest) if self.has_rounds else None
-        kb = self.kb[grp.row, grp.chunk]                                            # (G, W); -1 = empty
-        ok = kb == self.tensors[0].view(-1, c)[grp.ids, :1]                         # the query chunk's bucket
-        if valid is not None:
-            ok &= valid[grp.bi, grp.kpos]
-        j = torch.arange(w, device=kb.device) - lay.before * c                     # key slot - chunk start
-        a = torch.arange(c, device=kb.device)[:, None]
-        own = j == a                                                                # (C, W)
-        allowed = ok[:, None, :]
-        if self.causal:
-            allowed = allowed & (j <= a)
+        allowed = grp.key_ok[:, None, :]
+        if self.order is not None:
+            allowed = allowed & self.order
         if self.window is not None:
             dist = grp.qpos[:, :, None] - grp.kpos[:, None, :]
             allowed = allowed & ((dist < self.window) if self.causal else (dist.abs() < self.window))
-        allowed = allowed | own
-        base = torch.zeros(c, w, dtype=dtype, device=kb.device)
-        if self.self_penalty:
-            base = base.masked_fill(own, -SELF_PENALTY)
-        if rounds is not None:      # N_ij = 1 (this round, on allowed pairs) + other rounds sharing a bucket
-            t = rounds.shape[2]
-            qa = rounds[grp.bi, grp.hi, grp.qpos.clamp(max=t - 1)]                  # (G, C, R)
-            ka = rounds[grp.bi, grp.hi, grp.kpos.clamp(max=t - 1)]                  # (G, W, R)
+        allowed = allowed | self.own
+        base = self.base
+        if self.has_rounds:         # N_ij = 1 (this round, on allowed pairs) + other rounds sharing a bucket
+            rounds = self.tensors[-1]
+            qa = rounds[grp.bi, grp.hi, grp.qidx]                                   # (G, C, R)
+            ka = rounds[grp.bi, grp.hi, grp.kidx]                                   # (G, W, R)
             others = [rr for rr in range(rounds.shape[3]) if rr != grp.round]
-            shared = (qa[:, :, None, others[0]] == ka[:, None, :, others[0]]).to(torch.uint8)
-            for rr in others[1:]:
-                shared += qa[:, :, None, rr] == ka[:, None, :, rr]
-            log_n = shared.to(dtype) * math.log(2) if len(others) == 1 else torch.log1p(shared.to(dtype))
-            base = base - log_n
-        return torch.where(allowed, base, torch.tensor(MASKED, dtype=dtype, device=kb.device))[:, None]
+            if len(others) == 1:
+                shared = qa[:, :, None, others[0]] == ka[:, None, :, others[0]]
+                base = torch.where(shared, base - math.log(2), base)
+            else:
+                shared = torch.zeros(allowed.shape, dtype=torch.uint8, device=base.device)
+                for rr in others:
+                    shared += qa[:, :, None, rr] == ka[:, None, :, rr]
+                base = base - torch.log1p(shared.to(dtype))
+        return torch.where(allowed, base, self.masked)[:, None]
 
 
 def bucket_softmax_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, n_buckets: int, chunk_size: int,
@@ -396,7 +422,6 @@ def bucket_softmax_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, n
     Returns the rounds' combination (B, H, T, dh); nothing of size (chunks x window) is kept for
     backward (see ``ChunkedSoftmax``).
     """
-    from rlformer.attention.chunked import bucket_layout
     b, h, t, _ = q.shape
     r = buckets.shape[2]
     with torch.no_grad():
@@ -429,34 +454,47 @@ class SpanBias:
         self.ramp, self.window = ramp, window
         self.layout = None
 
-    def prepare(self, layout: ChunkLayout) -> None:
+    def prepare(self, layout: ChunkLayout, dtype: torch.dtype, z: Tensor) -> None:
+        """Distances (C, W), and for static spans the per-head bias and d bias / dz tables (H, C, W)."""
         self.layout = layout
+        c, w = layout.c, layout.w
+        dev = layout.src.device
+        self.dist = layout.before * c + torch.arange(c, device=dev)[:, None] - torch.arange(w, device=dev)
+        self.in_band = (self.dist >= 0) & (self.dist < self.window)
+        self.own = self.dist == 0
+        self.masked = torch.tensor(MASKED, dtype=dtype, device=dev)
+        if z.dim() == 1:
+            self.table, self.dtable = self._tables(z.detach()[:, None, None], dtype)
+
+    def _tables(self, z: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """log m (MASKED where m = 0 or out of the band) and d log m / dz = 1 / (R u) where 0 < u <= 1."""
+        u = (self.ramp + z.to(_acc(z.dtype)) - self.dist) / self.ramp
+        keep = (self.in_band | self.own) & (u > 0)
+        log_m = torch.where(keep, torch.log(u.clamp(1e-30, 1.0)).to(dtype), self.masked)
+        return log_m, torch.where(keep & (u <= 1), 1.0 / (self.ramp * u), 0.0)
+
+    def annotate(self, grp: Group) -> None:
+        """grp.key_ok (G, W): window key present and valid."""
+        grp.key_ok = grp.kpos != self.layout.t
+        if self.tensors:
+            grp.key_ok &= self.tensors[0][grp.bi, grp.kpos]
 
     def release(self) -> None:
-        self.layout = None
+        self.layout = self.dist = self.in_band = self.own = self.masked = self.table = self.dtable = None
 
-    def _ramp(self, grp: Group, z: Tensor) -> tuple[Tensor, Tensor]:
-        """u = (R + z - x) / R (float32/64) and the entries with weight, both (G, C, W)."""
-        lay = self.layout
-        c, w = lay.c, lay.w
-        dev = grp.kpos.device
-        dist = lay.before * c + torch.arange(c, device=dev)[:, None] - torch.arange(w, device=dev)   # (C, W)
-        ok = grp.kpos != lay.t                                                      # (G, W)
-        if self.tensors:
-            ok = ok & self.tensors[0][grp.bi, grp.kpos]
-        allowed = (ok[:, None, :] & (dist >= 0) & (dist < self.window)) | (dist == 0)
-        zz = (z[grp.hi] if z.dim() == 1 else z[grp.bi, grp.hi, grp.qidx])[..., None]  # (G, 1, 1) | (G, C, 1)
-        u = (self.ramp + zz.to(_acc(z.dtype)) - dist) / self.ramp
-        return u, allowed & (u > 0)
+    def _per_group(self, grp: Group, dtype: torch.dtype, z: Tensor) -> tuple[Tensor, Tensor]:
+        if z.dim() == 1:
+            return self.table[grp.hi[:, 0]], self.dtable[grp.hi[:, 0]]                # (G, C, W)
+        return self._tables(z.detach()[grp.bi, grp.hi, grp.qidx][..., None], dtype)  # per query span
 
     def __call__(self, grp: Group, dtype: torch.dtype, z: Tensor) -> Tensor:
-        u, keep = self._ramp(grp, z.detach())
-        log_m = torch.log(u.clamp(1e-30, 1.0)).to(dtype)
-        return torch.where(keep, log_m, torch.tensor(MASKED, dtype=dtype, device=u.device))[:, None]
+        log_m, _ = self._per_group(grp, dtype, z)
+        return torch.where(grp.key_ok[:, None, :] | self.own, log_m, self.masked)[:, None]
 
     def backward(self, grp: Group, grad_bias: Tensor, z: Tensor) -> list[Tensor]:
-        u, keep = self._ramp(grp, z.detach())
-        d = torch.where(keep & (u <= 1), grad_bias[:, 0].to(u.dtype) / (self.ramp * u), 0.0)
+        """Masked entries have zero probability, hence zero bias gradient: no mask needed here."""
+        _, dlog = self._per_group(grp, grad_bias.dtype, z)
+        d = grad_bias[:, 0].to(dlog.dtype) * dlog
         if z.dim() == 1:
             return [torch.zeros_like(z).index_add_(0, grp.hi[:, 0], d.sum((1, 2)).to(z.dtype))]
         b, h, tq = z.shape

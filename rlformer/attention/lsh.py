@@ -1,6 +1,8 @@
 """Reformer LSH attention (Kitaev et al. 2020, "Reformer: The Efficient Transformer")."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -35,12 +37,13 @@ class Float32Buffers(nn.Module):
 
 
 @torch.no_grad()
-def lsh_buckets(x: Tensor, rotations: Tensor, max_elements: int = 1 << 24) -> Tensor:
+def lsh_buckets(x: Tensor, rotations: Tensor, max_elements: Optional[int] = None) -> Tensor:
     """Angular LSH (Reformer sec. 2, after Andoni et al. 2015): h(x) = argmax([xR; -xR]).
 
     x: (B, H, T, dh); rotations: (H, R, dh, n_buckets / 2) -> buckets (B, H, R, T) in [0, n_buckets).
     One bucket (rotations with 0 columns) sends everything to bucket 0. Invariant to scaling x > 0.
-    The rotated values (float32) are formed for blocks of tokens of at most ``max_elements``;
+    The rotated values (float32) are formed for blocks of tokens of at most ``max_elements``
+    (default: a 16th of them, within [2^22, 2^24]);
     argmax over [xR; -xR] is argmax(xR) when max(xR) >= -min(xR), else n_buckets/2 + argmin(xR).
     """
     b, h, t, _ = x.shape
@@ -50,7 +53,10 @@ def lsh_buckets(x: Tensor, rotations: Tensor, max_elements: int = 1 << 24) -> Te
         return out
     acc = torch.promote_types(x.dtype, torch.float32)
     rot = rotations.to(device=x.device, dtype=acc)
-    step = max(1, max_elements // (b * h * n_rounds * half))
+    per_token = b * h * n_rounds * half
+    if max_elements is None:
+        max_elements = min(1 << 24, max(1 << 22, per_token * t // 16))
+    step = max(1, max_elements // per_token)
     for s in range(0, t, step):
         rotated = torch.einsum("bhtd,hrdn->bhrtn", x[:, :, s:s + step].to(acc), rot)
         hi, lo = rotated.amax(-1), rotated.amin(-1)
