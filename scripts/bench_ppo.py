@@ -207,6 +207,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
               f"{r['update_s_per_update']:>8.3f}{r.get('gpu_max_allocated_gb', nan):>10.2f}"
               f"{r.get('gpu_max_reserved_gb', nan):>9.2f}{r['replay_max_abs_diff']:>9.1e}"
               f"{'on' if r['cuda_graph_active'] else 'off':>7}")
+    for r in rows:
+        if r.get("cuda_graph_error") and r["config"]["cuda_graph"]:
+            print(f"{r['variant']}: CUDA graph not used ({r['cuda_graph_error'][:160]})")
     print("target (H100): SPS >= 3400 at <= 2.5 GB")
     return rows
 
