@@ -105,8 +105,9 @@ def banded_adaptive_span(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Te
     Queries are the last Tq of the Tk keys (query i at key index Tk - Tq + i, as in the
     [memory; segment] layout). ``key_valid``: (B, Tk) bool or None; a query always sees its
     own key. Same result as ``adaptive_span_reference`` with the causal mask and eps = 0.
-    Queries go in chunks of C = clamp(W, MIN_CHUNK, max_chunk); each chunk scores the
-    ceil((W - 1) / C) chunks of keys before it and itself, with the bias log m_z (masked beyond
+    Queries go in chunks of C <= clamp(W, MIN_CHUNK, max_chunk) (a multiple of 8, as small as
+    possible for the same number of key chunks); each chunk scores the ceil((W - 1) / C) chunks of
+    keys before it and itself, with the bias log m_z (masked beyond
     W), through ``chunked_softmax`` (fused kernels per group of at most ``max_scores`` scores,
     probabilities recomputed in backward, the span gradient from the bias gradient). Keys older
     than W - 1 before the first query are never read. With dropout in training: the
@@ -118,7 +119,11 @@ def banded_adaptive_span(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Te
     b, h, t, _ = q.shape
     tk = k.shape[2]
     w = span_window(z, ramp, max_span)
-    layout = span_layout(b, h, t, tk, w, max(MIN_CHUNK, min(w, max_chunk)), q.device)
+    c = max(MIN_CHUNK, min(w, max_chunk))
+    before = -(-(w - 1) // c)
+    if before:          # the smallest chunk (a multiple of 8) with as few chunks of keys: window close to C + W - 1
+        c = max(MIN_CHUNK, (-(-(w - 1) // before) + 7) // 8 * 8)
+    layout = span_layout(b, h, t, tk, w, c, q.device)
     valid = None if key_valid is None else F.pad(key_valid.to(torch.bool), (0, 1), value=False)
     return chunked_softmax(layout, SpanBias(valid, ramp=ramp, window=w), scale, q, k, v, z,
                            max_scores=max_scores, kernel=kernel)

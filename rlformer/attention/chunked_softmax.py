@@ -241,7 +241,8 @@ class ChunkedSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, layout, bias, scale, max_scores, kernel, q, k, v, *params):
+    def forward(ctx, layout, bias, scale, max_scores, kernels, q, k, v, *params):
+        kernel = kernels[0]
         bsz, heads, tq, dh = q.shape
         rows = RowIndex(q), RowIndex(k), RowIndex(v)
         n_out = bsz * tq * heads
@@ -272,7 +273,7 @@ class ChunkedSoftmax(torch.autograd.Function):
             out, lse = out[0, :n_out], lse[0]
             lse[n_out] = -MASKED                                    # empty slots: p = exp(s - 1e30) = 0
         ctx.layout, ctx.bias, ctx.scale, ctx.max_scores, ctx.kernel, ctx.extra = \
-            layout, bias, scale, max_scores, kernel, extra
+            layout, bias, scale, max_scores, kernels[1], extra
         ctx.save_for_backward(q, k, v, out, lse, layout.src, *used, *bias.tensors, *params)
         ctx.n_used, ctx.n_bias = len(used), len(bias.tensors)
         layout.src, bias.tensors = None, None                       # held by the saved tensors only
@@ -336,10 +337,14 @@ def chunked_softmax(layout: ChunkLayout, bias, scale: float, q: Tensor, k: Tenso
                     *params: Tensor, max_scores: int = 1 << 24, kernel: Optional[str] = None) -> Tensor:
     """Apply ``ChunkedSoftmax`` (see there); ``kernel`` None picks one with ``pick_kernel``."""
     bias_grad = any(p.requires_grad for p in params) and torch.is_grad_enabled()
-    kernel = kernel or pick_kernel(q, bias_grad)
-    if kernel not in KERNELS:
+    if kernel is not None and kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}; use one of {KERNELS}")
-    return ChunkedSoftmax.apply(layout, bias, scale, max_scores, kernel, q, k, v, *params)
+    backward = kernel or pick_kernel(q, bias_grad)
+    # the forward needs no bias gradient: a fused kernel with the same bias dtype may run it
+    forward = kernel or pick_kernel(q)
+    if bias_dtype(forward, q.dtype) != bias_dtype(backward, q.dtype):
+        forward = backward
+    return ChunkedSoftmax.apply(layout, bias, scale, max_scores, (forward, backward), q, k, v, *params)
 
 
 # ------------------------------------------------------------------ sort-and-chunk (lsh, routing)
