@@ -73,7 +73,7 @@ class BenchConfig:
     compile: bool = False
     tf32: bool = False
     """TF32 everywhere, rollout included (the replay is then exact only to ~1e-3)"""
-    cuda_graph: bool = False
+    cuda_graph: bool = True
     update_precision: Literal["fp32", "tf32", "bf16"] = "fp32"
     variants: list[str] = field(default_factory=list)
     """run each of these in turn ('+'-joined tokens, see the module docstring); empty = the flags above"""

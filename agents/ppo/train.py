@@ -71,7 +71,8 @@ class PPOTrainer:
         self.global_step = 0
         self.wall_before = 0.0  # wall seconds of earlier sessions of a resumed run
         self.collector = RolloutCollector(self.policy, self.env_groups, self.buf, self.stats, self.device, cfg.gamma,
-                                          cfg.bootstrap_truncated, cuda_graph=cfg.cuda_graph)
+                                          cfg.bootstrap_truncated,
+                                          cuda_graph=cfg.cuda_graph and self.device.type == "cuda")
         self.collector.start(seed=cfg.seed)
 
     # ------------------------------------------------------------------ one update
