@@ -40,7 +40,9 @@ class ResultsConfig:
     dataset_root: Optional[str] = None
     """Minari store with the dataset (passed to every run as --dataset-root)"""
     env: str = "hopper-medium"
-    models: Tuple[Literal["dt", "bc", "hf"], ...] = ("dt", "bc", "hf")
+    models: Tuple[str, ...] = ("dt", "bc", "hf")
+    """dt, bc, hf, or a labelled variant ``LABEL=FLAGS`` whose label starts with the model, e.g.
+    "dt_pos=--backbone.position learned --backbone.max-len 64" (FLAGS are added to that run's command)"""
     seeds: Tuple[int, ...] = (0, 1, 2)
     hf_seeds: Optional[Tuple[int, ...]] = None
     """seeds for --model hf (default: --seeds); HF-DT is the slowest, so fewer seeds may fit the budget"""
@@ -57,17 +59,34 @@ class ResultsConfig:
     """more train_dt.py flags for every run, one string: --extra="--train-steps 2000 --backbone.position rope" """
 
 
-def run_args(cfg: ResultsConfig, model: str, seed: int, run_dir: Path) -> list[str]:
+def parse_model(entry: str) -> tuple[str, str, list[str]]:
+    """``"dt"`` -> ("dt", "dt", []); ``"dt_pos=--backbone.position learned"`` -> ("dt_pos", "dt", [flags])."""
+    label, _, flags = entry.partition("=")
+    model = label.split("_")[0]
+    if model not in ("dt", "bc", "hf"):
+        raise ValueError(f"--models entry {entry!r}: the label must be dt, bc or hf, optionally followed by _NAME "
+                         "and =FLAGS, e.g. dt_pos=--backbone.position learned")
+    return label, model, shlex.split(flags)
+
+
+def job_list(cfg: ResultsConfig) -> list[tuple[str, int]]:
+    """(models entry, seed) for every run; --hf-seeds applies to hf entries."""
+    return [(e, s) for e in cfg.models
+            for s in ((cfg.hf_seeds or cfg.seeds) if parse_model(e)[1] == "hf" else cfg.seeds)]
+
+
+def run_args(cfg: ResultsConfig, entry: str, seed: int, run_dir: Path) -> list[str]:
+    _, model, flags = parse_model(entry)
     args = [sys.executable, str(REPO / "scripts" / "train_dt.py"), "--env", cfg.env, "--preset", cfg.preset,
             "--model", model, "--seed", str(seed), "--device", cfg.device, "--out-dir", str(run_dir),
             "--eval-vector", cfg.eval_vector, "--no-download"]
     if cfg.dataset_root:
         args += ["--dataset-root", str(Path(cfg.dataset_root).resolve())]
-    return args + shlex.split(cfg.extra)
+    return args + shlex.split(cfg.extra) + flags
 
 
 def launch_all(cfg: ResultsConfig) -> list[dict]:
-    jobs = [(m, s) for m in cfg.models for s in ((cfg.hf_seeds or cfg.seeds) if m == "hf" else cfg.seeds)]
+    jobs = job_list(cfg)
     limit = cfg.max_parallel or len(jobs)
     threads = str(max(1, (os.cpu_count() or 1) // min(limit, len(jobs))))
     env = {**os.environ, "RLFORMER_PROGRESS": "0", "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
@@ -76,7 +95,7 @@ def launch_all(cfg: ResultsConfig) -> list[dict]:
     while pending or running:
         while pending and len(running) < limit:
             m, s = pending.pop(0)
-            run_dir = Path(cfg.out_dir) / f"{m}-seed{s}"
+            run_dir = Path(cfg.out_dir) / f"{parse_model(m)[0]}-seed{s}"
             run_dir.mkdir(parents=True, exist_ok=True)
             log = open(run_dir / "log.txt", "w")
             proc = subprocess.Popen(run_args(cfg, m, s, run_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -107,8 +126,8 @@ def launch_in_process(cfg: ResultsConfig) -> list[dict]:
     from agents.dt.train import train_concurrently
 
     os.environ["RLFORMER_PROGRESS"] = "0"
-    jobs = [(m, s) for m in cfg.models for s in ((cfg.hf_seeds or cfg.seeds) if m == "hf" else cfg.seeds)]
-    dirs = [Path(cfg.out_dir) / f"{m}-seed{s}" for m, s in jobs]
+    jobs = job_list(cfg)
+    dirs = [Path(cfg.out_dir) / f"{parse_model(m)[0]}-seed{s}" for m, s in jobs]
     run_cfgs = [tyro.cli(DTConfig, args=run_args(cfg, m, s, d)[2:]) for (m, s), d in zip(jobs, dirs)]
     t0 = time.perf_counter()
     print(f"training {len(jobs)} runs in threads of one process: {jobs}", flush=True)
@@ -144,6 +163,8 @@ def table(cfg: ResultsConfig, done: list[dict], total_s: float) -> str:
     for m in cfg.models:
         ok = [j["summary"] for j in done if j["model"] == m and j["summary"]]
         n_all = sum(1 for j in done if j["model"] == m)
+        label, _, flags = parse_model(m)
+        m = label + (f" ({' '.join(flags)})" if flags else "")
         ref = ref or (ok[0]["reference_scores"] if ok else None)
         cells = [m, f"{len(ok)}/{n_all}"]
         cells += [mean_std([s["normalized_score"][t] for s in ok if t in s["normalized_score"]]) for t in targets]

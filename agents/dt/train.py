@@ -231,7 +231,7 @@ class SharedDevice:
     setup: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     rng: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     """CUDA-generator users that must not overlap a capture: graph captures, replays, RNG-state saves"""
-    evaluation: threading.Semaphore = dataclasses.field(default_factory=lambda: threading.Semaphore(2))
+    evaluation: threading.Semaphore = dataclasses.field(default_factory=lambda: threading.Semaphore(3))
 
 
 def train(cfg: DTConfig, data: Optional[OfflineData] = None, shared: Optional[SharedDevice] = None) -> dict[str, Any]:
