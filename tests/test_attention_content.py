@@ -527,7 +527,7 @@ def test_cuda_bucket_softmax_kernels_match_cpu_float64(dtype, atol, causal):
     buckets = torch.randint(0, 4, (b, h, 2, t), generator=g)
     valid = padding(b, t)
     probe = torch.randn(b, h, t, dh, generator=g, dtype=F64)
-    kw = dict(causal=causal, after=0 if causal else 1, self_penalty=True, key_valid=valid, dedup=True)
+    kw = dict(causal=causal, after=0 if causal else 1, self_penalty=True, dedup=True)
 
     def run(device, dt, kernel, max_scores):
         qq, vv = (x.to(device, dt).requires_grad_() for x in (q, v))
