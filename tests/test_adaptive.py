@@ -125,7 +125,7 @@ def test_cuda_banded_span_matches_cpu_float64(dynamic, dtype, atol):
     probe = torch.randn(b, h, t, 64, generator=g, dtype=torch.float64)
 
     def run(device, dt, max_scores):
-        xs = [x.to(device, dt).requires_grad_() for x in (q, k, v, z)]
+        xs = [x.detach().clone().to(device, dt).requires_grad_() for x in (q, k, v, z)]
         out = banded_adaptive_span(*xs[:3], key_valid.to(device), 0.125, xs[3], r, s, max_scores=max_scores)
         (out * probe.to(device, dt)).sum().backward()
         return [out.double().cpu()] + [x.grad.double().cpu() for x in xs]

@@ -530,7 +530,7 @@ def test_cuda_bucket_softmax_kernels_match_cpu_float64(dtype, atol, causal):
     kw = dict(causal=causal, after=0 if causal else 1, self_penalty=True, dedup=True)
 
     def run(device, dt, kernel, max_scores):
-        qq, vv = (x.to(device, dt).requires_grad_() for x in (q, v))
+        qq, vv = (x.detach().clone().to(device, dt).requires_grad_() for x in (q, v))
         out = bucket_softmax_attention(qq, F.normalize(qq, dim=-1), vv, buckets.to(device), 4, 16, 0.125,
                                        key_valid=valid.to(device), max_scores=max_scores, kernel=kernel, **kw)
         (out * probe.to(device, dt)).sum().backward()

@@ -29,8 +29,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
-SELF_PENALTY = 1e5
-"""Reformer sec. 2 (shared-QK): the score of a query with its own key is lowered by 10^5, so a
+# Large enough that exp(-SELF_PENALTY + any realistic score) is 0 in float32, small enough that
+# s - SELF_PENALTY keeps float32 precision: with 1e5 the rows whose only key is their own (the first
+# causal token) lost ~1% of dV in the recomputed backward on CUDA (float32 ulp at 1e5 is 0.008).
+SELF_PENALTY = 1e3
+"""Reformer sec. 2 (shared-QK): the score of a query with its own key is lowered by SELF_PENALTY (10^3), so a
 token attends to itself only when no other key is available."""
 
 
@@ -92,7 +95,7 @@ def bucket_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, n_buckets
     Query i may attend to key j when: same bucket in round r; with c(i) = (number of earlier
     positions in i's bucket) // chunk_size, c(i) - before <= c(j) <= c(i) + after; j <= i when causal;
     |i - j| < window when ``window`` is set (i - j < window when causal); key j is valid (its
-    own key is always allowed). ``self_penalty``: the own key's score is lowered by 10^5.
+    own key is always allowed). ``self_penalty``: the own key's score is lowered by SELF_PENALTY (10^3).
     ``round_buckets`` (B, H, R, T): the buckets of all rounds; when given, the score of (i, j)
     is lowered by log N_ij, N_ij = number of rounds in which i and j share a bucket (Reformer's
     multi-round de-duplication), so combining rounds by their logsumexp counts each key once.

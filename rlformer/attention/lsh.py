@@ -75,7 +75,7 @@ class LSHAttention(Float32Buffers, Attention):
       forward pass is deterministic.
     - Attention (eq. 3-4 with the chunked P~_i): sort by (bucket, position), cut into chunks of
       ``chunk_size``; each chunk attends to itself and the previous chunk, only to keys of the
-      query's bucket, only to j <= i when causal; the own key's score is lowered by 10^5, so a
+      query's bucket, only to j <= i when causal; the own key's score is lowered by SELF_PENALTY (10^3), so a
       token attends to itself only when nothing else is available. Chunks are cut per bucket
       (see rlformer.attention.chunked) so that the causal form is exactly causal.
     - n_hashes rounds (sec. 2, "Multi-round LSH attention"): o_i = sum_r exp(z(i, P_i^r) -

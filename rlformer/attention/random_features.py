@@ -222,12 +222,12 @@ class RandomFeatureAttention(Float32Buffers, Attention):
     feature_multiplier = 1
     """M = feature_multiplier * n_features outputs of phi"""
     float32_buffers = ("features",)
-    recompute_group = 1024
-    """tokens per recomputation group of the causal backward (rounded down to whole chunks)"""
 
     def __init__(self, cfg: EncoderConfig, layer: int, position=None):
         super().__init__(cfg, layer, position)
         self.n_features = cfg.random_features.n_features
+        self.recompute_group = cfg.random_features.recompute_group
+        """tokens per recomputation group of the causal backward (rounded down to whole chunks; 0: off)"""
         gen = layer_generator(cfg.random_features.seed, layer, salt=3)
         self.register_buffer("features", orthogonal_gaussian(cfg.n_heads, self.n_features, cfg.d_head, gen))
 
@@ -288,7 +288,8 @@ class RandomFeatureAttention(Float32Buffers, Attention):
         params = self.feature_params()
         s0 = ctx.state.get("S") if ctx.state else None
         inputs = [q, k, v, log_gate, s0, *params]
-        if ctx.causal and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        if (ctx.causal and self.recompute_group > 0 and torch.is_grad_enabled()
+                and any(t is not None and t.requires_grad for t in inputs)):
             return self._attend_recomputed(q, k, v, ctx, log_gate, params)
         phi_q, phi_k = self.features_of(q, k, ctx.key_valid, log_gate)
         out, state = chunked_linear_attention(phi_q, phi_k, v, self.cfg.random_features.chunk_size,

@@ -28,7 +28,7 @@ class RoutingAttention(Float32Buffers, Attention):
       X'_i = sum_{j: K_j in mu(Q_i), j <= i} A_ij V_j.
     - Routing heads share queries and keys, K = Q / |Q| (as Reformer's shared-QK), so a query and
       its own key land in the same cluster and one sort order serves both; the own key's score is
-      lowered by 10^5 (attend to self only when alone). Attention within a cluster is computed by
+      lowered by SELF_PENALTY (10^3) (attend to self only when alone). Attention within a cluster is computed by
       sorting by (cluster, position) and chunking (``routing.chunk_size``; each chunk sees itself
       and the previous chunk of its cluster), see rlformer.attention.chunked.
     - Online k-means (sec. 4.1): in training, after assignment, each centroid moves by an
