@@ -124,15 +124,20 @@ def test_cuda_banded_span_matches_cpu_float64(dynamic, dtype, atol):
     key_valid = torch.rand(b, t + m, generator=g) > 0.1
     probe = torch.randn(b, h, t, 64, generator=g, dtype=torch.float64)
 
-    def run(device, dt, max_scores):
-        xs = [x.detach().clone().to(device, dt).requires_grad_() for x in (q, k, v, z)]
+    # the spans stay float32 under bf16 (a parameter keeps its dtype under autocast; bf16 would round z ~ 64
+    # by 0.25 and move the mask ramp); q, k, v are rounded to the tested dtype for the reference too
+    q, k, v = (x.to(dtype).double() for x in (q, k, v))
+    z_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+
+    def run(device, dt, zdt, max_scores):
+        xs = [x.detach().clone().to(device, d).requires_grad_() for x, d in zip((q, k, v, z), (dt, dt, dt, zdt))]
         out = banded_adaptive_span(*xs[:3], key_valid.to(device), 0.125, xs[3], r, s, max_scores=max_scores)
         (out * probe.to(device, dt)).sum().backward()
         return [out.double().cpu()] + [x.grad.double().cpu() for x in xs]
 
-    ref = run("cpu", torch.float64, 1 << 24)
+    ref = run("cpu", torch.float64, torch.float64, 1 << 24)
     for max_scores in (1 << 24, 20000):
-        for a, c in zip(run("cuda", dtype, max_scores), ref):
+        for a, c in zip(run("cuda", dtype, z_dtype, max_scores), ref):
             torch.testing.assert_close(a, c, rtol=0, atol=atol * max(1.0, c.abs().max().item()))
 
 

@@ -51,8 +51,7 @@ def pick_kernel(x: Tensor, bias_grad: bool = False) -> str:
         return "math"          # float16: the -1e30 mask overflows its bias
     ops = torch.ops.aten
     if x.device.type == "cuda":
-        # bf16 bias gradients (adaptive span's z) lose too much in the fused kernel: math accumulates in fp32
-        ok = x.dtype != torch.float64 and x.shape[-1] % 8 == 0 and not (bias_grad and x.dtype != torch.float32)
+        ok = x.dtype != torch.float64 and x.shape[-1] % 8 == 0
         return "efficient" if ok and hasattr(ops, "_scaled_dot_product_efficient_attention_backward") else "math"
     if x.device.type == "cpu" and not bias_grad and hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu_backward"):
         return "flash_cpu"
