@@ -120,6 +120,8 @@ def plot(out: Path) -> list[dict]:
         for ax in axes:
             if ax.lines:
                 ax.legend()
+            else:  # e.g. no success rate on POPGym tasks: no empty panel
+                ax.set_visible(False)
         fig.tight_layout()
         fig.savefig(out / f"{task}.png", dpi=120)
         plt.close(fig)
