@@ -1,8 +1,8 @@
 """How fast a DT variant fits the data, and whether it uses the returns-to-go (CPU-sized probe).
 
-    python scripts/dt_fit_probe.py --variant dt --steps 2000 --dataset-root /tmp/minari
-    python scripts/dt_fit_probe.py --variant dt-authors --steps 2000     # Chen et al.'s init
-    python scripts/dt_fit_probe.py --variant dt-pos --steps 2000         # + learned positions
+    python scripts/dt_fit_probe.py --variant dt-gpt2 --steps 2000 --dataset-root /tmp/minari   # --init gpt2
+    python scripts/dt_fit_probe.py --variant dt-authors --steps 2000     # Chen et al.'s init (the default)
+    python scripts/dt_fit_probe.py --variant dt-pos --steps 2000         # gpt2 init + learned positions
     python scripts/dt_fit_probe.py --variant hf --steps 2000             # Hugging Face DT
 
 Trains ``--steps`` updates (batch 64, K = 20, warm-up steps/5, eager, 1 torch thread), prints the mean
@@ -27,7 +27,7 @@ import tyro
 
 @dataclass
 class ProbeConfig:
-    variant: Literal["dt", "dt-authors", "dt-pos", "hf"] = "dt"
+    variant: Literal["dt-gpt2", "dt-authors", "dt-pos", "hf"] = "dt-gpt2"
     steps: int = 2000
     env: str = "hopper-medium"
     dataset_root: Optional[str] = None

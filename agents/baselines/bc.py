@@ -14,7 +14,7 @@ from agents.dt.model import DecisionTransformer
 
 
 def build_bc_model(state_dim: int, act_dim: int, backbone: rlformer.EncoderConfig,
-                   max_ep_len: int = 1000, init: str = "gpt2") -> DecisionTransformer:
+                   max_ep_len: int = 1000, init: str = "authors") -> DecisionTransformer:
     """A state-only, return-free DecisionTransformer: ``model(states, actions, rtg, timesteps, mask)``
     keeps the DT signature and ignores ``actions`` and ``rtg``."""
     return DecisionTransformer(state_dim, act_dim, backbone, max_ep_len=max_ep_len,

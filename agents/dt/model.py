@@ -42,7 +42,7 @@ def _causal_ok(name: str) -> bool:
     return bool(lookup("attention", name).supports_causal)
 
 
-INITS = ("gpt2", "authors")
+INITS = ("authors", "gpt2")
 
 
 def gpt2_init_(encoder: nn.Module, n_layers: int) -> None:
@@ -70,7 +70,7 @@ class DecisionTransformer(nn.Module):
 
     def __init__(self, state_dim: int, act_dim: int, backbone: rlformer.EncoderConfig, max_ep_len: int = 1000,
                  condition_on_return: bool = True, use_actions: bool = True, action_tanh: bool = True,
-                 init: str = "gpt2"):
+                 init: str = "authors"):
         super().__init__()
         check_causal_backbone(backbone)
         if init not in INITS:
