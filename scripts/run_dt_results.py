@@ -85,6 +85,10 @@ def run_args(cfg: ResultsConfig, entry: str, seed: int, run_dir: Path) -> list[s
     return args + shlex.split(cfg.extra) + flags
 
 
+def run_dir_of(cfg: ResultsConfig, entry: str, seed: int) -> Path:
+    return Path(cfg.out_dir) / f"{parse_model(entry)[0]}-seed{seed}"
+
+
 def launch_all(cfg: ResultsConfig) -> list[dict]:
     jobs = job_list(cfg)
     limit = cfg.max_parallel or len(jobs)
@@ -95,7 +99,7 @@ def launch_all(cfg: ResultsConfig) -> list[dict]:
     while pending or running:
         while pending and len(running) < limit:
             m, s = pending.pop(0)
-            run_dir = Path(cfg.out_dir) / f"{parse_model(m)[0]}-seed{s}"
+            run_dir = run_dir_of(cfg, m, s)
             run_dir.mkdir(parents=True, exist_ok=True)
             log = open(run_dir / "log.txt", "w")
             proc = subprocess.Popen(run_args(cfg, m, s, run_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -127,7 +131,7 @@ def launch_in_process(cfg: ResultsConfig) -> list[dict]:
 
     os.environ["RLFORMER_PROGRESS"] = "0"
     jobs = job_list(cfg)
-    dirs = [Path(cfg.out_dir) / f"{parse_model(m)[0]}-seed{s}" for m, s in jobs]
+    dirs = [run_dir_of(cfg, m, s) for m, s in jobs]
     run_cfgs = [tyro.cli(DTConfig, args=run_args(cfg, m, s, d)[2:]) for (m, s), d in zip(jobs, dirs)]
     t0 = time.perf_counter()
     print(f"training {len(jobs)} runs in threads of one process: {jobs}", flush=True)

@@ -87,12 +87,13 @@ class Updater:
 
     def __init__(self, model: nn.Module, sampler: WindowSampler, opt, sched, batch_size: int, grad_clip: float,
                  device: torch.device, compile: bool = False, amp: bool = False, graph: bool = False,
-                 warmup: int = 3, capture_error_mode: str = "global", rng_lock: Optional[threading.Lock] = None):
+                 warmup: int = 3, rng_lock: Optional[threading.Lock] = None):
         self.model, self.sampler, self.opt, self.sched = model, sampler, opt, sched
-        # With other runs in other threads: they share the CUDA generator, which must not be advanced
-        # (by their replays) while this run captures, so captures and replays take ``rng_lock``.
-        self.capture_error_mode = capture_error_mode  # "thread_local" when other threads use the GPU
+        # ``rng_lock``: other runs use the GPU from other threads. They share the CUDA generator, which
+        # must not be advanced (by their replays) while this run captures, so captures and replays take
+        # the lock, and the capture only forbids unsafe calls in this thread.
         self.rng_lock = rng_lock if rng_lock is not None else contextlib.nullcontext()
+        self.capture_error_mode = "global" if rng_lock is None else "thread_local"
         self.batch_size, self.grad_clip, self.device = batch_size, grad_clip, device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.fwd: Callable = torch.compile(model) if compile else model
@@ -303,7 +304,6 @@ def _train(cfg: DTConfig, data: Optional[OfflineData], shared: Optional[SharedDe
     amp = cfg.amp and cuda
     updater = Updater(model, sampler, opt, sched, cfg.batch_size, cfg.grad_clip, device,
                       compile=cfg.compile and cuda, amp=amp, graph=use_graph,
-                      capture_error_mode="thread_local" if shared else "global",
                       rng_lock=shared.rng if shared else None)
     model.train()
 
@@ -353,7 +353,7 @@ def _train(cfg: DTConfig, data: Optional[OfflineData], shared: Optional[SharedDe
             history.append({"step": done, **vals})
             bar.set_postfix(loss=f"{loss_now:.4f}", refresh=False)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.train_steps:
-            with (shared.rng if shared else contextlib.nullcontext()):  # saves the CUDA RNG state
+            with updater.rng_lock:  # saves the CUDA RNG state
                 save_checkpoint(ckpt_dir, done, model, opt, sched, extra=ckpt_extra())
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.train_steps:
             t_pause = time.perf_counter()
@@ -365,7 +365,7 @@ def _train(cfg: DTConfig, data: Optional[OfflineData], shared: Optional[SharedDe
     train_time = time.perf_counter() - t_train
     bar.close()
     n_done = cfg.train_steps - start
-    with (shared.rng if shared else contextlib.nullcontext()):
+    with updater.rng_lock:
         save_checkpoint(ckpt_dir, cfg.train_steps, model, opt, sched, extra=ckpt_extra())
 
     final = run_eval(cfg.train_steps)
