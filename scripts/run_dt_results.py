@@ -17,6 +17,7 @@ printed last and written to ``--out`` (and the raw numbers to ``--out`` with .js
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -55,6 +56,9 @@ class ResultsConfig:
     out: str = "RESULTS_dt.md"
     in_process: bool = False
     """train all runs as threads of this process, one CUDA stream each (they overlap on the GPU)"""
+    eval_in_processes: bool = True
+    """with --in-process: evaluate each run's final checkpoint in its own process afterwards (evaluations in
+    threads queue on the interpreter lock)"""
     extra: str = ""
     """more train_dt.py flags for every run, one string: --extra="--train-steps 2000 --backbone.position rope" """
 
@@ -89,10 +93,10 @@ def run_dir_of(cfg: ResultsConfig, entry: str, seed: int) -> Path:
     return Path(cfg.out_dir) / f"{parse_model(entry)[0]}-seed{seed}"
 
 
-def launch_all(cfg: ResultsConfig) -> list[dict]:
-    jobs = job_list(cfg)
+def run_processes(cfg: ResultsConfig, jobs: list[tuple[str, int]], argv_of, log_name: str = "log.txt") -> list[dict]:
+    """Run ``argv_of(entry, seed, run_dir)`` for every job as a subprocess, ``--max-parallel`` at a time."""
     limit = cfg.max_parallel or len(jobs)
-    threads = str(max(1, (os.cpu_count() or 1) // min(limit, len(jobs))))
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, min(limit, len(jobs)))))
     env = {**os.environ, "RLFORMER_PROGRESS": "0", "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
     pending, running, done = list(jobs), [], []
     t0 = time.perf_counter()
@@ -101,9 +105,8 @@ def launch_all(cfg: ResultsConfig) -> list[dict]:
             m, s = pending.pop(0)
             run_dir = run_dir_of(cfg, m, s)
             run_dir.mkdir(parents=True, exist_ok=True)
-            log = open(run_dir / "log.txt", "w")
-            proc = subprocess.Popen(run_args(cfg, m, s, run_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    cwd=REPO)
+            log = open(run_dir / log_name, "w")
+            proc = subprocess.Popen(argv_of(m, s, run_dir), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
             running.append({"model": m, "seed": s, "dir": run_dir, "proc": proc, "log": log,
                             "start": time.perf_counter()})
             print(f"[{time.perf_counter() - t0:6.0f} s] started {m} seed {s} (pid {proc.pid})", flush=True)
@@ -117,15 +120,28 @@ def launch_all(cfg: ResultsConfig) -> list[dict]:
             job["rc"], job["wall_s"] = rc, time.perf_counter() - job["start"]
             summary = job["dir"] / "summary.json"
             job["summary"] = json.loads(summary.read_text()) if rc == 0 and summary.exists() else None
-            tail = (job["dir"] / "log.txt").read_text().strip().splitlines()[-3:]
+            tail = (job["dir"] / log_name).read_text().strip().splitlines()[-3:]
             print(f"[{time.perf_counter() - t0:6.0f} s] {job['model']} seed {job['seed']} finished rc={rc}: "
                   + " | ".join(tail), flush=True)
             done.append(job)
     return done
 
 
+def launch_all(cfg: ResultsConfig) -> list[dict]:
+    """Every run as its own ``train_dt.py`` process (training and evaluation)."""
+    return run_processes(cfg, job_list(cfg), lambda m, s, d: run_args(cfg, m, s, d))
+
+
 def launch_in_process(cfg: ResultsConfig) -> list[dict]:
-    """All runs as threads of this process (``train_concurrently``); the same records as ``launch_all``."""
+    """All runs trained as threads of this process (``train_concurrently``); the same records as ``launch_all``.
+
+    Evaluation is CPU work in Python (environment steps), so N runs evaluating in threads of one process
+    queue on one interpreter lock (a 7-run call spent 187 s in one evaluation that takes 44 s alone). With
+    ``--eval-in-processes`` (default) the threads only train, and each run's final checkpoint is then
+    evaluated by its own ``train_dt.py --resume`` process (nothing left to train, so it only evaluates);
+    the evaluation fields are merged into the training summary.
+    """
+    from agents.common import write_json
     from agents.dt.config import DTConfig
     from agents.dt.train import train_concurrently
 
@@ -133,18 +149,42 @@ def launch_in_process(cfg: ResultsConfig) -> list[dict]:
     jobs = job_list(cfg)
     dirs = [run_dir_of(cfg, m, s) for m, s in jobs]
     run_cfgs = [tyro.cli(DTConfig, args=run_args(cfg, m, s, d)[2:]) for (m, s), d in zip(jobs, dirs)]
+    if cfg.eval_in_processes:
+        run_cfgs = [dataclasses.replace(c, eval_episodes=0, eval_every=0) for c in run_cfgs]
     t0 = time.perf_counter()
     print(f"training {len(jobs)} runs in threads of one process: {jobs}", flush=True)
     results = train_concurrently(run_cfgs)
-    wall = time.perf_counter() - t0
+    print(f"[{time.perf_counter() - t0:6.0f} s] training done", flush=True)
     done = []
     for (m, s), d, r in zip(jobs, dirs, results):
         ok = isinstance(r, dict)
         if not ok:
             print(f"{m} seed {s} failed: {type(r).__name__}: {r}", file=sys.stderr, flush=True)
-        done.append({"model": m, "seed": s, "dir": d, "rc": 0 if ok else 1, "wall_s": r["wall_s"] if ok else wall,
-                     "summary": r if ok else None})
+        done.append({"model": m, "seed": s, "dir": d, "rc": 0 if ok else 1,
+                     "wall_s": r["wall_s"] if ok else time.perf_counter() - t0, "summary": r if ok else None})
+    trained = [j for j in done if j["rc"] == 0]
+    if not cfg.eval_in_processes or not trained:
+        return done
+    evals = run_processes(cfg, [(j["model"], j["seed"]) for j in trained],
+                          lambda m, s, d: run_args(cfg, m, s, d) + ["--resume"], log_name="eval_log.txt")
+    by_run = {(e["model"], e["seed"]): e for e in evals}
+    for job in trained:
+        ev = by_run[(job["model"], job["seed"])]
+        if ev["rc"] != 0 or not ev["summary"]:
+            job["rc"] = ev["rc"] or 1
+            print(f"{job['model']} seed {job['seed']}: evaluation failed, see {job['dir'] / 'eval_log.txt'}",
+                  file=sys.stderr, flush=True)
+            continue
+        merged = {**job["summary"], **{k: ev["summary"][k] for k in EVAL_FIELDS if k in ev["summary"]}}
+        merged["wall_s"] = job["summary"]["wall_s"] + ev["wall_s"]
+        job["summary"], job["wall_s"] = merged, merged["wall_s"]
+        write_json(job["dir"] / "summary.json", merged)
     return done
+
+
+EVAL_FIELDS = ("final_return", "normalized_score", "final_return_std", "normalized_score_std", "episode_length",
+               "eval_episodes_per_target", "eval_wall_s", "eval_history")
+"""summary fields that come from the evaluation process"""
 
 
 def mean_std(xs: list[float]) -> str:

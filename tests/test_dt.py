@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import gymnasium as gym
@@ -258,6 +259,31 @@ def test_cli_backbone_swaps_and_baselines(tmp_path):
     s = main(tiny_cli_args(tmp_path, "--model", "bc", "--eval-episodes", "1", "--eval-max-steps", "5",
                            "--eval-vector", "sync", "--train-steps", "4"))
     assert set(s["normalized_score"]) == {"3600", "1800"} and s["reference_scores"]["source"] == "minari metadata"
+
+
+def test_results_in_process_training_then_evaluation_processes(hopper_medium_small, tmp_path):
+    """run_dt_results --in-process: runs train as threads, then each final checkpoint is evaluated by its own
+    --resume process (no further updates) and the evaluation is merged into the training summary."""
+    spec = importlib.util.spec_from_file_location("run_dt_results", REPO / "scripts" / "run_dt_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod                     # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    extra = ("--train-steps 6 --warmup-steps 2 --batch-size 8 --context-len 4 --log-every 2 --eval-episodes 2 "
+             "--eval-max-steps 5 --no-tensorboard --backbone.d-model 32 --backbone.n-layers 1")
+    mod.main(["--in-process", "--models", "dt", "bc", "--seeds", "0", "--preset", "quick", "--device", "cpu",
+              "--dataset-root", str(hopper_medium_small.root), f"--extra={extra}",
+              "--out-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "table.md")])
+    runs = json.loads((tmp_path / "table.json").read_text())["runs"]
+    assert [(r["model"], r["rc"]) for r in runs] == [("dt", 0), ("bc", 0)]
+    for r in runs:
+        s = r["summary"]
+        assert s["updates_this_run"] == 6 and s["updates_per_s"] > 0           # the training thread's numbers
+        assert set(s["normalized_score"]) == {"3600", "1800"} and s["eval_episodes_per_target"] == 2
+        log = (tmp_path / "runs" / f"{r['model']}-seed0" / "eval_log.txt").read_text()
+        assert "at update 6" in log and "0 updates" in log                     # evaluation only, same weights
+        assert json.loads((tmp_path / "runs" / f"{r['model']}-seed0" / "summary.json").read_text())[
+            "normalized_score"] == s["normalized_score"]
+    assert "| dt | 1/1 |" in (tmp_path / "table.md").read_text()
 
 
 def test_cli_non_causal_backbone_exits_cleanly(hopper_medium_small, tmp_path, capsys):
