@@ -16,6 +16,9 @@ band of C + W - 1 keys (a block-banded computation), so keys beyond the current 
 are never read or scored, and shrinking spans shrink the work: O(T (C + W)) instead of
 O(T (M + T)) with M memory slots. With XL memory only the last W - 1 memory slots are touched.
 ``adaptive_span_reference`` is the dense, literal version it is tested against.
+On CUDA (no dropout in training, at least ``FLEX_MIN_LEN`` queries) the layer runs
+``flex_span.flex_adaptive_span`` instead: one compiled FlexAttention call with a banded BlockMask and
+the score_mod s + log m_z, the span gradient from one more banded pass over the ramp.
 """
 from __future__ import annotations
 
@@ -28,12 +31,16 @@ from torch import Tensor, nn
 
 from rlformer.attention.base import Attention, merge_heads
 from rlformer.attention.chunked_softmax import SpanBias, chunked_softmax, span_layout
+from rlformer.attention.flex import flex_available
+from rlformer.attention.flex_span import flex_adaptive_span
 from rlformer.config import EncoderConfig
 from rlformer.context import AttentionContext
 from rlformer.registry import register
 
 MIN_CHUNK = 32
 """smallest query chunk of the banded path (fewer, larger batched matmuls for short spans)"""
+FLEX_MIN_LEN = 128
+"""fewest queries for which CUDA tensors take the FlexAttention path"""
 
 
 class _ProjectedClamp(torch.autograd.Function):
@@ -185,6 +192,15 @@ def banded_probs_adaptive_span(q: Tensor, k: Tensor, v: Tensor, key_valid: Optio
     return out.reshape(b, h, tp, dh)[:, :, :t]
 
 
+def use_flex_span(q: Tensor, dropout: float, training: bool) -> bool:
+    """The FlexAttention path (``flex_span.flex_adaptive_span``) runs for CUDA tensors when flex_attention is
+    available, without dropout in training, for head sizes it compiles (16..256, a power of two) and at least
+    ``FLEX_MIN_LEN`` queries (shorter segments stay on the banded path, cheap there and no compile)."""
+    dh = q.shape[-1]
+    return (q.is_cuda and not (dropout > 0 and training) and q.shape[2] >= FLEX_MIN_LEN and 16 <= dh <= 256
+            and dh & (dh - 1) == 0 and flex_available())
+
+
 @register("attention", "adaptive_span")
 class AdaptiveSpanAttention(Attention):
     """Adaptive attention span (Sukhbaatar et al. 2019, eq. 3 soft mask, sec. 2.3 dynamic span).
@@ -197,6 +213,8 @@ class AdaptiveSpanAttention(Attention):
     """
 
     supports_bidirectional = False
+    flex_z_grad = "analytic"
+    """span gradient of the CUDA FlexAttention path: "analytic" (ramp pass) or "captured" (flex's own)"""
     causal_note = "The span is a distance into the past."
     position_hooks = frozenset({"input", "rotary"})
 
@@ -249,8 +267,12 @@ class AdaptiveSpanAttention(Attention):
         return self.attend_with_spans(q, k, v, ctx, self.spans(None))
 
     def attend_with_spans(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, z: Tensor):
-        out = banded_adaptive_span(q, k, v, ctx.key_valid, self.scale, z, self.ramp, self.max_span,
-                                   self.dropout, self.training, max_scores=self.cfg.adaptive_span.max_scores)
+        if use_flex_span(q, self.dropout, self.training):
+            out = flex_adaptive_span(q, k, v, ctx.key_valid, self.scale, z, self.ramp, self.max_span,
+                                     z_grad=self.flex_z_grad)
+        else:
+            out = banded_adaptive_span(q, k, v, ctx.key_valid, self.scale, z, self.ramp, self.max_span,
+                                       self.dropout, self.training, max_scores=self.cfg.adaptive_span.max_scores)
         ctx.aux.add(self.penalty * z.float().mean())
         info, zd = ctx.aux.info, z.detach()
         info.setdefault("span", {})[ctx.layer] = zd if zd.dim() == 1 else zd.mean(dim=(0, 2))

@@ -1,0 +1,215 @@
+"""FlexAttention fast path of adaptive attention span (Sukhbaatar et al. 2019), CUDA.
+
+The soft mask m_z(x) = clamp((R + z - x) / R, 0, 1) multiplies exp(s) before renormalizing, which is
+the same as adding log m_z(i - j) to the score (eq. 3 and the paper's code):
+
+    a_ij = m_z(x) exp(s_ij) / sum_k m_z(x_k) exp(s_ik) = softmax_j(s_ij + log m_z(x_ij)),   x = i - j.
+
+``flex_adaptive_span`` is one compiled ``flex_attention`` call: a banded BlockMask (key blocks holding
+distances 0 <= x < W, W = min(S, ceil(R + max z)) rounded up to the block size, built from band
+``kv_num_blocks`` / ``kv_indices`` without any (Tq, Tk) evaluation and cached per shape / W / device),
+a mask_mod that keeps exactly the pairs of the dense reference (causal, x < S, m > 0, valid keys or the
+own key), and a score_mod that adds log(clamp(u, 1e-30, 1)), u = (R + z - x) / R (finite: the pairs
+with u <= 0 are removed by the mask_mod, never by the score). z is read from a captured float32
+tensor: (H,) static spans, or (B, H, Tq) per-query dynamic spans (sec. 2.3).
+
+Span gradient (``z_grad``):
+- ``"analytic"`` (default): flex gets z detached; the gradient comes from one more banded flex
+  forward over the ramp. With P_ij = exp(s_ij + log m_ij - lse_i) and D_i = dO_i . O_i the bias gradient
+  is P_ij (dO_i . v_j - D_i), and d log m / dz = 1 / (R u) on the ramp 0 < u <= 1, so
+  P_ij / (R u_ij) = exp(s_ij - lse_i) / R there: the span gradient needs only plain attention over
+  the ramp keys,
+
+      dL/dz_i = exp(lse2_i - lse_i) / R * (dO_i . O2_i - D_i),
+
+  (O2_i, lse2_i) = flex attention of the plain scores over the keys with 0 <= u <= 1. That is
+  exact, deterministic, O(T (R + block)) work, and at u = 0 (integer R + z) it is the one-sided
+  derivative the dense reference's autograd gives (clamp passes its gradient at the bounds), which a
+  masked key cannot give.
+- ``"captured"``: z is captured with its autograd history and FlexAttention's own backward returns
+  its gradient (captured buffers that require grad are supported since torch 2.7: the compiled
+  backward scatters the score gradient into them with atomic adds, non-deterministic, and for (H,)
+  spans every score of a head adds into one address). Kept to compare speed against.
+
+``band_block_mask`` and ``flex_adaptive_span`` take ``flex``/``block`` arguments so the CPU tests run
+the eager ``flex_attention`` forward at small block sizes; FlexAttention has no backward on CPU.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from rlformer.attention.flex import _cached, _flex
+
+BLOCK = 128
+"""BlockMask block size (FlexAttention's default sparse block)"""
+LOG_FLOOR = 1e-30
+"""m is clamped at this floor before the log (only reached where u > 0 is rounding-small)"""
+
+
+def band_blocks(tq: int, tk: int, n_mem: int, lo: int, hi: int, block: int) -> tuple[Tensor, Tensor]:
+    """Key blocks of a banded causal mask: (kv_num_blocks (1, 1, nQ), kv_indices (1, 1, nQ, nK)) int32.
+
+    Query i sits at key index n_mem + i; the row of query block b lists the key blocks holding some key
+    at distance lo <= x < hi (x = n_mem + i - j >= 0) from some query of the block, in ascending order.
+    Computed from block boundaries only (O(nQ nK) integers, no (Tq, Tk) tensor).
+    """
+    nq, nk = -(-tq // block), -(-tk // block)
+    qb = torch.arange(nq)
+    q_first = n_mem + qb * block                                   # key index of the block's first query
+    q_last = n_mem + torch.clamp((qb + 1) * block, max=tq) - 1
+    k_lo = torch.clamp(q_first - (hi - 1), min=0)                  # oldest key with x <= hi - 1
+    k_hi = torch.clamp(q_last - max(lo, 0), max=tk - 1)            # newest key with x >= lo
+    empty = (k_hi < k_lo) | (hi <= max(lo, 0))
+    b_lo, b_hi = k_lo // block, k_hi // block
+    num = torch.where(empty, 0, b_hi - b_lo + 1)
+    idx = torch.clamp(b_lo[:, None] + torch.arange(nk)[None, :], max=nk - 1)
+    return num.to(torch.int32)[None, None], idx.to(torch.int32)[None, None]
+
+
+def band_block_mask(tq: int, tk: int, n_mem: int, lo: int, hi: int, device: torch.device, block: int = BLOCK):
+    """Cached BlockMask (no mask_mod) of ``band_blocks``; ``lo``/``hi`` are rounded outwards to the block size
+    so spans that move a little reuse it. Attach the exact mask with ``with_mask_mod``."""
+    from torch.nn.attention.flex_attention import BlockMask
+    lo = max(0, lo) // block * block
+    hi = -(-hi // block) * block
+    key = ("span_band", tq, tk, n_mem, lo, hi, block, str(device))
+
+    def build():
+        num, idx = band_blocks(tq, tk, n_mem, lo, hi, block)
+        return BlockMask.from_kv_blocks(num.to(device), idx.to(device), BLOCK_SIZE=block, seq_lengths=(tq, tk))
+
+    return _cached(key, build)
+
+
+def with_mask_mod(block_mask, mask_mod: Callable):
+    """A shallow copy of a cached BlockMask with this call's mask_mod (the block tables are shared)."""
+    out = copy.copy(block_mask)
+    out.mask_mod = mask_mod
+    return out
+
+
+def _z32(z: Tensor) -> Tensor:
+    """Spans in at least float32 (bf16 spans would move the ramp; float64 stays float64)."""
+    return z.to(torch.promote_types(z.dtype, torch.float32))
+
+
+def _span_of(z: Tensor) -> Callable:
+    """(b, h, q_idx) -> span: z[h] for (H,) spans, z[b, h, q_idx] for (B, H, Tq) ones."""
+    if z.dim() == 1:
+        return lambda b, h, q_idx: z[h]
+    return lambda b, h, q_idx: z[b, h, q_idx]
+
+
+def span_mask_mod(z: Tensor, key_valid: Optional[Tensor], n_mem: int, ramp: int, max_span: int,
+                  ramp_only: bool = False) -> Callable:
+    """Pairs of the dense reference with m_z(x) > 0: 0 <= x < S, R + z - x > 0, and a valid key or the own
+    key. ``ramp_only``: the span-gradient pass, 0 <= R + z - x <= R (0 <= u <= 1, clamp's gradient support)."""
+    span = _span_of(z)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        x = q_idx + n_mem - kv_idx
+        d = (span(b, h, q_idx) + ramp) - x                         # R u, float32
+        ok = (x >= 0) & (x < max_span)
+        ok = ok & (d >= 0) & (d <= ramp) if ramp_only else ok & (d > 0)
+        if key_valid is not None:
+            ok = ok & (key_valid[b, kv_idx] | (x == 0))
+        return ok
+
+    return mask_mod
+
+
+def span_score_mod(z: Tensor, n_mem: int, ramp: int) -> Callable:
+    """score + log m_z(x), m clamped to [LOG_FLOOR, 1] (finite; the mask_mod removes m = 0)."""
+    span = _span_of(z)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        u = ((span(b, h, q_idx) + ramp) - (q_idx + n_mem - kv_idx)) / ramp
+        return score + torch.log(torch.clamp(u, LOG_FLOOR, 1.0))
+
+    return score_mod
+
+
+def span_bounds(z: Tensor, ramp: int, max_span: int) -> tuple[int, int]:
+    """(lowest distance on any ramp, W): the ramp is floor(min z) <= x <= R + max z; W = min(S, ceil(R + max z))."""
+    zd = z.detach()
+    z_min, z_max = (float(zd.min()), float(zd.max())) if zd.numel() else (0.0, 0.0)
+    return max(0, math.floor(z_min)), max(1, min(max_span, math.ceil(ramp + z_max)))
+
+
+def span_z_grad(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tensor], scale: float, z: Tensor, ramp: int,
+                max_span: int, out: Tensor, lse: Tensor, grad_out: Tensor, flex=None, block: int = BLOCK) -> Tensor:
+    """dL/dz of the adaptive-span attention (shape of z) from its output, lse and the output gradient.
+
+    dL/dz_i = exp(lse2_i - lse_i) / R * (dO_i . O2_i - dO_i . O_i), with (O2, lse2) the plain attention over the
+    ramp keys 0 <= u <= 1 (module docstring). Static spans sum this over batch and queries.
+    """
+    flex = flex or _flex()[0]
+    b, h, tq, _ = q.shape
+    tk = k.shape[2]
+    n_mem = tk - tq
+    zf = _z32(z.detach())
+    lo, w = span_bounds(zf, ramp, max_span)
+    bm = band_block_mask(tq, tk, n_mem, lo, min(max_span, w + 1), q.device, block)
+    bm = with_mask_mod(bm, span_mask_mod(zf, key_valid, n_mem, ramp, max_span, ramp_only=True))
+    with torch.no_grad():
+        out2, lse2 = flex(q.detach(), k.detach(), v.detach(), block_mask=bm, scale=scale, return_lse=True)
+        acc = torch.promote_types(out.dtype, torch.float32)
+        g = grad_out.to(acc)
+        diff = (g * out2.to(acc)).sum(-1) - (g * out.to(acc)).sum(-1)
+        dz = torch.where(torch.isfinite(lse2), torch.exp(lse2.to(acc) - lse.to(acc)) * diff / ramp, 0.0)
+    return (dz.sum((0, 2)) if z.dim() == 1 else dz).to(z.dtype)
+
+
+class _SpanGrad(torch.autograd.Function):
+    """Identity on the flex output that adds the span gradient (``span_z_grad``) in backward."""
+
+    @staticmethod
+    def forward(ctx, out, z, lse, q, k, v, key_valid, scale, ramp, max_span, flex, block):
+        ctx.save_for_backward(out, lse, q, k, v, z.detach(), *(() if key_valid is None else (key_valid,)))
+        ctx.args = (scale, ramp, max_span, flex, block, key_valid is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        out, lse, q, k, v, z, *valid = ctx.saved_tensors
+        scale, ramp, max_span, flex, block, _ = ctx.args
+        dz = None
+        if ctx.needs_input_grad[1]:
+            dz = span_z_grad(q, k, v, valid[0] if valid else None, scale, z, ramp, max_span, out, lse, grad_out,
+                             flex, block)
+        return (grad_out, dz) + (None,) * 10
+
+
+def flex_adaptive_span(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tensor], scale: float, z: Tensor,
+                       ramp: int, max_span: int, z_grad: str = "analytic", flex=None, block: int = BLOCK) -> Tensor:
+    """Causal adaptive-span attention with one FlexAttention call; same result as ``adaptive_span_reference``
+    with the causal mask and eps = 0 (see the module docstring).
+
+    q: (B, H, Tq, dh); k, v: (B, H, Tk, dh) with the queries the last Tq keys (XL memory first);
+    ``key_valid``: (B, Tk) bool or None (a query always sees its own key); z: (H,) or (B, H, Tq) spans.
+    ``flex``: the flex_attention to call (default: the compiled one of ``rlformer.attention.flex``).
+    """
+    if z_grad not in ("analytic", "captured"):
+        raise ValueError(f"z_grad must be 'analytic' or 'captured', got {z_grad!r}")
+    flex = flex or _flex()[0]
+    b, h, tq, _ = q.shape
+    tk = k.shape[2]
+    n_mem = tk - tq
+    valid = None if key_valid is None else key_valid.to(device=q.device, dtype=torch.bool)
+    z_det = _z32(z.detach())
+    _, w = span_bounds(z_det, ramp, max_span)
+    bm = with_mask_mod(band_block_mask(tq, tk, n_mem, 0, w, q.device, block),
+                       span_mask_mod(z_det, valid, n_mem, ramp, max_span))
+    analytic = z_grad == "analytic" or not (torch.is_grad_enabled() and z.requires_grad)
+    score_mod = span_score_mod(z_det if analytic else _z32(z), n_mem, ramp)
+    needs_z = analytic and torch.is_grad_enabled() and z.requires_grad
+    if not needs_z:
+        return flex(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale)
+    out, lse = flex(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, return_lse=True)
+    return _SpanGrad.apply(out, z, lse.detach(), q.detach(), k.detach(), v.detach(), valid, scale, ramp, max_span,
+                           flex, block)
