@@ -1,0 +1,208 @@
+"""FlexAttention fast path of sort-and-chunk attention (lsh, routing): one compiled kernel call.
+
+Same meaning as ``chunked_softmax.bucket_softmax_attention`` (and ``chunked.bucket_attention`` followed by
+``combine_rounds``): tokens are sorted by (bucket, position) per round; each bucket's run is cut into chunks of
+``chunk_size`` starting at the run's first token; a query attends to the keys of its bucket whose chunk is
+``before`` chunks earlier .. ``after`` chunks later than its own, j <= i when causal, |i - j| < ``window`` when
+set (i - j < window when causal), valid keys only; its own key is always allowed and lowered by SELF_PENALTY
+(``self_penalty``); with ``dedup`` the score of (i, j) is lowered by log N_ij, N_ij the number of rounds in
+which i and j share a bucket; rounds are combined by their log-normalizers, o_i = sum_r softmax_r(lse_i^r) o_i^r
+(Kitaev et al. 2020, sec. 2).
+
+How it runs: q, k, v are gathered into the bucket-sorted order of every round, rounds folded into the head
+axis, (B, H * R, L, dh) with L = T rounded up to the kernel block (``BLOCK`` = 128). In that order the keys a
+query may use lie in a static band around it: with sorted index s, the keys of its bucket in chunks
+c - before .. c + after sit at sorted indices s - (before + 1) * C + 1 .. s + (after + 1) * C - 1 (and, causal,
+<= s; with a window, within window - 1 of s, since positions inside a bucket are increasing in the sorted order).
+So ONE ``flex_attention`` call runs with a BlockMask that is that band in blocks of 128 (built directly from
+``kv_num_blocks`` / ``kv_indices``, cached per (L, C, before, after, causal, window, device): O(L / 128) integers,
+nothing of size L x L), and a mask_mod / score_mod that read per-slot int32 tables (original position, bucket,
+chunk within the bucket, key validity folded into the key's bucket, the other rounds' buckets) to apply the exact
+rule. The band is only a superset for speed; the mask_mod alone defines the allowed set.
+
+The sorted order is not padded per bucket (the chunk of a slot is its rank in the bucket // C, a table value), so
+the gathered tensors hold R * T rows, not R * (T + n_buckets * C). Block size 128 for any chunk size: the
+Triton kernels need the BlockMask block to be a multiple of their tiles (up to 128), and a band of 128-blocks
+around a chunk band of any C is correct because the mask_mod checks chunks exactly. A query slot always keeps
+its own slot (the diagonal), so no row is fully masked; the padding slots at the end of a row (L > T) read row
+0 of the inputs, are never keys of real queries and never written back, so they get zero gradient.
+
+The mod tables are fresh tensors captured by fresh closures on every call; Dynamo guards on the closures' code
+and the tables' shapes, not their values, so calls with the same shapes do not recompile, and a later call
+(another layer) never overwrites tables that an earlier call's backward still reads. FlexAttention has no
+backward on CPU: callers use this for CUDA tensors; on CPU it runs forward only (``compile=False`` there runs
+the dense eager implementation, for tests at small sizes).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from rlformer.attention.chunked import SELF_PENALTY, combine_rounds
+from rlformer.attention.chunked_softmax import RowIndex
+from rlformer.attention.flex import _cached, _flex, flex_available
+
+BLOCK = 128
+"""BlockMask block (queries and keys): a multiple of every FlexAttention kernel tile"""
+
+__all__ = ["BLOCK", "band_block_mask", "bucket_slots", "flex_bucket_attention", "flex_available"]
+
+
+def _band_reach(chunk_size: int, before: int, after: int, causal: bool, window: Optional[int]) -> tuple[int, int]:
+    """How far back / ahead of its sorted index a query's allowed keys can lie (see the module docstring)."""
+    back = (before + 1) * chunk_size - 1
+    ahead = 0 if causal else max(0, (after + 1) * chunk_size - 1)
+    if window is not None:
+        back, ahead = min(back, window - 1), min(ahead, window - 1)
+    return back, ahead
+
+
+def band_blocks(length: int, chunk_size: int, before: int, after: int, causal: bool,
+                window: Optional[int]) -> tuple[Tensor, Tensor]:
+    """kv_num_blocks (1, 1, NQ) and kv_indices (1, 1, NQ, K) int32 of the band, NQ = ceil(length / BLOCK).
+
+    Query block m holds sorted indices [m B, m B + B); its keys lie in [m B - back, m B + B - 1 + ahead].
+    """
+    back, ahead = _band_reach(chunk_size, before, after, causal, window)
+    nq = -(-length // BLOCK)
+    m = torch.arange(nq)
+    first = (m * BLOCK - back).clamp(min=0) // BLOCK
+    last = (m * BLOCK + BLOCK - 1 + ahead).clamp(max=nq * BLOCK - 1) // BLOCK
+    count = last - first + 1
+    width = int(count.max())
+    idx = first[:, None] + torch.arange(width)
+    idx = torch.where(idx <= last[:, None], idx, 0)
+    return count.to(torch.int32).view(1, 1, nq), idx.to(torch.int32).view(1, 1, nq, width)
+
+
+def band_block_mask(length: int, chunk_size: int, before: int, after: int, causal: bool, window: Optional[int],
+                    device) -> "object":
+    """The cached band BlockMask (mask_mod: none yet; ``flex_bucket_attention`` sets it per call)."""
+    def build():
+        from torch.nn.attention.flex_attention import BlockMask
+        count, idx = band_blocks(length, chunk_size, before, after, causal, window)
+        lp = count.shape[-1] * BLOCK
+        return BlockMask.from_kv_blocks(count.to(device), idx.to(device), BLOCK_SIZE=BLOCK, seq_lengths=(lp, lp))
+
+    return _cached(("bucket_band", length, chunk_size, before, after, causal, window, str(device)), build)
+
+
+@torch.no_grad()
+def bucket_slots(buckets: Tensor, key_valid: Optional[Tensor], dedup: bool) -> dict:
+    """Per-slot tables of the bucket-sorted order, rounds folded into heads.
+
+    buckets: (B, H, R, T). Returns ``rows`` (B, H, R, L) long: the position of each slot (0 for the padding
+    slots, L - T of them at the end), ``slot`` (B, H, R, T): the slot of each position, and int32 tables
+    (B, H * R, L): ``pos`` (T for padding), ``qbkt`` (the slot's bucket, -1 for padding), ``kbkt`` (the bucket
+    as a key: -2 when the key is invalid or padding), ``rank`` (the slot's rank in its bucket's run, so its
+    chunk is rank // C), ``others`` (with ``dedup`` and R > 1): for each round r' != r (in order), the
+    bucket of the slot's token in round r'.
+    """
+    b, h, r, t = buckets.shape
+    dev = buckets.device
+    length = -(-t // BLOCK) * BLOCK
+    pos = torch.arange(t, device=dev)
+    perm = (buckets * t + pos).argsort(dim=-1)                                      # sorted index -> position
+    sb = torch.take_along_dim(buckets, perm, dim=-1)
+    new_run = torch.ones_like(sb, dtype=torch.bool)
+    new_run[..., 1:] = sb[..., 1:] != sb[..., :-1]
+    run_start = torch.where(new_run, pos, 0).cummax(dim=-1).values
+    rank = pos - run_start
+    slot = torch.empty_like(perm).scatter_(-1, perm, pos.expand_as(perm))
+    pad = length - t
+
+    def table(x: Tensor, fill: int) -> Tensor:
+        x = torch.nn.functional.pad(x, (0, pad), value=fill) if pad else x
+        return x.to(torch.int32).reshape(b, h * r, length)
+
+    kb = sb
+    if key_valid is not None:
+        ok = torch.take_along_dim(key_valid.to(torch.bool)[:, None, None, :].expand(b, h, r, t), perm, dim=-1)
+        kb = torch.where(ok, sb, -2)
+    out = {"rows": torch.nn.functional.pad(perm, (0, pad), value=0) if pad else perm, "slot": slot,
+           "length": length, "pos": table(perm, t), "qbkt": table(sb, -1), "kbkt": table(kb, -2),
+           "rank": table(rank, 0), "others": []}
+    if dedup and r > 1:
+        for k in range(r - 1):      # the k-th round other than the slot's own
+            choice = torch.tensor([[rr for rr in range(r) if rr != own][k] for own in range(r)], device=dev)
+            src = buckets[:, :, choice]                                              # (B, H, R, T): round choice[r]
+            out["others"].append(table(torch.take_along_dim(src, perm, dim=-1), -1))
+    return out
+
+
+def _mods(tables: dict, chunk_size: int, before: int, after: int, causal: bool, window: Optional[int],
+          self_penalty: bool):
+    """mask_mod and score_mod (None when there is nothing to add) reading the tables (fresh closures)."""
+    pos, qbkt, kbkt, rank, others = tables["pos"], tables["qbkt"], tables["kbkt"], tables["rank"], tables["others"]
+    c = chunk_size
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        pq, pk = pos[b, h, q_idx], pos[b, h, kv_idx]
+        dc = rank[b, h, q_idx] // c - rank[b, h, kv_idx] // c
+        ok = (qbkt[b, h, q_idx] == kbkt[b, h, kv_idx]) & (dc <= before) & (dc >= -after)
+        if causal:
+            ok = ok & (pk <= pq)
+        if window is not None:
+            ok = ok & ((pq - pk < window) if causal else ((pq - pk).abs() < window))
+        return ok | (q_idx == kv_idx)
+
+    if not self_penalty and not others:
+        return mask_mod, None
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if self_penalty:
+            score = torch.where(q_idx == kv_idx, score - SELF_PENALTY, score)
+        if len(others) == 1:
+            score = torch.where(others[0][b, h, q_idx] == others[0][b, h, kv_idx], score - math.log(2.0), score)
+        elif others:
+            shared = sum((o[b, h, q_idx] == o[b, h, kv_idx]).to(score.dtype) for o in others)
+            score = score - torch.log1p(shared)
+        return score
+
+    return mask_mod, score_mod
+
+
+def flex_bucket_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, n_buckets: int, chunk_size: int,
+                          scale: float, *, causal: bool, before: int = 1, after: int = 0, self_penalty: bool = False,
+                          key_valid: Optional[Tensor] = None, window: Optional[int] = None, dedup: bool = False,
+                          compile: Optional[bool] = None) -> Tensor:
+    """``bucket_softmax_attention`` (same arguments and allowed sets) as one FlexAttention call.
+
+    q, k, v: (B, H, T, dh); buckets (B, H, R, T) long in [0, n_buckets). Returns (B, H, T, dh), the rounds
+    combined. ``compile``: run the compiled kernel (default: on CUDA); uncompiled it is the dense eager
+    implementation (forward only on CPU, small sizes). Time and memory O(R * T * (before + 1 + after) * C).
+    """
+    del n_buckets                         # the sorted order is not padded per bucket: no static bound needed
+    if compile is None:
+        compile = q.device.type == "cuda"
+    if compile:
+        flex, _ = _flex()
+    else:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+    b, h, t, dh = q.shape
+    r = buckets.shape[2]
+    tables = bucket_slots(buckets, key_valid, dedup)
+    length = tables["length"]
+    with torch.no_grad():
+        bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
+        hi = torch.arange(h, device=q.device).view(1, h, 1, 1)
+    gathered = []
+    for x in (q, k, v):
+        index = RowIndex(x)
+        gathered.append(index.take(index.rows(bi, hi, tables["rows"])).view(b, h * r, length, dh))
+    mask_mod, score_mod = _mods(tables, chunk_size, before, after, causal, window, self_penalty)
+    block_mask = copy.copy(band_block_mask(length, chunk_size, before, after, causal, window, q.device))
+    block_mask.mask_mod = mask_mod
+    out, lse = flex(*gathered, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True)
+    with torch.no_grad():        # row of (b, h, r, position) in the (B * H * R * L) outputs
+        rows = (((bi * h + hi) * r + torch.arange(r, device=q.device).view(1, 1, r, 1)) * length + tables["slot"])
+        rows = rows.reshape(-1)
+    out = out.reshape(-1, dh).index_select(0, rows).view(b, h, r, t, dh)
+    if r == 1:
+        return out[:, :, 0]
+    lse = lse.reshape(-1).index_select(0, rows).view(b, h, r, t)
+    return combine_rounds(out, lse)
