@@ -49,7 +49,16 @@ from rlformer.attention.flex import _cached, _flex, flex_available
 BLOCK = 128
 """BlockMask block (queries and keys): a multiple of every FlexAttention kernel tile"""
 
-__all__ = ["BLOCK", "band_block_mask", "bucket_slots", "flex_bucket_attention", "flex_available"]
+__all__ = ["BLOCK", "band_block_mask", "bucket_slots", "flex_bucket_attention", "use_flex_bucket"]
+
+
+def use_flex_bucket(q: Tensor, dropout: float, training: bool) -> bool:
+    """Whether lsh / routing take this path: CUDA tensors in float32 / bfloat16 / float16, no dropout in
+    training (it needs the probabilities), head sizes the kernels compile (16..256, a power of two), and
+    flex_attention importable."""
+    dh = q.shape[-1]
+    return (q.is_cuda and not (dropout > 0 and training) and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and 16 <= dh <= 256 and dh & (dh - 1) == 0 and flex_available())
 
 
 def _band_reach(chunk_size: int, before: int, after: int, causal: bool, window: Optional[int]) -> tuple[int, int]:
@@ -92,14 +101,14 @@ def band_block_mask(length: int, chunk_size: int, before: int, after: int, causa
 
 
 @torch.no_grad()
-def bucket_slots(buckets: Tensor, key_valid: Optional[Tensor], dedup: bool) -> dict:
+def bucket_slots(buckets: Tensor, chunk_size: int, key_valid: Optional[Tensor], dedup: bool) -> dict:
     """Per-slot tables of the bucket-sorted order, rounds folded into heads.
 
     buckets: (B, H, R, T). Returns ``rows`` (B, H, R, L) long: the position of each slot (0 for the padding
     slots, L - T of them at the end), ``slot`` (B, H, R, T): the slot of each position, and int32 tables
     (B, H * R, L): ``pos`` (T for padding), ``qbkt`` (the slot's bucket, -1 for padding), ``kbkt`` (the bucket
-    as a key: -2 when the key is invalid or padding), ``rank`` (the slot's rank in its bucket's run, so its
-    chunk is rank // C), ``others`` (with ``dedup`` and R > 1): for each round r' != r (in order), the
+    as a key: -2 when the key is invalid or padding), ``chunk`` (the slot's rank in its bucket's run // C),
+    ``others`` (with ``dedup`` and R > 1): for each round r' != r (in order), the
     bucket of the slot's token in round r'.
     """
     b, h, r, t = buckets.shape
@@ -125,7 +134,7 @@ def bucket_slots(buckets: Tensor, key_valid: Optional[Tensor], dedup: bool) -> d
         kb = torch.where(ok, sb, -2)
     out = {"rows": torch.nn.functional.pad(perm, (0, pad), value=0) if pad else perm, "slot": slot,
            "length": length, "pos": table(perm, t), "qbkt": table(sb, -1), "kbkt": table(kb, -2),
-           "rank": table(rank, 0), "others": []}
+           "chunk": table(rank // chunk_size, 0), "others": []}
     if dedup and r > 1:
         for k in range(r - 1):      # the k-th round other than the slot's own
             choice = torch.tensor([[rr for rr in range(r) if rr != own][k] for own in range(r)], device=dev)
@@ -134,15 +143,14 @@ def bucket_slots(buckets: Tensor, key_valid: Optional[Tensor], dedup: bool) -> d
     return out
 
 
-def _mods(tables: dict, chunk_size: int, before: int, after: int, causal: bool, window: Optional[int],
+def _mods(tables: dict, before: int, after: int, causal: bool, window: Optional[int],
           self_penalty: bool):
     """mask_mod and score_mod (None when there is nothing to add) reading the tables (fresh closures)."""
-    pos, qbkt, kbkt, rank, others = tables["pos"], tables["qbkt"], tables["kbkt"], tables["rank"], tables["others"]
-    c = chunk_size
+    pos, qbkt, kbkt, chunk, others = (tables[n] for n in ("pos", "qbkt", "kbkt", "chunk", "others"))
 
     def mask_mod(b, h, q_idx, kv_idx):
         pq, pk = pos[b, h, q_idx], pos[b, h, kv_idx]
-        dc = rank[b, h, q_idx] // c - rank[b, h, kv_idx] // c
+        dc = chunk[b, h, q_idx] - chunk[b, h, kv_idx]
         ok = (qbkt[b, h, q_idx] == kbkt[b, h, kv_idx]) & (dc <= before) & (dc >= -after)
         if causal:
             ok = ok & (pk <= pq)
@@ -185,7 +193,7 @@ def flex_bucket_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, n_bu
         from torch.nn.attention.flex_attention import flex_attention as flex
     b, h, t, dh = q.shape
     r = buckets.shape[2]
-    tables = bucket_slots(buckets, key_valid, dedup)
+    tables = bucket_slots(buckets, chunk_size, key_valid, dedup)
     length = tables["length"]
     with torch.no_grad():
         bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
@@ -194,7 +202,7 @@ def flex_bucket_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, n_bu
     for x in (q, k, v):
         index = RowIndex(x)
         gathered.append(index.take(index.rows(bi, hi, tables["rows"])).view(b, h * r, length, dh))
-    mask_mod, score_mod = _mods(tables, chunk_size, before, after, causal, window, self_penalty)
+    mask_mod, score_mod = _mods(tables, before, after, causal, window, self_penalty)
     block_mask = copy.copy(band_block_mask(length, chunk_size, before, after, causal, window, q.device))
     block_mask.mask_mod = mask_mod
     out, lse = flex(*gathered, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True)

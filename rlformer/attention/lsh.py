@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from rlformer.attention.base import Attention, split_heads
 from rlformer.attention.chunked import bucket_attention, combine_rounds, naive_bucket_attention
 from rlformer.attention.chunked_softmax import bucket_softmax_attention
+from rlformer.attention.flex_bucket import flex_bucket_attention, use_flex_bucket
 from rlformer.config import EncoderConfig
 from rlformer.registry import register
 
@@ -82,8 +83,10 @@ class LSHAttention(Float32Buffers, Attention):
       z(i, P_i)) o_i^r with the per-round logsumexp z, scores lowered by log N_ij (the number of
       rounds in which i and j share a bucket) so duplicates count once.
 
-    Scores use the usual 1/sqrt(dh) scale. Time O(T * n_hashes * chunk_size). Fast path:
-    ``chunked_softmax.bucket_softmax_attention`` (fused attention kernels per group of chunks, rounds
+    Scores use the usual 1/sqrt(dh) scale. Time O(T * n_hashes * chunk_size). CUDA fast path:
+    ``flex_bucket.flex_bucket_attention``, one compiled FlexAttention call over the bucket-sorted order of all
+    rounds (``lsh.max_scores`` unused there). Other devices (and CUDA dtypes / head sizes flex does not
+    compile): ``chunked_softmax.bucket_softmax_attention`` (fused attention kernels per group of chunks, rounds
     combined online, probabilities recomputed in backward): activation memory O(T * (dh + n_hashes))
     plus one group's scratch (``lsh.max_scores``). With dropout in training it falls back to
     ``chunked.bucket_attention``, which materializes the per-chunk probabilities.
@@ -124,14 +127,15 @@ class LSHAttention(Float32Buffers, Attention):
     def attend(self, q, k, v, ctx):
         c = self.cfg.lsh
         buckets = self.buckets(k)
+        kw = dict(causal=ctx.causal, self_penalty=True, key_valid=ctx.key_valid)
+        if use_flex_bucket(q, self.dropout, self.training):     # CUDA: one FlexAttention call
+            return flex_bucket_attention(q, k, v, buckets, c.n_buckets, c.chunk_size, self.scale, dedup=True, **kw), {}
         if self.dropout > 0 and self.training:    # dropout needs the probabilities: the materializing path
-            out, lse = bucket_attention(q, k, v, buckets, c.n_buckets, c.chunk_size, self.scale, causal=ctx.causal,
-                                        self_penalty=True, key_valid=ctx.key_valid, round_buckets=buckets,
-                                        dropout=self.dropout, training=self.training)
+            out, lse = bucket_attention(q, k, v, buckets, c.n_buckets, c.chunk_size, self.scale, round_buckets=buckets,
+                                        dropout=self.dropout, training=self.training, **kw)
             return combine_rounds(out, lse), {}
-        out = bucket_softmax_attention(q, k, v, buckets, c.n_buckets, c.chunk_size, self.scale, causal=ctx.causal,
-                                       self_penalty=True, key_valid=ctx.key_valid, dedup=True,
-                                       max_scores=c.max_scores)
+        out = bucket_softmax_attention(q, k, v, buckets, c.n_buckets, c.chunk_size, self.scale, dedup=True,
+                                       max_scores=c.max_scores, **kw)
         return out, {}
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, ctx) -> Tensor:

@@ -9,6 +9,7 @@ from torch import Tensor
 from rlformer.attention.base import Attention
 from rlformer.attention.chunked import bucket_attention, naive_bucket_attention
 from rlformer.attention.chunked_softmax import bucket_softmax_attention
+from rlformer.attention.flex_bucket import flex_bucket_attention, use_flex_bucket
 from rlformer.attention.lsh import Float32Buffers, layer_generator
 from rlformer.config import EncoderConfig
 from rlformer.registry import register
@@ -37,7 +38,9 @@ class RoutingAttention(Float32Buffers, Attention):
       centroids are buffers updated under no_grad, never parameters, kept in float32 under
       half-precision casts. Eval leaves them fixed.
 
-    Fast path: ``chunked_softmax.bucket_softmax_attention`` for both head groups (fused attention
+    CUDA fast path: ``flex_bucket.flex_bucket_attention`` for each head group (one compiled FlexAttention
+    call each; ``routing.max_scores`` unused there). Other devices (and CUDA dtypes / head sizes flex does
+    not compile): ``chunked_softmax.bucket_softmax_attention`` for both head groups (fused attention
     kernels per group of chunks, probabilities recomputed in backward; activation memory
     O(T * dh) plus one group's scratch, ``routing.max_scores``). With dropout in training it
     falls back to ``chunked.bucket_attention``, which materializes the per-chunk probabilities.
@@ -97,6 +100,10 @@ class RoutingAttention(Float32Buffers, Attention):
         return k, self.clusters(k)
 
     def attend(self, q, k, v, ctx):
+        if use_flex_bucket(q, self.dropout, self.training):     # CUDA: one FlexAttention call per head group
+            def flex(q, k, v, buckets, n_buckets, chunk_size, scale, dropout, training, **kw):
+                return flex_bucket_attention(q, k, v, buckets, n_buckets, chunk_size, scale, **kw)[:, :, None], None
+            return self._attend(q, k, v, ctx, flex)
         if self.dropout > 0 and self.training:    # dropout needs the probabilities: the materializing path
             return self._attend(q, k, v, ctx, bucket_attention)
         return self._attend(q, k, v, ctx, self._lean)
