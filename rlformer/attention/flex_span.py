@@ -141,6 +141,17 @@ def span_bounds(z: Tensor, ramp: int, max_span: int) -> tuple[int, int]:
     return max(0, math.floor(z_min)), max(1, min(max_span, math.ceil(ramp + z_max)))
 
 
+def flex_with_lse(flex, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
+    """(out, lse) of ``flex`` (natural-log logsumexp): ``return_aux=AuxRequest(lse=True)`` where torch has it
+    (``return_lse`` is deprecated there), else ``return_lse=True``."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:
+        return flex(q, k, v, return_lse=True, **kwargs)
+    out, aux = flex(q, k, v, return_aux=AuxRequest(lse=True), **kwargs)
+    return out, aux.lse
+
+
 def span_z_grad(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tensor], scale: float, z: Tensor, ramp: int,
                 max_span: int, out: Tensor, lse: Tensor, grad_out: Tensor, flex=None, block: int = BLOCK) -> Tensor:
     """dL/dz of the adaptive-span attention (shape of z) from its output, lse and the output gradient.
@@ -157,7 +168,7 @@ def span_z_grad(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tensor], sc
     bm = band_block_mask(tq, tk, n_mem, lo, min(max_span, w + 1), q.device, block)
     bm = with_mask_mod(bm, span_mask_mod(zf, key_valid, n_mem, ramp, max_span, ramp_only=True))
     with torch.no_grad():
-        out2, lse2 = flex(q.detach(), k.detach(), v.detach(), block_mask=bm, scale=scale, return_lse=True)
+        out2, lse2 = flex_with_lse(flex, q.detach(), k.detach(), v.detach(), block_mask=bm, scale=scale)
         acc = torch.promote_types(out.dtype, torch.float32)
         g = grad_out.to(acc)
         diff = (g * out2.to(acc)).sum(-1) - (g * out.to(acc)).sum(-1)
@@ -210,6 +221,6 @@ def flex_adaptive_span(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tens
     needs_z = analytic and torch.is_grad_enabled() and z.requires_grad
     if not needs_z:
         return flex(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale)
-    out, lse = flex(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, return_lse=True)
+    out, lse = flex_with_lse(flex, q, k, v, score_mod=score_mod, block_mask=bm, scale=scale)
     return _SpanGrad.apply(out, z, lse.detach(), q.detach(), k.detach(), v.detach(), valid, scale, ramp, max_span,
                            flex, block)

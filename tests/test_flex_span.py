@@ -1,0 +1,300 @@
+"""FlexAttention path of adaptive span (rlformer/attention/flex_span.py) against the dense reference.
+
+CPU: flex_attention runs forward only (eager, small blocks, no grad): outputs, the band BlockMask's coverage
+and the analytic span gradient (a forward-only ramp pass) against ``adaptive_span_reference`` and its autograd.
+CUDA (skipped without a GPU): the compiled path's outputs and gradients (q, k, v, spans; the layer's
+projections and span parameters) for both span-gradient modes, fp32 and bf16, many blocks.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import rlformer
+from rlformer.attention.adaptive_span import AdaptiveSpanAttention, adaptive_span_reference, use_flex_span
+from rlformer.attention.flex import flex_available
+from rlformer.attention.flex_span import (band_block_mask, flex_adaptive_span, flex_with_lse, span_bounds,
+                                          span_mask_mod, span_score_mod, span_z_grad, with_mask_mod)
+from rlformer.context import AttentionContext
+from variants import base_config
+
+torch.set_num_threads(1)
+
+pytestmark = pytest.mark.skipif(not flex_available(), reason="torch.nn.attention.flex_attention is not available")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: compiled FlexAttention fwd+bwd")
+
+
+def eager_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return flex_attention
+
+
+def context(b, t, m, key_valid, device="cpu"):
+    idx = torch.arange(t + m, device=device)
+    return AttentionContext(causal=True, q_index=idx[m:], k_index=idx, q_pos=idx[None, m:].expand(b, -1),
+                            key_valid=key_valid)
+
+
+def inputs(b, h, t, m, s, dynamic, dh=16, dtype=torch.float64, integer_z=False, seed=0, padding=0.3):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, t, dh, generator=g, dtype=dtype)
+    k, v = (torch.randn(b, h, t + m, dh, generator=g, dtype=dtype) for _ in range(2))
+    z = (torch.rand(b, h, t, generator=g, dtype=dtype) if dynamic else torch.rand(h, generator=g, dtype=dtype)) * s
+    if integer_z:
+        z = z.round()
+    key_valid = None if padding is None else torch.rand(b, t + m, generator=g) > padding
+    return q, k, v, z, key_valid
+
+
+def reference(q, k, v, z, key_valid, scale, r, s):
+    ctx = context(q.shape[0], q.shape[2], k.shape[2] - q.shape[2], key_valid, q.device)
+    return adaptive_span_reference(q, k, v, ctx.allowed(), scale, z, r, s, ctx.q_index, ctx.k_index)
+
+
+SHAPES = [  # b, h, t, m, s, r, block
+    (2, 3, 37, 0, 12, 3, 8),
+    (2, 2, 70, 40, 30, 5, 16),        # XL memory longer than the window
+    (1, 2, 50, 7, 64, 8, 16),         # window longer than memory + segment
+    (2, 1, 33, 5, 1, 1, 8),           # S = 1: only the own key
+    (1, 2, 20, 0, 16, 4, 128),        # one block
+]
+
+
+# --------------------------------------------------------------------------- CPU: forward, coverage, span gradient
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("padding", [None, 0.3], ids=["dense", "key_valid"])
+@pytest.mark.parametrize("b,h,t,m,s,r,block", SHAPES)
+def test_flex_span_forward_equals_reference(dynamic, padding, b, h, t, m, s, r, block):
+    q, k, v, z, key_valid = inputs(b, h, t, m, s, dynamic, padding=padding)
+    with torch.no_grad():
+        out = flex_adaptive_span(q, k, v, key_valid, 0.5, z, r, s, flex=eager_flex(), block=block)
+    torch.testing.assert_close(out, reference(q, k, v, z, key_valid, 0.5, r, s), rtol=0, atol=1e-12)
+
+
+def test_flex_span_forward_with_integer_spans_and_float32():
+    """Integer spans put keys exactly at m = 0 (u = 0) and m = 1 (u = 1); float32 inputs keep float32 spans."""
+    q, k, v, z, key_valid = inputs(2, 3, 45, 9, 20, False, integer_z=True)
+    with torch.no_grad():
+        out = flex_adaptive_span(q, k, v, key_valid, 0.5, z, 4, 20, flex=eager_flex(), block=16)
+    torch.testing.assert_close(out, reference(q, k, v, z, key_valid, 0.5, 4, 20), rtol=0, atol=1e-12)
+    q, k, v, z = (x.float() for x in (q, k, v, z))
+    with torch.no_grad():
+        out = flex_adaptive_span(q, k, v, key_valid, 0.5, z, 4, 20, flex=eager_flex(), block=16)
+    torch.testing.assert_close(out, reference(q, k, v, z, key_valid, 0.5, 4, 20), rtol=1e-5, atol=1e-5)
+
+
+def covered_pairs(block_mask, tq, tk, block):
+    """(Tq, Tk) bool: the pairs inside the blocks the BlockMask lists (block-level sparsity only)."""
+    dense = block_mask.to_dense()[0, 0].bool()                       # (nQ, nK)
+    return dense.repeat_interleave(block, 0).repeat_interleave(block, 1)[:tq, :tk]
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("b,h,t,m,s,r,block", SHAPES + [(1, 4, 300, 100, 64, 16, 16), (1, 2, 129, 0, 200, 32, 32)])
+def test_band_block_mask_covers_every_pair_the_reference_weights(dynamic, b, h, t, m, s, r, block):
+    """Every (query, key) with reference weight factor m_z > 0 (and every ramp pair 0 <= u <= 1 that the
+    span gradient needs) is in a listed block; the band lists no block entirely beyond it."""
+    for seed, integer_z in ((0, False), (1, True), (2, False)):
+        q, k, v, z, _ = inputs(b, h, t, m, s, dynamic, integer_z=integer_z, seed=seed)
+        tk = t + m
+        dist = (torch.arange(t)[:, None] + m - torch.arange(tk)[None, :]).double()
+        zz = z[:, None, None] if z.dim() == 1 else z[..., None]                      # (H|B,H, Tq, 1)
+        u = (r + zz - dist) / r
+        weighted = ((u > 0) & (dist >= 0) & (dist < s)).reshape(-1, t, tk).any(0)
+        ramp = ((u >= 0) & (u <= 1) & (dist >= 0) & (dist < s)).reshape(-1, t, tk).any(0)
+        lo, w = span_bounds(z, r, s)
+        band = covered_pairs(band_block_mask(t, tk, m, 0, w, "cpu", block), t, tk, block)
+        assert not (weighted & ~band).any()
+        ramp_band = covered_pairs(band_block_mask(t, tk, m, lo, min(s, w + 1), "cpu", block), t, tk, block)
+        assert not (ramp & ~ramp_band).any()
+        # block-banded: no listed pair is further than whole blocks around the band 0 <= x < W
+        far = -(-w // block) * block + 2 * block
+        assert not (band & ((dist <= -2 * block) | (dist >= far))).any()
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("integer_z", [False, True], ids=["real_z", "integer_z"])
+@pytest.mark.parametrize("b,h,t,m,s,r,block", SHAPES[:4])
+def test_analytic_span_gradient_equals_reference_autograd(dynamic, integer_z, b, h, t, m, s, r, block):
+    """span_z_grad (forward-only ramp pass) == d/dz of the dense reference, also at the kinks u = 0, 1."""
+    q, k, v, z, key_valid = inputs(b, h, t, m, s, dynamic, integer_z=integer_z)
+    zg = z.clone().requires_grad_()
+    ref = reference(q, k, v, zg, key_valid, 0.5, r, s)
+    probe = torch.randn_like(ref)
+    (dz_ref,) = torch.autograd.grad((ref * probe).sum(), [zg])
+    flex = eager_flex()
+    with torch.no_grad():
+        _, w = span_bounds(z, r, s)
+        bm = with_mask_mod(band_block_mask(t, t + m, m, 0, w, "cpu", block), span_mask_mod(z, key_valid, m, r, s))
+        out, lse = flex_with_lse(flex, q, k, v, score_mod=span_score_mod(z, m, r), block_mask=bm, scale=0.5)
+        dz = span_z_grad(q, k, v, key_valid, 0.5, z, r, s, out, lse, probe, flex=flex, block=block)
+    assert dz.shape == z.shape
+    torch.testing.assert_close(dz, dz_ref, rtol=0, atol=1e-11)
+    assert s == 1 or dz_ref.abs().max() > 1e-3                        # the probe does move the spans (S > 1)
+
+
+def dense_flex(q, k, v, score_mod=None, block_mask=None, scale=None, return_lse=False, return_aux=None):
+    """A differentiable dense stand-in for flex_attention (score_mod and mask_mod evaluated on the whole grid
+    with broadcast index tensors; autograd reaches the tensors they capture): it runs the autograd plumbing of
+    ``flex_adaptive_span`` on CPU. Empty rows give out = 0 and lse = -inf, as FlexAttention does."""
+    b, h, tq, tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    bi, hi = torch.arange(b)[:, None, None, None], torch.arange(h)[None, :, None, None]
+    qi, ki = torch.arange(tq)[None, None, :, None], torch.arange(tk)[None, None, None, :]
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    if score_mod is not None:
+        scores = score_mod(scores, bi, hi, qi, ki)
+    if block_mask is not None:
+        scores = scores.masked_fill(~block_mask.mask_mod(bi, hi, qi, ki).expand_as(scores), float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.where(torch.isfinite(lse)[..., None], torch.exp(scores - lse[..., None]), 0.0)
+    out = probs @ v
+    if return_aux is not None:
+        return out, SimpleNamespace(lse=lse)
+    return (out, lse) if return_lse else out
+
+
+@pytest.mark.parametrize("z_grad", ["analytic", "captured"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("b,h,t,m,s,r,block", SHAPES[:4])
+def test_flex_span_autograd_plumbing_with_dense_stand_in(z_grad, dynamic, b, h, t, m, s, r, block):
+    """``flex_adaptive_span`` with the dense stand-in for flex: gradients of q, k, v and z equal the reference's
+    (analytic: through ``_SpanGrad``; captured: autograd through the score_mod's captured spans)."""
+    q, k, v, z, key_valid = inputs(b, h, t, m, s, dynamic)
+    xs = [x.clone().requires_grad_() for x in (q, k, v, z)]
+    out = flex_adaptive_span(*xs[:3], key_valid, 0.5, xs[3], r, s, z_grad=z_grad, flex=dense_flex, block=block)
+    ref = reference(*xs[:3], xs[3], key_valid, 0.5, r, s)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    probe = torch.randn_like(ref)
+    got = torch.autograd.grad((out * probe).sum(), xs, allow_unused=True)
+    want = torch.autograd.grad((ref * probe).sum(), xs)
+    for name, a, c in zip(["dq", "dk", "dv", "dz"], got, want):
+        assert a is not None, name
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-11, msg=name)
+
+
+def test_flex_path_is_used_only_where_it_should():
+    q = torch.zeros(1, 2, 256, 64)
+    assert not use_flex_span(q, 0.0, True)                            # CPU: the banded path
+    if torch.cuda.is_available():
+        qc = q.cuda()
+        assert use_flex_span(qc, 0.0, True) and use_flex_span(qc, 0.1, False)
+        assert not use_flex_span(qc, 0.1, True)                       # dropout in training: materializing path
+        assert not use_flex_span(qc[:, :, :64], 0.0, True)            # short segment
+        assert not use_flex_span(torch.zeros(1, 2, 256, 8, device="cuda"), 0.0, True)
+
+
+def test_invalid_z_grad_mode_raises():
+    q, k, v, z, _ = inputs(1, 1, 8, 0, 4, False)
+    with pytest.raises(ValueError, match="z_grad"):
+        flex_adaptive_span(q, k, v, None, 0.5, z, 2, 4, z_grad="atomic", flex=eager_flex())
+
+
+# --------------------------------------------------------------------------- CUDA: compiled fwd + bwd
+
+def run_kernel(q, k, v, z, key_valid, probe, device, dtype, z_dtype, scale, r, s, z_grad=None):
+    xs = [x.detach().clone().to(device, d).requires_grad_() for x, d in zip((q, k, v, z), (dtype,) * 3 + (z_dtype,))]
+    valid = None if key_valid is None else key_valid.to(device)
+    if z_grad is None:
+        out = reference(*xs[:3], xs[3], valid, scale, r, s)
+    else:
+        out = flex_adaptive_span(*xs[:3], valid, scale, xs[3], r, s, z_grad=z_grad)
+    (out * probe.to(device, dtype)).sum().backward()
+    return [out.double().cpu()] + [x.grad.double().cpu() for x in xs]
+
+
+@cuda
+@pytest.mark.parametrize("z_grad", ["analytic", "captured"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-4), (torch.bfloat16, 5e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m,padding", [(0, None), (160, 0.1)], ids=["plain", "memory_key_valid"])
+def test_cuda_flex_span_matches_cpu_float64(z_grad, dynamic, dtype, atol, m, padding):
+    """Outputs and gradients of q, k, v and z: T = 1000 (8 query blocks), spans up to 200 of S = 256."""
+    b, h, t, s, r = 2, 4, 1000, 256, 32
+    q, k, v, z, key_valid = inputs(b, h, t, m, 200, dynamic, dh=64, seed=3, padding=padding)
+    q, k, v = (x.to(dtype).double() for x in (q, k, v))                # the reference sees the rounded inputs
+    probe = torch.randn(b, h, t, 64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ref = run_kernel(q, k, v, z, key_valid, probe, "cpu", torch.float64, torch.float64, 0.125, r, s)
+    got = run_kernel(q, k, v, z, key_valid, probe, "cuda", dtype, torch.float32, 0.125, r, s, z_grad)
+    for name, a, c in zip(["out", "dq", "dk", "dv", "dz"], got, ref):
+        torch.testing.assert_close(a, c, rtol=0, atol=atol * max(1.0, c.abs().max().item()), msg=name)
+
+
+@cuda
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_cuda_analytic_span_gradient_at_integer_spans(dynamic):
+    """Integer spans (the default init is S / 2): the analytic gradient keeps the reference's one-sided
+    derivative at u = 0 and u = 1."""
+    b, h, t, m, s, r = 1, 4, 700, 0, 256, 32
+    q, k, v, z, key_valid = inputs(b, h, t, m, 200, dynamic, dh=64, seed=5, integer_z=True, padding=None)
+    probe = torch.randn(b, h, t, 64, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    ref = run_kernel(q, k, v, z, key_valid, probe, "cpu", torch.float64, torch.float64, 0.125, r, s)
+    got = run_kernel(q, k, v, z, key_valid, probe, "cuda", torch.float32, torch.float32, 0.125, r, s, "analytic")
+    for name, a, c in zip(["out", "dq", "dk", "dv", "dz"], got, ref):
+        torch.testing.assert_close(a, c, rtol=0, atol=2e-4 * max(1.0, c.abs().max().item()), msg=name)
+
+
+def layer_grads(layer, x, kv, ctx, use_reference):
+    layer.zero_grad(set_to_none=True)
+    out = layer.reference(x, kv, ctx) if use_reference else layer(x, kv, ctx)[0]
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    (out * probe.to(out.device, out.dtype)).sum().backward()
+    return out.double().cpu(), {n: p.grad.double().cpu() for n, p in layer.named_parameters()}
+
+
+@cuda
+@pytest.mark.parametrize("z_grad", ["analytic", "captured"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-4), (torch.bfloat16, 6e-2)], ids=["fp32", "bf16"])
+def test_cuda_layer_flex_path_matches_reference(z_grad, dynamic, dtype, atol):
+    """The whole layer on CUDA (flex path) vs the dense reference in float64 on CPU with the same (rounded)
+    weights and inputs: output and the gradient of every parameter (q/k/v/out projections, span params)."""
+    cfg = base_config(attention="adaptive_span", position="rope", d_model=256, n_heads=4)
+    cfg.adaptive_span = rlformer.AdaptiveSpanConfig(max_span=300, ramp=32, init=0.4, dynamic=dynamic)
+    torch.manual_seed(0)
+    layer = AdaptiveSpanAttention(cfg, 0, rlformer.registry.lookup("position", "rope")(cfg))
+    layer.flex_z_grad = z_grad
+    if dynamic:
+        nn.init.normal_(layer.span_proj.weight, std=0.05)
+    else:
+        layer.span_frac.data = torch.tensor([0.15, 0.4, 0.63, 0.9])
+    b, t, m = 2, 600, 100
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, t, 256, generator=g)
+    kv = torch.cat([torch.randn(b, m, 256, generator=g), x], 1)
+    valid = torch.rand(b, t + m, generator=g) > 0.1
+    layer = layer.to(dtype)                                          # round the weights once, then compare
+    x, kv = x.to(dtype), kv.to(dtype)
+    ref_out, ref_grads = layer_grads(layer.double(), x.double(), kv.double(), context(b, t, m, valid), True)
+    layer = layer.to("cuda", dtype)
+    assert use_flex_span(torch.zeros(1, 1, t, 64, device="cuda"), layer.dropout, True)
+    out, grads = layer_grads(layer, x.cuda(), kv.cuda(), context(b, t, m, valid.cuda(), "cuda"), False)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=atol * max(1.0, ref_out.abs().max().item()))
+    for name, c in ref_grads.items():
+        torch.testing.assert_close(grads[name], c, rtol=0, atol=atol * max(1.0, c.abs().max().item()), msg=name)
+    span_grad = ref_grads["span_proj.bias" if dynamic else "span_frac"]
+    assert span_grad.abs().max() > 0
+
+
+@cuda
+def test_cuda_flex_span_does_not_recompile_as_spans_move():
+    """New span values (and so other cached band BlockMasks: W = 152 -> 256, 282 -> 384, 133 -> 256 blocks) and
+    new key_valid tensors reuse the compiled kernels."""
+    from torch._dynamo.utils import counters
+    b, h, t, m, s, r = 1, 2, 512, 64, 512, 32
+    q, k, v, z, key_valid = inputs(b, h, t, m, 200, False, dh=64, seed=7, padding=0.1)
+    q, k, v = (x.float().cuda().requires_grad_() for x in (q, k, v))
+
+    def step(zval, valid):
+        zz = torch.tensor(zval, device="cuda").requires_grad_()
+        flex_adaptive_span(q, k, v, valid.cuda(), 0.125, zz, r, s).sum().backward()
+
+    step([50.0, 120.0], key_valid)
+    step([60.0, 130.0], ~key_valid)
+    before = counters["stats"]["unique_graphs"]
+    step([10.0, 250.0], key_valid)
+    step([100.5, 33.25], key_valid.roll(3, 1))
+    assert counters["stats"]["unique_graphs"] == before
