@@ -72,9 +72,11 @@ def _band_reach(chunk_size: int, before: int, after: int, causal: bool, window: 
 
 def band_blocks(length: int, chunk_size: int, before: int, after: int, causal: bool,
                 window: Optional[int]) -> tuple[Tensor, Tensor]:
-    """kv_num_blocks (1, 1, NQ) and kv_indices (1, 1, NQ, K) int32 of the band, NQ = ceil(length / BLOCK).
+    """kv_num_blocks (1, 1, NQ) and kv_indices (1, 1, NQ, NQ) int32 of the band, NQ = ceil(length / BLOCK).
 
-    Query block m holds sorted indices [m B, m B + B); its keys lie in [m B - back, m B + B - 1 + ahead].
+    Query block m holds sorted indices [m B, m B + B); its keys lie in [m B - back, m B + B - 1 + ahead]. Row m
+    of kv_indices lists those blocks first; the rest of the row is unused (the BlockMask format has one column
+    per key block: (L / 128)^2 int32, 1 MiB at L = 64k, built once per length).
     """
     back, ahead = _band_reach(chunk_size, before, after, causal, window)
     nq = -(-length // BLOCK)
@@ -82,10 +84,9 @@ def band_blocks(length: int, chunk_size: int, before: int, after: int, causal: b
     first = (m * BLOCK - back).clamp(min=0) // BLOCK
     last = (m * BLOCK + BLOCK - 1 + ahead).clamp(max=nq * BLOCK - 1) // BLOCK
     count = last - first + 1
-    width = int(count.max())
-    idx = first[:, None] + torch.arange(width)
+    idx = first[:, None] + torch.arange(nq)
     idx = torch.where(idx <= last[:, None], idx, 0)
-    return count.to(torch.int32).view(1, 1, nq), idx.to(torch.int32).view(1, 1, nq, width)
+    return count.to(torch.int32).view(1, 1, nq), idx.to(torch.int32).view(1, 1, nq, nq)
 
 
 def band_block_mask(length: int, chunk_size: int, before: int, after: int, causal: bool, window: Optional[int],

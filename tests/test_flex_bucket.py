@@ -1,0 +1,265 @@
+"""FlexAttention path of lsh / routing (rlformer.attention.flex_bucket).
+
+CPU: FlexAttention runs forward only there (uncompiled, the dense eager implementation), so the CPU tests
+check the forward of ``flex_bucket_attention`` (and of lsh / routing ``attend`` forced onto it) against the
+naive loop reference, and that the static band BlockMask holds every pair the naive mask allows. The CUDA
+tests (skipped without a GPU) check outputs and gradients of the compiled kernel, that calls with new data
+do not recompile, and that peak memory grows linearly in T.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from variants import base_config
+
+from rlformer.attention import flex_bucket, lsh, routing
+from rlformer.attention.chunked import bucket_attention, combine_rounds, naive_bucket_attention
+from rlformer.attention.flex_bucket import BLOCK, band_block_mask, bucket_slots, flex_bucket_attention
+from rlformer.attention.lsh import LSHAttention
+from rlformer.attention.routing import RoutingAttention
+from rlformer.context import AttentionContext
+
+torch.set_num_threads(1)
+F64 = torch.float64
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: compiled FlexAttention kernels")
+
+
+def padding(b, t):
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[0, :3] = False
+    valid[-1, 5] = False
+    return valid
+
+
+def ctx_for(b, t, causal, key_valid=None):
+    idx = torch.arange(t)
+    return AttentionContext(causal=causal, q_index=idx, k_index=idx, q_pos=idx[None].expand(b, t),
+                            key_valid=key_valid, state={})
+
+
+def inputs(b, h, t, dh, n_rounds, n_buckets, seed=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    q, v = (torch.randn(b, h, t, dh, generator=g, dtype=dtype) for _ in range(2))
+    buckets = torch.randint(0, n_buckets, (b, h, n_rounds, t), generator=g)
+    return q, F.normalize(q, dim=-1), v, buckets
+
+
+# ------------------------------------------------------------------------- CPU: forward vs naive
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n_rounds,n_buckets,chunk,after,window",
+                         [(1, 4, 3, 0, None), (2, 4, 5, 0, None), (2, 2, 4, 1, None), (3, 3, 2, 0, None),
+                          (1, 1, 6, 1, 6), (2, 8, 2, 0, 5)])
+def test_forward_matches_naive(causal, n_rounds, n_buckets, chunk, after, window):
+    """Several chunks per bucket and several buckets, key padding, 1-3 rounds (dedup), windows."""
+    q, k, v, buckets = inputs(2, 3, 41, 8, n_rounds, n_buckets)
+    kw = dict(causal=causal, after=after, self_penalty=True, key_valid=padding(2, 41), window=window)
+    ref = combine_rounds(*naive_bucket_attention(q, k, v, buckets, n_buckets, chunk, 0.3, round_buckets=buckets,
+                                                 **kw))
+    with torch.no_grad():
+        out = flex_bucket_attention(q, k, v, buckets, n_buckets, chunk, 0.3, dedup=True, compile=False, **kw)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def test_forward_without_self_penalty_or_dedup_matches_naive():
+    q, k, v, buckets = inputs(1, 2, 30, 8, 2, 3, seed=1)
+    ref = combine_rounds(*naive_bucket_attention(q, k, v, buckets, 3, 4, 0.5, causal=True))
+    with torch.no_grad():
+        out = flex_bucket_attention(q, k, v, buckets, 3, 4, 0.5, causal=True, compile=False)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def test_float32_forward_matches_naive():
+    q, k, v, buckets = inputs(2, 2, 40, 16, 2, 4, seed=2, dtype=torch.float32)
+    kw = dict(causal=True, self_penalty=True, key_valid=padding(2, 40))
+    ref = combine_rounds(*naive_bucket_attention(q, k, v, buckets, 4, 4, 0.25, round_buckets=buckets, **kw))
+    with torch.no_grad():
+        out = flex_bucket_attention(q, k, v, buckets, 4, 4, 0.25, dedup=True, compile=False, **kw)
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+
+
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """Force lsh / routing ``attend`` onto the flex path on CPU (uncompiled, forward only)."""
+    for module in (lsh, routing):
+        monkeypatch.setattr(module, "use_flex_bucket", lambda q, dropout, training: True)
+        monkeypatch.setattr(module, "flex_bucket_attention", functools.partial(flex_bucket_attention, compile=False))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n_hashes", [1, 2])
+def test_lsh_attend_on_the_flex_path_matches_reference(eager_flex, causal, n_hashes):
+    cfg = base_config(attention="lsh", n_heads=4)
+    cfg.lsh = dataclasses.replace(cfg.lsh, n_buckets=4, n_hashes=n_hashes, chunk_size=3)
+    att = LSHAttention(cfg, layer=0).double()
+    q, k, v, _ = inputs(2, 4, 29, 8, 1, 1, seed=3)
+    ctx = ctx_for(2, 29, causal, padding(2, 29))
+    with torch.no_grad():
+        out, _ = att.attend(q, k, v, ctx)
+        torch.testing.assert_close(out, att.reference(q, k, v, ctx), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("local_heads", [1, 2])
+def test_routing_attend_on_the_flex_path_matches_reference(eager_flex, causal, local_heads):
+    cfg = base_config(attention="routing", n_heads=4, causal=causal)
+    cfg.routing = dataclasses.replace(cfg.routing, n_clusters=3, window=5, chunk_size=3, local_heads=local_heads)
+    att = RoutingAttention(cfg, layer=0).double().eval()
+    q, _, v, _ = inputs(2, 4, 29, 8, 1, 1, seed=4)
+    k = torch.randn_like(q)                         # local heads use their own keys; routed heads ignore k
+    ctx = ctx_for(2, 29, causal, padding(2, 29))
+    with torch.no_grad():
+        out, _ = att.attend(q, k, v, ctx)
+        torch.testing.assert_close(out, att.reference(q, k, v, ctx), rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------- CPU: the band BlockMask
+
+
+def naive_allowed(buckets, n_buckets, chunk, causal, after, window, key_valid):
+    """(B, H, R, T, T) allowed pairs of the naive reference: with zero scores and v = identity, the output
+    row of query i is uniform over its allowed keys (no self penalty, no dedup: every weight > 0)."""
+    b, h, _, t = buckets.shape
+    zeros = torch.zeros(b, h, t, 1, dtype=F64)
+    eye = torch.eye(t, dtype=F64).expand(b, h, t, t)
+    out, _ = naive_bucket_attention(zeros, zeros, eye, buckets, n_buckets, chunk, 1.0, causal=causal, after=after,
+                                    key_valid=key_valid, window=window)
+    return out > 0
+
+
+@pytest.mark.parametrize("chunk,causal,after,window", [(64, True, 0, None), (128, False, 0, None),
+                                                        (200, True, 0, None), (48, False, 1, None),
+                                                        (130, True, 0, 150), (37, False, 1, 90)])
+def test_band_block_mask_covers_every_allowed_pair(chunk, causal, after, window):
+    """Every (query, key) pair the naive mask allows lies in a block of the static band (in slot order),
+    for chunk sizes below, at, above and not dividing the 128 block; and the band is sparse."""
+    t, n_buckets = 700, 2
+    g = torch.Generator().manual_seed(chunk)
+    buckets = torch.randint(0, n_buckets, (1, 1, 2, t), generator=g)
+    buckets[..., 100:400] = 0                                  # a long run: chunks far from block boundaries
+    valid = padding(1, t)
+    allowed = naive_allowed(buckets, n_buckets, chunk, causal, after, window, valid)
+    tables = bucket_slots(buckets, chunk, valid, dedup=False)
+    mask = band_block_mask(tables["length"], chunk, 1, after, causal, window, "cpu")
+    dense = mask.to_dense()[0, 0].bool()                       # (NQ, NK) blocks in the band
+    assert dense.shape == (tables["length"] // BLOCK,) * 2
+    for r in range(2):
+        i, j = allowed[0, 0, r].nonzero(as_tuple=True)
+        slot = tables["slot"][0, 0, r]
+        assert dense[slot[i] // BLOCK, slot[j] // BLOCK].all()
+    back, ahead = 2 * chunk - 1, 0 if causal else (after + 1) * chunk - 1
+    if window is not None:
+        back, ahead = min(back, window - 1), min(ahead, window - 1)
+    assert dense.sum(1).max() <= (back + ahead) // BLOCK + 2   # only the blocks that the reach can touch
+
+
+def test_band_is_linear_in_length():
+    """Causal, chunk 64, one chunk back: every query block but the first needs exactly 2 key blocks."""
+    for t in (1024, 4096):
+        dense = band_block_mask(t, 64, 1, 0, True, None, "cpu").to_dense()[0, 0]
+        assert dense.sum().item() == 2 * (t // BLOCK) - 1
+
+
+# ------------------------------------------------------------------------- CUDA: compiled kernels
+
+
+def _run(device, dtype, q, v, buckets, kw, probe, k=None, fast=True):
+    qq, vv = (x.detach().clone().to(device, dtype).requires_grad_() for x in (q, v))
+    kk = None if k is None else k.detach().clone().to(device, dtype).requires_grad_()
+    keys = F.normalize(qq, dim=-1) if kk is None else kk
+    if fast:
+        out = flex_bucket_attention(qq, keys, vv, buckets.to(device), 8, 32, 0.125, **kw)
+    else:        # materializing sort-and-chunk path (tested against the naive loops in test_attention_content)
+        o, lse = bucket_attention(qq, keys, vv, buckets.to(device), 8, 32, 0.125,
+                                  round_buckets=buckets.to(device) if kw.get("dedup") else None,
+                                  **{n: x for n, x in kw.items() if n != "dedup"})
+        out = combine_rounds(o, lse)
+    (out * probe.to(device, dtype)).sum().backward()
+    return [x.double().cpu() for x in (out, qq.grad, vv.grad) + (() if kk is None else (kk.grad,))]
+
+
+@cuda
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-4), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n_rounds,shared_qk", [(1, True), (2, True), (2, False)])
+def test_cuda_outputs_and_gradients_match_reference(dtype, atol, causal, n_rounds, shared_qk):
+    """Compiled flex (outputs, dq through the shared-QK normalization, dk, dv) vs the float64 CPU reference on
+    the same (dtype-rounded) inputs; T = 1000 with chunk 32 and 8 buckets: about 40 chunks per round."""
+    g = torch.Generator().manual_seed(7)
+    b, h, t, dh = 2, 4, 1000, 64
+    q, v, k = (torch.randn(b, h, t, dh, generator=g).to(dtype).double() for _ in range(3))
+    buckets = torch.randint(0, 8, (b, h, n_rounds, t), generator=g)
+    probe = torch.randn(b, h, t, dh, generator=g, dtype=F64)
+    kw = dict(causal=causal, self_penalty=True, key_valid=padding(b, t), dedup=True)
+    key = None if shared_qk else k
+    ref = _run("cpu", F64, q, v, buckets, kw, probe, key, fast=False)
+    got = _run("cuda", dtype, q, v, buckets, {**kw, "key_valid": kw["key_valid"].cuda()}, probe, key)
+    for name, a, r in zip(("out", "dq", "dv", "dk"), got, ref):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, r, rtol=0, atol=atol * max(1.0, r.abs().max().item()), msg=name)
+
+
+@cuda
+@pytest.mark.parametrize("name", ["lsh", "routing"])
+def test_cuda_module_attend_matches_cpu_lean_path(name):
+    """lsh / routing ``attend`` on CUDA (flex path, float32) vs the CPU float64 lean path, with padding."""
+    cfg = base_config(attention=name, d_model=64, n_heads=4, causal=True)
+    if name == "lsh":
+        cfg.lsh = dataclasses.replace(cfg.lsh, n_buckets=4, n_hashes=2, chunk_size=16)
+        att = LSHAttention(cfg, layer=0)
+    else:
+        cfg.routing = dataclasses.replace(cfg.routing, n_clusters=3, window=24, chunk_size=16)
+        att = RoutingAttention(cfg, layer=0).eval()
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 4, 300, 16, generator=g) for _ in range(3))
+    k = F.normalize(q, dim=-1) if name == "lsh" else k
+    valid = padding(2, 300)
+    ref, _ = att.double().attend(q.double(), k.double(), v.double(), ctx_for(2, 300, True, valid))
+    att = att.cuda().float()
+    assert flex_bucket.use_flex_bucket(q.cuda(), att.dropout, att.training)
+    out, _ = att.attend(q.cuda(), k.cuda(), v.cuda(), ctx_for(2, 300, True, valid.cuda()))
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=0, atol=2e-4)
+
+
+@cuda
+def test_cuda_new_buckets_do_not_recompile():
+    from torch._dynamo.utils import counters
+    kw = dict(causal=True, self_penalty=True, dedup=True)
+    for seed in range(3):
+        q, k, v, buckets = (x.cuda() for x in inputs(1, 2, 512, 64, 2, 8, seed=seed, dtype=torch.float32))
+        flex_bucket_attention(q, k, v, buckets, 8, 32, 0.125, **kw)
+        if seed == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+@cuda
+def test_cuda_peak_memory_is_linear_in_length():
+    """bf16, B=1, 8 heads, d_head 64, 2 rounds (the benchmark's lsh settings): fwd+bwd peak at T = 16k is
+    about twice that at 8k and far below one head's T x T bf16 score matrix (512 MiB at 16k)."""
+    peaks = []
+    for t in (8192, 16384):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, v = (torch.randn(1, 8, t, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+                for _ in range(2))
+        buckets = torch.randint(0, 2 * (t // 128), (1, 8, 2, t), device="cuda", generator=g)
+        kw = dict(causal=True, self_penalty=True, dedup=True)
+
+        def step():
+            out = flex_bucket_attention(q, F.normalize(q, dim=-1), v, buckets, 2 * (t // 128), 64, 0.125, **kw)
+            out.backward(torch.ones_like(out))
+
+        step()                                               # compile
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+    assert peaks[1] < 2.5 * peaks[0], peaks
+    assert peaks[1] < 0.5 * 16384 ** 2 * 2, peaks
