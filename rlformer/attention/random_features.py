@@ -52,6 +52,247 @@ def orthogonal_gaussian(n_heads: int, m: int, d: int, generator: Optional[torch.
     return w * norms
 
 
+def _chunks(x: Tensor, n: int, c: int) -> Tensor:
+    """(B, H, T, ...) -> (B, H, n, C, ...), zero-padded at the end to n * C tokens."""
+    pad = n * c - x.shape[2]
+    if pad:
+        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
+    return x.reshape(*x.shape[:2], n, c, *x.shape[3:])
+
+
+def _matmul_dtype(v_dtype: torch.dtype, acc: torch.dtype) -> torch.dtype:
+    """Batched matmuls run in the 16-bit input dtype (tensor cores; fp32 accumulation inside, as in
+    flash-linear-attention's chunk kernels) and in ``acc`` otherwise; sums over chunks are always ``acc``."""
+    return v_dtype if v_dtype in (torch.bfloat16, torch.float16) else acc
+
+
+def _chunk_pass(q: Tensor, k: Tensor, v1: Tensor, lg: Optional[Tensor], s0: Tensor) -> dict:
+    """The chunk form of (gated) causal linear attention, shared by forward and backward.
+
+    q, k: (B, H, n, C, M) and v1 = [v, 1]: (B, H, n, C, dh + 1) in the matmul dtype; lg: (B, H, n, C)
+    log-gates (``acc``) or None; s0: (B, H, M, dh + 1) carried sums [S, z] (``acc``).
+    With b_i the cumulative log-gate inside a chunk (0 without gates) and S_c the sums before chunk c:
+        Y = ((Q K^T) * tril(exp(b_i - b_j))) V1 + (Q * exp(b)) S_c,
+        S_{c+1} = exp(b_C) S_c + (K * exp(b_C - b))^T V1,
+    the second as one batched matmul per chunk and a cumsum over chunks (gated: one matmul with the
+    (n + 1, n) matrix of decays exp(ex_c - ex_{j+1}), ex_c = log-decay from the start to chunk c; every
+    exponent <= 0, so nothing overflows). Y[..., :dh] is the numerator, Y[..., dh] the normalizer.
+    """
+    acc, mm = s0.dtype, q.dtype
+    b, h, n, c, m = q.shape
+    p = q @ k.transpose(-1, -2)                                                     # (B, H, n, C, C)
+    r = dict(p=p)
+    if lg is None:
+        a = p.tril()
+        ds = (k.transpose(-1, -2) @ v1).to(acc)                                     # (B, H, n, M, dh+1)
+        cs = ds.cumsum(2)
+        s_start = cs - ds + s0[:, :, None]
+        s_end = s0 + cs[:, :, -1]
+        qd = q
+    else:
+        cum = lg.cumsum(-1)                                                         # b_i
+        dec = (cum[..., :, None] - cum[..., None, :]).clamp(max=0).exp().tril()    # exp(b_i - b_j), j <= i
+        a = p * dec.to(mm)
+        to_end = (cum[..., -1:] - cum).exp()                                        # exp(b_C - b_j)
+        kd = k * to_end[..., None].to(mm)
+        ds = (kd.transpose(-1, -2) @ v1).to(acc)
+        ex = F.pad(cum[..., -1].cumsum(-1), (1, 0))                                 # (B, H, n + 1)
+        w = (ex[..., :, None] - ex[..., None, 1:]).clamp(max=0).exp().tril(-1)     # (B, H, n + 1, n)
+        s_all = (w @ ds.flatten(-2)).view(b, h, n + 1, m, -1) + ex.exp()[..., None, None] * s0[:, :, None]
+        s_start, s_end = s_all[:, :, :-1], s_all[:, :, -1]
+        qd = q * cum.exp()[..., None].to(mm)
+        r.update(cum=cum, dec=dec, to_end=to_end, kd=kd, ex=ex, w=w)
+    y = (a @ v1).to(acc) + (qd @ s_start.to(mm)).to(acc)
+    r.update(a=a, ds=ds, s_start=s_start, s_end=s_end, qd=qd, y=y)
+    return r
+
+
+def _normalize(y: Tensor, floor: float) -> Tensor:
+    return y[..., :-1] / y[..., -1:].clamp(min=floor)
+
+
+def _chunk_backward(q, k, v1, lg, s0, floor, dout, ds_end):
+    """Gradients of ``_normalize(_chunk_pass(...)["y"])`` and of the end sums, recomputing the pass.
+
+    dout: (B, H, n, C, dh) (``acc``); ds_end: (B, H, M, dh + 1) or None. Returns (dq, dk, dv1 in the
+    matmul dtype, dlg (B, H, n, C) or None, ds0 (B, H, M, dh + 1)); everything by batched matmuls and
+    (reverse) cumsums, no autograd graph.
+    """
+    r = _chunk_pass(q, k, v1, lg, s0)
+    acc, mm = s0.dtype, q.dtype
+    b, h, n, c, m = q.shape
+    y = r["y"]
+    den = y[..., -1:]
+    dc = den.clamp(min=floor)
+    dnum = dout / dc
+    dden = -(dnum * y[..., :-1]).sum(-1, keepdim=True) / dc * (den >= floor)
+    dy = torch.cat([dnum, dden], -1).to(mm)                                         # dL/dY
+    del y, dnum, dden, dc, den
+    a, qd = r["a"], r["qd"]
+    dv1 = a.transpose(-1, -2) @ dy
+    da = dy @ v1.transpose(-1, -2)                                                  # (B, H, n, C, C)
+    dqd = dy @ r["s_start"].to(mm).transpose(-1, -2)                                # (B, H, n, C, M)
+    g_loc = (qd.transpose(-1, -2) @ dy).to(acc)                                     # dL/dS_c from chunk c
+    if lg is None:
+        dp = da.tril()
+        dq = dp @ k + dqd
+        dk = dp.transpose(-1, -2) @ q
+        del dp, da
+        tot = g_loc.sum(2)
+        if ds_end is not None:
+            tot = tot + ds_end
+        e = (tot[:, :, None] - g_loc.cumsum(2)).to(mm)                              # dL/d(chunk sums)
+        dk = dk + v1 @ e.transpose(-1, -2)
+        dv1 = dv1 + k @ e
+        return dq, dk, dv1, None, tot
+    cum, dec, to_end, kd, ex, w = (r[key] for key in ("cum", "dec", "to_end", "kd", "ex", "w"))
+    dp = da * dec.to(mm)
+    ada = da.to(acc) * a.to(acc)                                                    # dL/d(b_i - b_j)
+    db = ada.sum(-1) - ada.sum(-2)
+    del ada, da
+    eb = cum.exp()[..., None]
+    dq = dp @ k + dqd * eb.to(mm)
+    dk = dp.transpose(-1, -2) @ q
+    del dp
+    db = db + (qd.to(acc) * dqd.to(acc)).sum(-1)
+    end = torch.zeros_like(s0) if ds_end is None else ds_end
+    g_all = torch.cat([g_loc, end[:, :, None]], 2).flatten(-2)                       # (B, H, n + 1, F)
+    ds_flat = r["ds"].flatten(-2)                                                   # (B, H, n, F)
+    e = w.transpose(-1, -2) @ g_all                                                 # dL/d(chunk sums)
+    eex = ex.exp()
+    ds0 = (eex[..., None] * g_all).sum(2).view_as(s0)
+    dw = (g_all @ ds_flat.transpose(-1, -2)) * w                                    # dL/dW * W
+    dex = dw.sum(-1) - F.pad(dw.sum(-2), (1, 0)) + eex * (g_all @ s0.flatten(-2)[..., None])[..., 0]
+    dtot = dex.flip(-1).cumsum(-1).flip(-1)[..., 1:]                                # ex_c = sum_{u<c} tot_u
+    e = e.view(b, h, n, m, -1).to(mm)
+    dkd = v1 @ e.transpose(-1, -2)
+    dk = dk + dkd * to_end[..., None].to(mm)
+    dv1 = dv1 + kd @ e
+    t = (kd.to(acc) * dkd.to(acc)).sum(-1)                                          # dL/d(b_C - b_j)
+    db = db - t
+    db[..., -1] += t.sum(-1) + dtot
+    dlg = db.flip(-1).cumsum(-1).flip(-1)                                           # b = cumsum(lg)
+    return dq, dk, dv1, dlg, ds0
+
+
+def _group_forward(phi_q: Tensor, phi_k: Tensor, v: Tensor, lg: Optional[Tensor], s0: Tensor, chunk: int,
+                   floor: float) -> tuple[Tensor, Tensor]:
+    """Causal linear attention of one stretch of tokens from the carried sums s0 = [S, z]: (out, end sums)."""
+    acc, mm = s0.dtype, _matmul_dtype(v.dtype, s0.dtype)
+    b, h, t, dh = v.shape
+    n = -(-t // chunk)
+    q, k = _chunks(phi_q.to(mm), n, chunk), _chunks(phi_k.to(mm), n, chunk)
+    v1 = _chunks(F.pad(v.to(mm), (0, 1), value=1.0), n, chunk)
+    lgc = None if lg is None else _chunks(lg.to(acc), n, chunk)
+    r = _chunk_pass(q, k, v1, lgc, s0)
+    out = _normalize(r["y"], floor).reshape(b, h, n * chunk, dh)[:, :, :t]
+    return out.to(v.dtype), r["s_end"]
+
+
+def _group_backward(phi_q, phi_k, v, lg, s0, chunk, floor, g_out, g_end):
+    """Gradients of ``_group_forward`` w.r.t. (phi_q, phi_k, v, lg, s0), recomputing it (no graph kept)."""
+    acc, mm = s0.dtype, _matmul_dtype(v.dtype, s0.dtype)
+    b, h, t, dh = v.shape
+    n = -(-t // chunk)
+    q, k = _chunks(phi_q.to(mm), n, chunk), _chunks(phi_k.to(mm), n, chunk)
+    v1 = _chunks(F.pad(v.to(mm), (0, 1), value=1.0), n, chunk)
+    lgc = None if lg is None else _chunks(lg.to(acc), n, chunk)
+    dout = _chunks(g_out.to(acc), n, chunk)
+    dq, dk, dv1, dlg, ds0 = _chunk_backward(q, k, v1, lgc, s0, floor, dout, g_end)
+
+    def unchunk(x, like):
+        return x.reshape(b, h, n * chunk, *x.shape[4:])[:, :, :t].to(like.dtype)
+
+    dv = unchunk(dv1[..., :dh], v)
+    return (unchunk(dq, phi_q), unchunk(dk, phi_k), dv, None if dlg is None else unchunk(dlg, lg), ds0)
+
+
+class _LinearAttention(torch.autograd.Function):
+    """Causal (gated) linear attention that keeps only its inputs for backward.
+
+    ``features(q, k, key_valid, log_gate) -> (phi_q, phi_k)`` maps queries and keys to features (None:
+    q and k are the features already). Forward runs features and the chunk form (``_chunk_pass``) without
+    a graph; backward recomputes the features (one batched pass with autograd, for their gradients w.r.t.
+    q, k, gates and ``params``), then the chunk form's gradients by hand (``_chunk_backward``). Saved for
+    backward: q, k, v, gates, the key mask and the carried sums at the start of each group, i.e.
+    O(T * dh) per head instead of the O(T * M) feature maps and per-chunk tensors. ``bounds``: the
+    stretches of tokens processed one after another (whole chunks; [(0, T)] in one batched pass unless a
+    lower peak memory is wanted, see ``RandomFeatureConfig.recompute_group``). Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, features, bounds, chunk, floor, s0, q, k, v, lg, valid, *params):
+        outs, starts = [], []
+        s = s0
+        for a, e in bounds:
+            qg, kg, vg = q[:, :, a:e], k[:, :, a:e], v[:, :, a:e]
+            lgg = None if lg is None else lg[:, :, a:e]
+            if features is not None:
+                qg, kg = features(qg, kg, None if valid is None else valid[:, a:e], lgg)
+            starts.append(s)
+            o, s = _group_forward(qg, kg, vg, lgg, s, chunk, floor)
+            outs.append(o)
+        ctx.features, ctx.bounds, ctx.chunk, ctx.floor = features, bounds, chunk, floor
+        ctx.has_lg, ctx.has_valid, ctx.n_params = lg is not None, valid is not None, len(params)
+        ctx.save_for_backward(torch.stack(starts), q, k, v, lg, valid, *params)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 2), s
+
+    @staticmethod
+    def backward(ctx, g_out, g_end):
+        starts, q, k, v, lg, valid, *params = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        want = [p.requires_grad for p in params]
+        grads = {name: [] for name in ("q", "k", "v", "lg")}
+        g_params = [torch.zeros_like(p) if w else None for p, w in zip(params, want)]
+        g_s = g_end
+        for i in reversed(range(len(ctx.bounds))):
+            a, e = ctx.bounds[i]
+            qg, kg, vg = q[:, :, a:e], k[:, :, a:e], v[:, :, a:e]
+            lgg = None if lg is None else lg[:, :, a:e]
+            if ctx.features is not None:
+                with torch.enable_grad():
+                    qg, kg = qg.detach().requires_grad_(need[5]), kg.detach().requires_grad_(need[6])
+                    lgg = None if lgg is None else lgg.detach().requires_grad_(need[8])
+                    phi_q, phi_k = ctx.features(qg, kg, None if valid is None else valid[:, a:e], lgg)
+            else:
+                phi_q, phi_k = qg, kg
+            dphi_q, dphi_k, dv, dlg, g_s = _group_backward(phi_q.detach(), phi_k.detach(), vg, lgg, starts[i],
+                                                           ctx.chunk, ctx.floor, g_out[:, :, a:e], g_s)
+            if ctx.features is not None:
+                wrt = [x for x in (qg, kg, lgg) if x is not None and x.requires_grad]
+                wrt += [p for p, w in zip(params, want) if w]
+                got = list(torch.autograd.grad([phi_q, phi_k], wrt, [dphi_q, dphi_k], allow_unused=True))
+                got = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, got)]
+                it = iter(got)
+                dq = next(it) if qg.requires_grad else None
+                dk = next(it) if kg.requires_grad else None
+                if lgg is not None and lgg.requires_grad:
+                    dlg = dlg + next(it)
+                for j, w in enumerate(want):
+                    if w:
+                        g_params[j] += next(it)
+            else:
+                dq, dk = dphi_q, dphi_k
+            for name, g in (("q", dq), ("k", dk), ("v", dv), ("lg", dlg)):
+                grads[name].append(g)
+
+        def joined(name, flag):
+            parts = grads[name][::-1]
+            if not flag or any(p is None for p in parts):
+                return None
+            return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+
+        return (None, None, None, None, g_s if need[4] else None, joined("q", need[5]), joined("k", need[6]),
+                joined("v", need[7]), joined("lg", need[8] and ctx.has_lg), None, *g_params)
+
+
+def _carried_sums(state: Optional[dict], b: int, h: int, m: int, dh: int, acc: torch.dtype, device) -> Tensor:
+    """The recurrent state {"S", "z"} as one (B, H, M, dh + 1) tensor [S, z] in ``acc`` (zeros: fresh)."""
+    if not state:
+        return torch.zeros(b, h, m, dh + 1, dtype=acc, device=device)
+    return torch.cat([state["S"].to(acc), state["z"].to(acc)[..., None]], -1)
+
+
 def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, chunk_size: int, *,
                              causal: bool, state: Optional[dict] = None,
                              log_gate: Optional[Tensor] = None, den_floor: float = DEN_EPS) -> tuple[Tensor, dict]:
@@ -60,123 +301,24 @@ def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, chunk_size
     ``log_gate`` (B, H, T): RFA's gated recurrence S_t = g_t S_{t-1} + phi(k_t) v_t^T with
     g_t = exp(log_gate_t) (the caller folds (1 - g_t) into phi(k_t)); causal only.
     ``den_floor``: lower bound of the normalizer phi(q_t)^T z_t.
+    Causal: the chunk form (``_chunk_pass``) with a hand-written backward that keeps only the inputs.
     Returns (out (B, H, T, dh) in v's dtype, new state {"S": (B, H, M, dh), "z": (B, H, M)}).
     """
     b, h, t, m = phi_k.shape
     dh = v.shape[-1]
-    acc = phi_k.dtype
-    vv = v.to(acc)
-    s0 = state["S"].to(acc) if state else phi_k.new_zeros(b, h, m, dh)
-    z0 = state["z"].to(acc) if state else phi_k.new_zeros(b, h, m)
+    acc = torch.promote_types(phi_k.dtype, torch.float32)
+    s0 = _carried_sums(state, b, h, m, dh, acc, phi_k.device)
     if not causal:
         if log_gate is not None:
             raise ValueError("the gated recurrence is causal; use causal=True or no gate")
-        s = s0 + torch.einsum("bhtm,bhtd->bhmd", phi_k, vv)
-        z = z0 + phi_k.sum(2)
-        num = torch.einsum("bhtm,bhmd->bhtd", phi_q, s)
-        den = torch.einsum("bhtm,bhm->bht", phi_q, z)
+        vv = v.to(acc)
+        s = s0[..., :dh] + torch.einsum("bhtm,bhtd->bhmd", phi_k.to(acc), vv)
+        z = s0[..., dh] + phi_k.to(acc).sum(2)
+        num = torch.einsum("bhtm,bhmd->bhtd", phi_q.to(acc), s)
+        den = torch.einsum("bhtm,bhm->bht", phi_q.to(acc), z)
         return (num / den.clamp(min=den_floor)[..., None]).to(v.dtype), {"S": s, "z": z}
-
-    c = chunk_size
-    n = -(-t // c)
-    pad = n * c - t
-    qc = F.pad(phi_q, (0, 0, 0, pad)).reshape(b, h, n, c, m)
-    kc = F.pad(phi_k, (0, 0, 0, pad)).reshape(b, h, n, c, m)
-    vc = F.pad(vv, (0, 0, 0, pad)).reshape(b, h, n, c, dh)
-    tril = torch.ones(c, c, dtype=torch.bool, device=phi_k.device).tril()
-    scores = torch.einsum("bhncm,bhnsm->bhncs", qc, kc)                            # (B, H, n, C, C)
-    if log_gate is None:
-        weights = scores.masked_fill(~tril, 0.0)
-        chunk_s = torch.einsum("bhncm,bhncd->bhnmd", kc, vc)
-        chunk_z = kc.sum(3)
-        s_start = s0[:, :, None] + chunk_s.cumsum(2) - chunk_s                    # sums before each chunk
-        z_start = z0[:, :, None] + chunk_z.cumsum(2) - chunk_z
-        carry_q = qc
-        s_end, z_end = s0 + chunk_s.sum(2), z0 + chunk_z.sum(2)
-    else:
-        lg = F.pad(log_gate.to(acc), (0, pad)).reshape(b, h, n, c)
-        cum = lg.cumsum(-1)                                                         # G_t within the chunk
-        decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~tril, float("-inf")).exp()
-        weights = scores * decay
-        to_end = (cum[..., -1:] - cum).exp()                                        # prod_{u > s} g_u
-        chunk_s = torch.einsum("bhncm,bhncd->bhnmd", kc * to_end[..., None], vc)
-        chunk_z = (kc * to_end[..., None]).sum(3)
-        total = cum[..., -1].exp()                                                  # prod over the chunk
-        s_list, z_list = [], []
-        s_run, z_run = s0, z0
-        # unbind (one backward node) rather than indexing [:, :, i] in the loop, whose n backward
-        # nodes would each materialize a full-size zero gradient: O(n^2) work.
-        for tot, cs, cz in zip(total.unbind(2), chunk_s.unbind(2), chunk_z.unbind(2)):
-            s_list.append(s_run)
-            z_list.append(z_run)
-            s_run = tot[..., None, None] * s_run + cs
-            z_run = tot[..., None] * z_run + cz
-        s_start, z_start = torch.stack(s_list, 2), torch.stack(z_list, 2)
-        carry_q = qc * cum.exp()[..., None]                                         # decay since chunk start
-        s_end, z_end = s_run, z_run
-    num = torch.einsum("bhncs,bhnsd->bhncd", weights, vc) + torch.einsum("bhncm,bhnmd->bhncd", carry_q, s_start)
-    den = weights.sum(-1) + torch.einsum("bhncm,bhnm->bhnc", carry_q, z_start)
-    out = (num / den.clamp(min=den_floor)[..., None]).reshape(b, h, n * c, dh)[:, :, :t]
-    return out.to(v.dtype), {"S": s_end, "z": z_end}
-
-
-class _GroupRecompute(torch.autograd.Function):
-    """Causal linear attention over groups of tokens that keeps only its inputs for backward.
-
-    ``fn(slices, S, z) -> (out, S', z')`` is one group's attention (features + chunked prefix
-    sums) from the sums carried into it. Forward runs the groups in order without a graph and
-    saves the sequence inputs plus the carried sums at group boundaries ((n_groups, B, H, M, dh),
-    a few per thousand tokens). Backward walks the groups in reverse, recomputing each group's
-    graph and back-propagating the gradient of the carried sums into the previous group, so the
-    feature maps, prefix states and intra-chunk scores live one group at a time. Activation
-    memory is O(T * (inputs) + T / group * M * dh) instead of the per-chunk tensors of the whole
-    sequence. Not twice differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, fn, bounds, dims, n_params, s0, z0, *tensors):
-        params, seq = tensors[:n_params], tensors[n_params:]
-        outs, s_list, z_list = [], [], []
-        s, z = s0, z0
-        for a, b in bounds:
-            s_list.append(s)
-            z_list.append(z)
-            o, s, z = fn([x.narrow(d, a, b - a) for x, d in zip(seq, dims)], s, z)
-            outs.append(o)
-        ctx.fn, ctx.bounds, ctx.dims, ctx.params = fn, bounds, dims, params
-        ctx.s0_grad, ctx.z0_grad = s0.requires_grad, z0.requires_grad
-        ctx.save_for_backward(torch.stack(s_list), torch.stack(z_list), *seq)
-        return torch.cat(outs, 2), s, z
-
-    @staticmethod
-    def backward(ctx, g_out, g_s, g_z):
-        s_all, z_all, *seq = ctx.saved_tensors
-        params = [p for p in ctx.params if p.requires_grad]
-        seq_grads = [[] for _ in seq]
-        param_grads = [torch.zeros_like(p) for p in params]
-        for i in reversed(range(len(ctx.bounds))):
-            a, b = ctx.bounds[i]
-            with torch.enable_grad():
-                sl = [x.narrow(d, a, b - a).detach().requires_grad_(x.requires_grad and x.is_floating_point())
-                      for x, d in zip(seq, ctx.dims)]
-                s_in = s_all[i].detach().requires_grad_()
-                z_in = z_all[i].detach().requires_grad_()
-                o, s_out, z_out = ctx.fn(sl, s_in, z_in)
-            wrt = [t for t in sl if t.requires_grad] + [s_in, z_in] + params
-            grads = torch.autograd.grad([o, s_out, z_out], wrt, [g_out[:, :, a:b], g_s, g_z], allow_unused=True)
-            grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads)]
-            it = iter(grads)
-            for j, t in enumerate(sl):
-                if t.requires_grad:
-                    seq_grads[j].append(next(it))
-            g_s, g_z = next(it), next(it)
-            for j in range(len(params)):
-                param_grads[j] += next(it)
-        out_seq = [torch.cat(g[::-1], d) if g else None for g, d in zip(seq_grads, ctx.dims)]
-        it = iter(param_grads)
-        out_params = [next(it) if p.requires_grad else None for p in ctx.params]
-        return (None, None, None, None, g_s if ctx.s0_grad else None, g_z if ctx.z0_grad else None,
-                *out_params, *out_seq)
+    out, s_end = _LinearAttention.apply(None, [(0, t)], chunk_size, den_floor, s0, phi_q, phi_k, v, log_gate, None)
+    return out, {"S": s_end[..., :dh], "z": s_end[..., dh]}
 
 
 def recurrent_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, *, causal: bool,
@@ -285,52 +427,27 @@ class RandomFeatureAttention(Float32Buffers, Attention):
         return []
 
     def attend(self, q, k, v, ctx, log_gate: Optional[Tensor] = None):
-        params = self.feature_params()
-        s0 = ctx.state.get("S") if ctx.state else None
-        inputs = [q, k, v, log_gate, s0, *params]
-        if (ctx.causal and self.recompute_group > 0 and torch.is_grad_enabled()
-                and any(t is not None and t.requires_grad for t in inputs)):
-            return self._attend_recomputed(q, k, v, ctx, log_gate, params)
-        phi_q, phi_k = self.features_of(q, k, ctx.key_valid, log_gate)
-        out, state = chunked_linear_attention(phi_q, phi_k, v, self.cfg.random_features.chunk_size,
-                                              causal=ctx.causal, state=ctx.state or None, log_gate=log_gate,
-                                              den_floor=self.den_floor(phi_k.dtype))
-        return out, {name: t.detach() for name, t in state.items()}
-
-    def _attend_recomputed(self, q, k, v, ctx, log_gate, params):
-        """Causal ``attend`` keeping only q, k, v (and gates) plus group-boundary sums for backward;
-        features and prefix sums are recomputed group by group (``_GroupRecompute``)."""
-        chunk = self.cfg.random_features.chunk_size
-        group = chunk * max(1, self.recompute_group // chunk)       # whole chunks: same partition as one pass
-        t = q.shape[2]
-        bounds = [(a, min(a + group, t)) for a in range(0, t, group)]
+        rf = self.cfg.random_features
         acc = torch.promote_types(q.dtype, torch.float32)
-        m = self.feature_multiplier * self.n_features
-        b, h = q.shape[:2]
-        state = ctx.state or {}
-        s0 = state["S"].to(acc) if state else q.new_zeros(b, h, m, v.shape[-1], dtype=acc)
-        z0 = state["z"].to(acc) if state else q.new_zeros(b, h, m, dtype=acc)
-        seq, dims = [q, k, v], [2, 2, 2]
-        has_valid, has_gate = ctx.key_valid is not None, log_gate is not None
-        if has_valid:
-            seq.append(ctx.key_valid)
-            dims.append(1)
-        if has_gate:
-            seq.append(log_gate)
-            dims.append(2)
         floor = self.den_floor(acc)
+        if not ctx.causal:
+            phi_q, phi_k = self.features_of(q, k, ctx.key_valid, log_gate)
+            out, state = chunked_linear_attention(phi_q, phi_k, v, rf.chunk_size, causal=False,
+                                                  state=ctx.state or None, den_floor=floor)
+            return out, {name: t.detach() for name, t in state.items()}
+        b, h, t, dh = v.shape
+        m = self.feature_multiplier * self.n_features
+        s0 = _carried_sums(ctx.state, b, h, m, dh, acc, q.device)
+        out, s_end = _LinearAttention.apply(self.features_of, self.groups(t), rf.chunk_size, floor, s0, q, k, v,
+                                            log_gate, ctx.key_valid, *self.feature_params())
+        return out, {"S": s_end[..., :dh].detach(), "z": s_end[..., dh].detach()}
 
-        def fn(sl, s, z):
-            qg, kg, vg = sl[:3]
-            kv = sl[3] if has_valid else None
-            lg = sl[-1] if has_gate else None
-            phi_q, phi_k = self.features_of(qg, kg, kv, lg)
-            out, st = chunked_linear_attention(phi_q, phi_k, vg, chunk, causal=True, state={"S": s, "z": z},
-                                               log_gate=lg, den_floor=floor)
-            return out, st["S"], st["z"]
-
-        out, s_end, z_end = _GroupRecompute.apply(fn, bounds, dims, len(params), s0, z0, *params, *seq)
-        return out, {"S": s_end.detach(), "z": z_end.detach()}
+    def groups(self, t: int) -> list[tuple[int, int]]:
+        """Stretches of tokens processed one after another (``recompute_group``; whole chunks)."""
+        chunk = self.cfg.random_features.chunk_size
+        size = self.recompute_group
+        size = t if size <= 0 else chunk * max(1, size // chunk)
+        return [(a, min(a + size, t)) for a in range(0, t, size)]
 
     def reference(self, q, k, v, ctx, log_gate: Optional[Tensor] = None):
         """Naive version of ``attend``: the token-by-token recurrence."""
