@@ -176,6 +176,35 @@ def test_flex_span_autograd_plumbing_with_dense_stand_in(z_grad, dynamic, b, h, 
         torch.testing.assert_close(a, c, rtol=0, atol=1e-11, msg=name)
 
 
+def test_compiled_forward_on_cpu_without_recompiles():
+    """The compiled flex_attention (CPU: inference only, no lse) traces the score_mod/mask_mod closures: outputs
+    equal the reference for static and dynamic spans, and new spans (other cached band BlockMasks: W = 152 ->
+    256, 282 -> 384 blocks) and new key_valid tensors reuse the compiled graph."""
+    from torch._dynamo.utils import counters
+    b, h, t, m, s, r = 1, 2, 256, 64, 512, 32
+    q, k, v, _, key_valid = inputs(b, h, t, m, s, False, dh=64, dtype=torch.float32, seed=8, padding=0.1)
+    graphs = []
+    for i, zval in enumerate(([50.0, 120.0], [10.0, 250.0], [100.5, 33.25])):
+        z = torch.tensor(zval)
+        valid = key_valid if i != 1 else key_valid.roll(5, 1)
+        with torch.no_grad():
+            out = flex_adaptive_span(q, k, v, valid, 0.125, z, r, s)
+        torch.testing.assert_close(out, reference(q, k, v, z, valid, 0.125, r, s), rtol=0, atol=2e-5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1] == graphs[2], graphs
+    z = torch.rand(b, h, t, generator=torch.Generator().manual_seed(9)) * 300
+    with torch.no_grad():
+        out = flex_adaptive_span(q, k, v, key_valid, 0.125, z, r, s)
+    torch.testing.assert_close(out, reference(q, k, v, z, key_valid, 0.125, r, s), rtol=0, atol=2e-5)
+
+
+def test_dot_difference_in_chunks():
+    from rlformer.attention.flex_span import _dot_difference
+    g, a, b = (torch.randn(2, 3, 50, 8, dtype=torch.bfloat16) for _ in range(3))
+    want = (g.float() * a.float()).sum(-1) - (g.float() * b.float()).sum(-1)
+    torch.testing.assert_close(_dot_difference(g, a, b, torch.float32, rows=7), want, rtol=0, atol=1e-5)
+
+
 def test_flex_path_is_used_only_where_it_should():
     q = torch.zeros(1, 2, 256, 64)
     assert not use_flex_span(q, 0.0, True)                            # CPU: the banded path
@@ -245,15 +274,11 @@ def layer_grads(layer, x, kv, ctx, use_reference):
     return out.double().cpu(), {n: p.grad.double().cpu() for n, p in layer.named_parameters()}
 
 
-@cuda
-@pytest.mark.parametrize("z_grad", ["analytic", "captured"])
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-4), (torch.bfloat16, 6e-2)], ids=["fp32", "bf16"])
-def test_cuda_layer_flex_path_matches_reference(z_grad, dynamic, dtype, atol):
-    """The whole layer on CUDA (flex path) vs the dense reference in float64 on CPU with the same (rounded)
+def check_layer(device, dtype, atol, dynamic, z_grad, b, t, m, max_span, ramp):
+    """The whole layer through the flex path vs the dense reference in float64 on CPU with the same (rounded)
     weights and inputs: output and the gradient of every parameter (q/k/v/out projections, span params)."""
-    cfg = base_config(attention="adaptive_span", position="rope", d_model=256, n_heads=4)
-    cfg.adaptive_span = rlformer.AdaptiveSpanConfig(max_span=300, ramp=32, init=0.4, dynamic=dynamic)
+    cfg = base_config(attention="adaptive_span", position="rope", d_model=256, n_heads=4, max_len=t + m)
+    cfg.adaptive_span = rlformer.AdaptiveSpanConfig(max_span=max_span, ramp=ramp, init=0.4, dynamic=dynamic)
     torch.manual_seed(0)
     layer = AdaptiveSpanAttention(cfg, 0, rlformer.registry.lookup("position", "rope")(cfg))
     layer.flex_z_grad = z_grad
@@ -261,7 +286,6 @@ def test_cuda_layer_flex_path_matches_reference(z_grad, dynamic, dtype, atol):
         nn.init.normal_(layer.span_proj.weight, std=0.05)
     else:
         layer.span_frac.data = torch.tensor([0.15, 0.4, 0.63, 0.9])
-    b, t, m = 2, 600, 100
     g = torch.Generator().manual_seed(1)
     x = torch.randn(b, t, 256, generator=g)
     kv = torch.cat([torch.randn(b, m, 256, generator=g), x], 1)
@@ -269,14 +293,34 @@ def test_cuda_layer_flex_path_matches_reference(z_grad, dynamic, dtype, atol):
     layer = layer.to(dtype)                                          # round the weights once, then compare
     x, kv = x.to(dtype), kv.to(dtype)
     ref_out, ref_grads = layer_grads(layer.double(), x.double(), kv.double(), context(b, t, m, valid), True)
-    layer = layer.to("cuda", dtype)
-    assert use_flex_span(torch.zeros(1, 1, t, 64, device="cuda"), layer.dropout, True)
-    out, grads = layer_grads(layer, x.cuda(), kv.cuda(), context(b, t, m, valid.cuda(), "cuda"), False)
+    layer = layer.to(device, dtype)
+    out, grads = layer_grads(layer, x.to(device), kv.to(device), context(b, t, m, valid.to(device), device), False)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=atol * max(1.0, ref_out.abs().max().item()))
     for name, c in ref_grads.items():
         torch.testing.assert_close(grads[name], c, rtol=0, atol=atol * max(1.0, c.abs().max().item()), msg=name)
-    span_grad = ref_grads["span_proj.bias" if dynamic else "span_frac"]
-    assert span_grad.abs().max() > 0
+    assert ref_grads["span_proj.bias" if dynamic else "span_frac"].abs().max() > 0
+
+
+@pytest.mark.parametrize("z_grad", ["analytic", "captured"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_layer_dispatch_to_flex_path_with_dense_stand_in(monkeypatch, z_grad, dynamic):
+    """The layer's flex branch (forced on CPU, the dense stand-in as flex): same output and parameter gradients
+    as ``layer.reference``."""
+    import rlformer.attention.adaptive_span as span_module
+    import rlformer.attention.flex_span as flex_span_module
+    monkeypatch.setattr(span_module, "use_flex_span", lambda q, dropout, training: True)
+    monkeypatch.setattr(flex_span_module, "_flex", lambda: (dense_flex, None))
+    check_layer("cpu", torch.float64, 1e-10, dynamic, z_grad, b=2, t=40, m=12, max_span=30, ramp=6)
+
+
+@cuda
+@pytest.mark.parametrize("z_grad", ["analytic", "captured"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-4), (torch.bfloat16, 6e-2)], ids=["fp32", "bf16"])
+def test_cuda_layer_flex_path_matches_reference(z_grad, dynamic, dtype, atol):
+    """T = 600 queries after 100 memory slots (5 query blocks), spans up to 270 of S = 300."""
+    assert use_flex_span(torch.zeros(1, 1, 600, 64, device="cuda"), 0.0, True)
+    check_layer("cuda", dtype, atol, dynamic, z_grad, b=2, t=600, m=100, max_span=300, ramp=32)
 
 
 @cuda

@@ -152,6 +152,17 @@ def flex_with_lse(flex, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> tuple[Tens
     return out, aux.lse
 
 
+def _dot_difference(g: Tensor, a: Tensor, b: Tensor, acc: torch.dtype, rows: int = 1 << 16) -> Tensor:
+    """g . a - g . b over the last dim in ``acc`` precision, ``rows`` rows at a time (bounded temporaries)."""
+    shape = g.shape[:-1]
+    g, a, b = (x.reshape(-1, x.shape[-1]) for x in (g, a, b))
+    out = torch.empty(g.shape[0], dtype=acc, device=g.device)
+    for i in range(0, g.shape[0], rows):
+        gi = g[i:i + rows].to(acc)
+        out[i:i + rows] = (gi * a[i:i + rows].to(acc)).sum(-1) - (gi * b[i:i + rows].to(acc)).sum(-1)
+    return out.view(shape)
+
+
 def span_z_grad(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tensor], scale: float, z: Tensor, ramp: int,
                 max_span: int, out: Tensor, lse: Tensor, grad_out: Tensor, flex=None, block: int = BLOCK) -> Tensor:
     """dL/dz of the adaptive-span attention (shape of z) from its output, lse and the output gradient.
@@ -170,8 +181,7 @@ def span_z_grad(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tensor], sc
     with torch.no_grad():
         out2, lse2 = flex_with_lse(flex, q.detach(), k.detach(), v.detach(), block_mask=bm, scale=scale)
         acc = torch.promote_types(out.dtype, torch.float32)
-        g = grad_out.to(acc)
-        diff = (g * out2.to(acc)).sum(-1) - (g * out.to(acc)).sum(-1)
+        diff = _dot_difference(grad_out, out2, out, acc)
         dz = torch.where(torch.isfinite(lse2), torch.exp(lse2.to(acc) - lse.to(acc)) * diff / ramp, 0.0)
     return (dz.sum((0, 2)) if z.dim() == 1 else dz).to(z.dtype)
 
