@@ -165,6 +165,27 @@ def test_band_is_linear_in_length():
         assert dense.sum().item() == 2 * (t // BLOCK) - 1
 
 
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("chunk,n_buckets,causal,after,window", [(64, 3, True, 0, None), (37, 1, False, 1, 90)])
+def test_compiled_cpu_forward_uses_the_band_and_does_not_recompile(chunk, n_buckets, causal, after, window):
+    """The production call (torch.compile'd flex_attention; one round, since compiled CPU flex has no lse) runs
+    the kernel over the band's blocks only (T = 700: 6 query blocks), equals the dense eager forward, and a
+    second call with new buckets reuses the compiled graph."""
+    from torch._dynamo.utils import counters
+    g = torch.Generator().manual_seed(chunk)
+    q, k, v = (torch.randn(1, 2, 700, 16, generator=g) for _ in range(3))
+    kw = dict(causal=causal, after=after, self_penalty=True, key_valid=padding(1, 700), window=window)
+    for call in range(2):
+        buckets = torch.randint(0, n_buckets, (1, 2, 1, 700), generator=g)
+        with torch.no_grad():
+            ref = flex_bucket_attention(q, k, v, buckets, n_buckets, chunk, 0.25, compile=False, **kw)
+            out = flex_bucket_attention(q, k, v, buckets, n_buckets, chunk, 0.25, compile=True, **kw)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+        if call == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 # ------------------------------------------------------------------------- CUDA: compiled kernels
 
 

@@ -206,7 +206,10 @@ def flex_bucket_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, n_bu
     mask_mod, score_mod = _mods(tables, before, after, causal, window, self_penalty)
     block_mask = copy.copy(band_block_mask(length, chunk_size, before, after, causal, window, q.device))
     block_mask.mask_mod = mask_mod
-    out, lse = flex(*gathered, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True)
+    if r == 1:
+        out, lse = flex(*gathered, score_mod=score_mod, block_mask=block_mask, scale=scale), None
+    else:
+        out, lse = flex(*gathered, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True)
     with torch.no_grad():        # row of (b, h, r, position) in the (B * H * R * L) outputs
         rows = (((bi * h + hi) * r + torch.arange(r, device=q.device).view(1, 1, r, 1)) * length + tables["slot"])
         rows = rows.reshape(-1)
