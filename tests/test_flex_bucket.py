@@ -262,7 +262,8 @@ def test_cuda_new_buckets_do_not_recompile():
 @cuda
 def test_cuda_peak_memory_is_linear_in_length():
     """bf16, B=1, 8 heads, d_head 64, 2 rounds (the benchmark's lsh settings): fwd+bwd peak at T = 16k is
-    about twice that at 8k and far below one head's T x T bf16 score matrix (512 MiB at 16k)."""
+    about twice that at 8k (quadratic would be 4x) and below a quarter of the 8 heads' T x T bf16 score
+    matrices (4 GiB at 16k)."""
     peaks = []
     for t in (8192, 16384):
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -283,4 +284,4 @@ def test_cuda_peak_memory_is_linear_in_length():
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated() - base)
     assert peaks[1] < 2.5 * peaks[0], peaks
-    assert peaks[1] < 0.5 * 16384 ** 2 * 2, peaks
+    assert peaks[1] < 0.25 * 8 * 16384 ** 2 * 2, peaks
