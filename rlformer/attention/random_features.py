@@ -175,115 +175,128 @@ def _chunk_backward(q, k, v1, lg, s0, floor, dout, ds_end):
     return dq, dk, dv1, dlg, ds0
 
 
-def _group_forward(phi_q: Tensor, phi_k: Tensor, v: Tensor, lg: Optional[Tensor], s0: Tensor, chunk: int,
+def _group_forward(phi_q: Tensor, phi_k: Tensor, v1: Tensor, lg: Optional[Tensor], s0: Tensor, chunk: int,
                    floor: float) -> tuple[Tensor, Tensor]:
-    """Causal linear attention of one stretch of tokens from the carried sums s0 = [S, z]: (out, end sums)."""
-    acc, mm = s0.dtype, _matmul_dtype(v.dtype, s0.dtype)
-    b, h, t, dh = v.shape
+    """Causal linear attention of one stretch of tokens from the carried sums s0 = [S, z].
+
+    v1: (B, H, T, dh + 1) values with the ones column (both scaled by each key's weight). Returns (out
+    (B, H, T, dh) in v1's dtype, end sums (B, H, M, dh + 1))."""
+    mm = _matmul_dtype(v1.dtype, s0.dtype)
+    b, h, t, dh1 = v1.shape
     n = -(-t // chunk)
-    q, k = _chunks(phi_q.to(mm), n, chunk), _chunks(phi_k.to(mm), n, chunk)
-    v1 = _chunks(F.pad(v.to(mm), (0, 1), value=1.0), n, chunk)
-    lgc = None if lg is None else _chunks(lg.to(acc), n, chunk)
-    r = _chunk_pass(q, k, v1, lgc, s0)
-    out = _normalize(r["y"], floor).reshape(b, h, n * chunk, dh)[:, :, :t]
-    return out.to(v.dtype), r["s_end"]
+    q, k, v1c = (_chunks(x.to(mm), n, chunk) for x in (phi_q, phi_k, v1))
+    lgc = None if lg is None else _chunks(lg.to(s0.dtype), n, chunk)
+    r = _chunk_pass(q, k, v1c, lgc, s0)
+    out = _normalize(r["y"], floor).reshape(b, h, n * chunk, dh1 - 1)[:, :, :t]
+    return out.to(v1.dtype), r["s_end"]
 
 
-def _group_backward(phi_q, phi_k, v, lg, s0, chunk, floor, g_out, g_end):
-    """Gradients of ``_group_forward`` w.r.t. (phi_q, phi_k, v, lg, s0), recomputing it (no graph kept)."""
-    acc, mm = s0.dtype, _matmul_dtype(v.dtype, s0.dtype)
-    b, h, t, dh = v.shape
+def _group_backward(phi_q, phi_k, v1, lg, s0, chunk, floor, g_out, g_end):
+    """Gradients of ``_group_forward`` w.r.t. (phi_q, phi_k, v1, lg, s0), recomputing it (no graph kept)."""
+    mm = _matmul_dtype(v1.dtype, s0.dtype)
+    b, h, t, _ = v1.shape
     n = -(-t // chunk)
-    q, k = _chunks(phi_q.to(mm), n, chunk), _chunks(phi_k.to(mm), n, chunk)
-    v1 = _chunks(F.pad(v.to(mm), (0, 1), value=1.0), n, chunk)
-    lgc = None if lg is None else _chunks(lg.to(acc), n, chunk)
-    dout = _chunks(g_out.to(acc), n, chunk)
-    dq, dk, dv1, dlg, ds0 = _chunk_backward(q, k, v1, lgc, s0, floor, dout, g_end)
+    q, k, v1c = (_chunks(x.to(mm), n, chunk) for x in (phi_q, phi_k, v1))
+    lgc = None if lg is None else _chunks(lg.to(s0.dtype), n, chunk)
+    dq, dk, dv1, dlg, ds0 = _chunk_backward(q, k, v1c, lgc, s0, floor, _chunks(g_out.to(s0.dtype), n, chunk), g_end)
 
     def unchunk(x, like):
         return x.reshape(b, h, n * chunk, *x.shape[4:])[:, :, :t].to(like.dtype)
 
-    dv = unchunk(dv1[..., :dh], v)
-    return (unchunk(dq, phi_q), unchunk(dk, phi_k), dv, None if dlg is None else unchunk(dlg, lg), ds0)
+    return (unchunk(dq, phi_q), unchunk(dk, phi_k), unchunk(dv1, v1), None if dlg is None else unchunk(dlg, lg),
+            ds0)
 
 
 class _LinearAttention(torch.autograd.Function):
     """Causal (gated) linear attention that keeps only its inputs for backward.
 
-    ``features(q, k, key_valid, log_gate) -> (phi_q, phi_k)`` maps queries and keys to features (None:
-    q and k are the features already). Forward runs features and the chunk form (``_chunk_pass``) without
-    a graph; backward recomputes the features (one batched pass with autograd, for their gradients w.r.t.
-    q, k, gates and ``params``), then the chunk form's gradients by hand (``_chunk_backward``). Saved for
-    backward: q, k, v, gates, the key mask and the carried sums at the start of each group, i.e.
-    O(T * dh) per head instead of the O(T * M) feature maps and per-chunk tensors. ``bounds``: the
-    stretches of tokens processed one after another (whole chunks; [(0, T)] in one batched pass unless a
-    lower peak memory is wanted, see ``RandomFeatureConfig.recompute_group``). Not twice differentiable.
+    ``features(q, k) -> (phi_q, phi_k)`` maps queries and keys to features (None: q and k are the
+    features already); ``v1`` = [v, 1] * (key weight) carries values and the normalizer's ones column
+    together (padding and RFA's (1 - g_t) are key weights). Forward runs features and the chunk form
+    (``_chunk_pass``) without a graph; backward recomputes the features (one batched pass with autograd,
+    for their gradients w.r.t. q, k and ``params``), then the chunk form's gradients by hand
+    (``_chunk_backward``). Saved for backward: q, k, v1, gates and the carried sums at the start of each
+    group, O(T * dh) per head instead of the O(T * M) feature maps and per-chunk tensors. ``bounds``: the
+    stretches of tokens processed one after another (whole chunks; [(0, T)]: one batched pass; more
+    groups bound the transient O(group * M) tensors, see ``RandomFeatureConfig.recompute_group``).
+    Not twice differentiable.
     """
 
     @staticmethod
-    def forward(ctx, features, bounds, chunk, floor, s0, q, k, v, lg, valid, *params):
+    def forward(ctx, features, bounds, chunk, floor, s0, q, k, v, weight, lg, *params):
         outs, starts = [], []
         s = s0
         for a, e in bounds:
-            qg, kg, vg = q[:, :, a:e], k[:, :, a:e], v[:, :, a:e]
-            lgg = None if lg is None else lg[:, :, a:e]
+            qg, kg = q[:, :, a:e], k[:, :, a:e]
             if features is not None:
-                qg, kg = features(qg, kg, None if valid is None else valid[:, a:e], lgg)
+                qg, kg = features(qg, kg)
             starts.append(s)
-            o, s = _group_forward(qg, kg, vg, lgg, s, chunk, floor)
+            v1 = _values_with_ones(v[:, :, a:e], None if weight is None else weight[..., a:e])
+            o, s = _group_forward(qg, kg, v1, None if lg is None else lg[:, :, a:e], s, chunk, floor)
             outs.append(o)
+            del qg, kg, v1
         ctx.features, ctx.bounds, ctx.chunk, ctx.floor = features, bounds, chunk, floor
-        ctx.has_lg, ctx.has_valid, ctx.n_params = lg is not None, valid is not None, len(params)
-        ctx.save_for_backward(torch.stack(starts), q, k, v, lg, valid, *params)
+        ctx.save_for_backward(torch.stack(starts), q, k, v, weight, lg, *params)
         return outs[0] if len(outs) == 1 else torch.cat(outs, 2), s
 
     @staticmethod
     def backward(ctx, g_out, g_end):
-        starts, q, k, v, lg, valid, *params = ctx.saved_tensors
+        starts, q, k, v, weight, lg, *params = ctx.saved_tensors
         need = ctx.needs_input_grad
         want = [p.requires_grad for p in params]
-        grads = {name: [] for name in ("q", "k", "v", "lg")}
+        grads = {name: [] for name in ("q", "k", "v", "weight", "lg")}
         g_params = [torch.zeros_like(p) if w else None for p, w in zip(params, want)]
         g_s = g_end
         for i in reversed(range(len(ctx.bounds))):
             a, e = ctx.bounds[i]
-            qg, kg, vg = q[:, :, a:e], k[:, :, a:e], v[:, :, a:e]
+            qg, kg = q[:, :, a:e], k[:, :, a:e]
             lgg = None if lg is None else lg[:, :, a:e]
             if ctx.features is not None:
                 with torch.enable_grad():
                     qg, kg = qg.detach().requires_grad_(need[5]), kg.detach().requires_grad_(need[6])
-                    lgg = None if lgg is None else lgg.detach().requires_grad_(need[8])
-                    phi_q, phi_k = ctx.features(qg, kg, None if valid is None else valid[:, a:e], lgg)
+                    phi_q, phi_k = ctx.features(qg, kg)
             else:
                 phi_q, phi_k = qg, kg
-            dphi_q, dphi_k, dv, dlg, g_s = _group_backward(phi_q.detach(), phi_k.detach(), vg, lgg, starts[i],
-                                                           ctx.chunk, ctx.floor, g_out[:, :, a:e], g_s)
+            vg, wg = v[:, :, a:e], None if weight is None else weight[..., a:e]
+            dphi_q, dphi_k, dv1, dlg, g_s = _group_backward(phi_q.detach(), phi_k.detach(), _values_with_ones(vg, wg),
+                                                            lgg, starts[i], ctx.chunk, ctx.floor, g_out[:, :, a:e], g_s)
+            dv = dv1[..., :-1] if wg is None else dv1[..., :-1] * wg[..., None].to(dv1.dtype)
+            dw = None
+            if wg is not None and need[8]:
+                dw = (dv1.to(wg.dtype) * _values_with_ones(vg, None).to(wg.dtype)).sum(-1)
+                if wg.shape[1] == 1:
+                    dw = dw.sum(1, keepdim=True)
+            del dv1
             if ctx.features is not None:
-                wrt = [x for x in (qg, kg, lgg) if x is not None and x.requires_grad]
-                wrt += [p for p, w in zip(params, want) if w]
-                got = list(torch.autograd.grad([phi_q, phi_k], wrt, [dphi_q, dphi_k], allow_unused=True))
-                got = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, got)]
-                it = iter(got)
+                wrt = [x for x in (qg, kg) if x.requires_grad] + [p for p, w in zip(params, want) if w]
+                got = torch.autograd.grad([phi_q, phi_k], wrt, [dphi_q, dphi_k], allow_unused=True) if wrt else []
+                del phi_q, phi_k, dphi_q, dphi_k
+                it = iter([torch.zeros_like(x) if g is None else g for x, g in zip(wrt, got)])
                 dq = next(it) if qg.requires_grad else None
                 dk = next(it) if kg.requires_grad else None
-                if lgg is not None and lgg.requires_grad:
-                    dlg = dlg + next(it)
                 for j, w in enumerate(want):
                     if w:
                         g_params[j] += next(it)
             else:
                 dq, dk = dphi_q, dphi_k
-            for name, g in (("q", dq), ("k", dk), ("v", dv), ("lg", dlg)):
+            for name, g in (("q", dq), ("k", dk), ("v", dv), ("weight", dw), ("lg", dlg)):
                 grads[name].append(g)
 
         def joined(name, flag):
             parts = grads[name][::-1]
             if not flag or any(p is None for p in parts):
                 return None
-            return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+            return parts[0] if len(parts) == 1 else torch.cat(parts, -1 if name == "weight" else 2)
 
         return (None, None, None, None, g_s if need[4] else None, joined("q", need[5]), joined("k", need[6]),
-                joined("v", need[7]), joined("lg", need[8] and ctx.has_lg), None, *g_params)
+                joined("v", need[7]), joined("weight", need[8]), joined("lg", need[9]), *g_params)
+
+
+def _values_with_ones(v: Tensor, weight: Optional[Tensor]) -> Tensor:
+    """[v, 1] (B, H, T, dh + 1), rows scaled by ``weight`` (B, H or 1, T) when given: a key weight c_t
+    enters the sums as c_t phi(k_t) [v_t, 1]^T, so it scales the values instead of the wider features."""
+    v1 = F.pad(v, (0, 1), value=1.0)
+    return v1 if weight is None else v1 * weight[..., None].to(v1.dtype)
 
 
 def _carried_sums(state: Optional[dict], b: int, h: int, m: int, dh: int, acc: torch.dtype, device) -> Tensor:
@@ -317,8 +330,8 @@ def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, chunk_size
         num = torch.einsum("bhtm,bhmd->bhtd", phi_q.to(acc), s)
         den = torch.einsum("bhtm,bhm->bht", phi_q.to(acc), z)
         return (num / den.clamp(min=den_floor)[..., None]).to(v.dtype), {"S": s, "z": z}
-    out, s_end = _LinearAttention.apply(None, [(0, t)], chunk_size, den_floor, s0, phi_q, phi_k, v, log_gate, None)
-    return out, {"S": s_end[..., :dh], "z": s_end[..., dh]}
+    out, s_end = _LinearAttention.apply(None, [(0, t)], chunk_size, den_floor, s0, phi_q, phi_k, v, None, log_gate)
+    return out.to(v.dtype), {"S": s_end[..., :dh], "z": s_end[..., dh]}
 
 
 def recurrent_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, *, causal: bool,
@@ -438,9 +451,17 @@ class RandomFeatureAttention(Float32Buffers, Attention):
         b, h, t, dh = v.shape
         m = self.feature_multiplier * self.n_features
         s0 = _carried_sums(ctx.state, b, h, m, dh, acc, q.device)
-        out, s_end = _LinearAttention.apply(self.features_of, self.groups(t), rf.chunk_size, floor, s0, q, k, v,
-                                            log_gate, ctx.key_valid, *self.feature_params())
-        return out, {"S": s_end[..., :dh].detach(), "z": s_end[..., dh].detach()}
+        weight = None if ctx.key_valid is None else ctx.key_valid[:, None, :].to(acc)
+        if log_gate is not None:
+            gate_in = -torch.expm1(log_gate.to(acc))                                    # (1 - g_t)
+            weight = gate_in if weight is None else weight * gate_in
+        out, s_end = _LinearAttention.apply(self.raw_features, self.groups(t), rf.chunk_size, floor, s0, q, k, v,
+                                            weight, log_gate, *self.feature_params())
+        return out.to(v.dtype), {"S": s_end[..., :dh].detach(), "z": s_end[..., dh].detach()}
+
+    def raw_features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """(phi(q), phi(k)) without key weights (the fast path puts those on the values)."""
+        return self.feature_map(q, query=True), self.feature_map(k, query=False)
 
     def groups(self, t: int) -> list[tuple[int, int]]:
         """Stretches of tokens processed one after another (``recompute_group``; whole chunks)."""
