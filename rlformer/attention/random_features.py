@@ -81,9 +81,9 @@ def _chunk_pass(q: Tensor, k: Tensor, v1: Tensor, lg: Optional[Tensor], s0: Tens
     acc, mm = s0.dtype, q.dtype
     b, h, n, c, m = q.shape
     p = q @ k.transpose(-1, -2)                                                     # (B, H, n, C, C)
-    r = dict(p=p)
+    r = {}
     if lg is None:
-        a = p.tril()
+        a = p.tril_()
         ds = (k.transpose(-1, -2) @ v1).to(acc)                                     # (B, H, n, M, dh+1)
         cs = ds.cumsum(2)
         s_start = cs - ds + s0[:, :, None]
@@ -92,7 +92,7 @@ def _chunk_pass(q: Tensor, k: Tensor, v1: Tensor, lg: Optional[Tensor], s0: Tens
     else:
         cum = lg.cumsum(-1)                                                         # b_i
         dec = (cum[..., :, None] - cum[..., None, :]).clamp(max=0).exp().tril()    # exp(b_i - b_j), j <= i
-        a = p * dec.to(mm)
+        a = p.mul_(dec.to(mm))
         to_end = (cum[..., -1:] - cum).exp()                                        # exp(b_C - b_j)
         kd = k * to_end[..., None].to(mm)
         ds = (kd.transpose(-1, -2) @ v1).to(acc)
@@ -121,21 +121,24 @@ def _chunk_backward(q, k, v1, lg, s0, floor, dout, ds_end):
     r = _chunk_pass(q, k, v1, lg, s0)
     acc, mm = s0.dtype, q.dtype
     b, h, n, c, m = q.shape
-    y = r["y"]
+    y = r.pop("y")
     den = y[..., -1:]
     dc = den.clamp(min=floor)
     dnum = dout / dc
     dden = -(dnum * y[..., :-1]).sum(-1, keepdim=True) / dc * (den >= floor)
     dy = torch.cat([dnum, dden], -1).to(mm)                                         # dL/dY
     del y, dnum, dden, dc, den
-    a, qd = r["a"], r["qd"]
+    a, qd = r.pop("a"), r.pop("qd")
     dv1 = a.transpose(-1, -2) @ dy
     da = dy @ v1.transpose(-1, -2)                                                  # (B, H, n, C, C)
-    dqd = dy @ r["s_start"].to(mm).transpose(-1, -2)                                # (B, H, n, C, M)
+    dqd = dy @ r.pop("s_start").to(mm).transpose(-1, -2)                            # (B, H, n, C, M)
     g_loc = (qd.transpose(-1, -2) @ dy).to(acc)                                     # dL/dS_c from chunk c
+    del dy
     if lg is None:
-        dp = da.tril()
-        dq = dp @ k + dqd
+        del a, qd
+        dp = da.tril_()
+        dq = (dp @ k).add_(dqd)
+        del dqd
         dk = dp.transpose(-1, -2) @ q
         del dp, da
         tot = g_loc.sum(2)
@@ -146,15 +149,17 @@ def _chunk_backward(q, k, v1, lg, s0, floor, dout, ds_end):
         dv1 = dv1 + k @ e
         return dq, dk, dv1, None, tot
     cum, dec, to_end, kd, ex, w = (r[key] for key in ("cum", "dec", "to_end", "kd", "ex", "w"))
-    dp = da * dec.to(mm)
     ada = da.to(acc) * a.to(acc)                                                    # dL/d(b_i - b_j)
+    del a
     db = ada.sum(-1) - ada.sum(-2)
-    del ada, da
-    eb = cum.exp()[..., None]
-    dq = dp @ k + dqd * eb.to(mm)
+    del ada
+    dp = da.mul_(dec.to(mm))
+    db = db + (qd.to(acc) * dqd.to(acc)).sum(-1)
+    del qd
+    dq = (dp @ k).add_(dqd.mul_(cum.exp()[..., None].to(mm)))
+    del dqd
     dk = dp.transpose(-1, -2) @ q
     del dp
-    db = db + (qd.to(acc) * dqd.to(acc)).sum(-1)
     end = torch.zeros_like(s0) if ds_end is None else ds_end
     g_all = torch.cat([g_loc, end[:, :, None]], 2).flatten(-2)                       # (B, H, n + 1, F)
     ds_flat = r["ds"].flatten(-2)                                                   # (B, H, n, F)
@@ -518,12 +523,15 @@ class PerformerAttention(RandomFeatureAttention):
         acc = torch.promote_types(x.dtype, torch.float32)
         x = x.to(acc) * self.d_head ** -0.25
         w = self.features.to(acc)
-        half_w = 0.5 * w.square().sum(-1)[None, :, None, :]                       # |w_r|^2 / 2, (1, H, 1, m)
-        proj = torch.einsum("bhtd,hmd->bhtm", x, w)
-        if query:
-            a = proj + half_w
-            return torch.exp(a - a.amax(-1, keepdim=True)) / math.sqrt(self.n_features)
-        return torch.exp(proj - 0.5 * x.square().sum(-1, keepdim=True) - half_w) / math.sqrt(self.n_features)
+        half_w = 0.5 * w.square().sum(-1, keepdim=True)                            # |w_r|^2 / 2, (H, m, 1)
+        log_scale = 0.5 * math.log(self.n_features)                                # the 1 / sqrt(m)
+        if query:      # exponents w_r^T q + |w_r|^2 / 2: one matmul of [q, 1] with [w, |w|^2 / 2]
+            a = F.pad(x, (0, 1), value=1.0) @ torch.cat([w, half_w], -1).transpose(-1, -2)
+            # the per-query shift cancels exactly in num / den, so it is a constant for autograd
+            return a.sub_(a.detach().amax(-1, keepdim=True) + log_scale).exp_()
+        sq = -0.5 * x.square().sum(-1, keepdim=True) - log_scale                  # exponent w^T k - |k|^2/2 - |w|^2/2
+        xa = torch.cat([x, sq, torch.ones_like(sq)], -1)
+        return (xa @ torch.cat([w, torch.ones_like(half_w), -half_w], -1).transpose(-1, -2)).exp_()
 
     def softmax_target(self, q, k, v, causal):
         acc = torch.promote_types(q.dtype, torch.float32)
@@ -572,8 +580,11 @@ class RFAAttention(RandomFeatureAttention):
 
     def feature_map(self, x, query):
         x = self._scaled(x)
-        proj = torch.einsum("bhtd,hmd->bhtm", x, self.features.to(x.dtype))
-        return torch.cat([proj.sin(), proj.cos()], dim=-1) / math.sqrt(self.n_features)
+        w = self.features.to(x.dtype)                                              # (H, m, d)
+        shift = torch.full_like(w[..., :1], math.pi / 2)                            # cos(a) = sin(a + pi / 2)
+        wa = torch.cat([torch.cat([w, torch.zeros_like(shift)], -1), torch.cat([w, shift], -1)], 1)
+        proj = F.pad(x, (0, 1), value=1.0) @ wa.transpose(-1, -2)                   # [w^T x, w^T x + pi / 2]
+        return proj.sin().mul_(self.n_features ** -0.5)
 
     def log_gates(self, x):
         if self.gate is None:
