@@ -58,7 +58,7 @@ def inputs(b, h, t, dh, n_rounds, n_buckets, seed=0, dtype=F64):
 def test_forward_matches_naive(causal, n_rounds, n_buckets, chunk, after, window):
     """Several chunks per bucket and several buckets, key padding, 1-3 rounds (dedup), windows."""
     q, k, v, buckets = inputs(2, 3, 41, 8, n_rounds, n_buckets)
-    kw = dict(causal=causal, after=after, self_penalty=True, key_valid=padding(2, 41), window=window)
+    kw = {"causal": causal, "after": after, "self_penalty": True, "key_valid": padding(2, 41), "window": window}
     ref = combine_rounds(*naive_bucket_attention(q, k, v, buckets, n_buckets, chunk, 0.3, round_buckets=buckets,
                                                  **kw))
     with torch.no_grad():
@@ -76,11 +76,25 @@ def test_forward_without_self_penalty_or_dedup_matches_naive():
 
 def test_float32_forward_matches_naive():
     q, k, v, buckets = inputs(2, 2, 40, 16, 2, 4, seed=2, dtype=torch.float32)
-    kw = dict(causal=True, self_penalty=True, key_valid=padding(2, 40))
+    kw = {"causal": True, "self_penalty": True, "key_valid": padding(2, 40)}
     ref = combine_rounds(*naive_bucket_attention(q, k, v, buckets, 4, 4, 0.25, round_buckets=buckets, **kw))
     with torch.no_grad():
         out = flex_bucket_attention(q, k, v, buckets, 4, 4, 0.25, dedup=True, compile=False, **kw)
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("n_buckets", [1, 3])
+def test_split_heads_storage_and_identity_order_match_naive(n_buckets):
+    """q, k, v in split_heads' (B, T, H, dh) storage; with one bucket, one round and T = 256 the sorted order is
+    the identity and the inputs go to the kernel ungathered (routing's local heads)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 256, 2, 8, generator=g, dtype=F64).transpose(1, 2) for _ in range(3))
+    buckets = torch.randint(0, n_buckets, (1, 2, 1, 256), generator=g)
+    kw = {"causal": True, "key_valid": padding(1, 256), "window": 40}
+    ref, _ = naive_bucket_attention(q, k, v, buckets, n_buckets, 24, 0.3, **kw)
+    with torch.no_grad():
+        out = flex_bucket_attention(q, k, v, buckets, n_buckets, 24, 0.3, compile=False, **kw)
+    torch.testing.assert_close(out, ref[:, :, 0], rtol=0, atol=1e-12)
 
 
 @pytest.fixture
@@ -174,7 +188,7 @@ def test_compiled_cpu_forward_uses_the_band_and_does_not_recompile(chunk, n_buck
     from torch._dynamo.utils import counters
     g = torch.Generator().manual_seed(chunk)
     q, k, v = (torch.randn(1, 2, 700, 16, generator=g) for _ in range(3))
-    kw = dict(causal=causal, after=after, self_penalty=True, key_valid=padding(1, 700), window=window)
+    kw = {"causal": causal, "after": after, "self_penalty": True, "key_valid": padding(1, 700), "window": window}
     for call in range(2):
         buckets = torch.randint(0, n_buckets, (1, 2, 1, 700), generator=g)
         with torch.no_grad():
@@ -216,7 +230,7 @@ def test_cuda_outputs_and_gradients_match_reference(dtype, atol, causal, n_round
     q, v, k = (torch.randn(b, h, t, dh, generator=g).to(dtype).double() for _ in range(3))
     buckets = torch.randint(0, 8, (b, h, n_rounds, t), generator=g)
     probe = torch.randn(b, h, t, dh, generator=g, dtype=F64)
-    kw = dict(causal=causal, self_penalty=True, key_valid=padding(b, t), dedup=True)
+    kw = {"causal": causal, "self_penalty": True, "key_valid": padding(b, t), "dedup": True}
     key = None if shared_qk else k
     ref = _run("cpu", F64, q, v, buckets, kw, probe, key, fast=False)
     got = _run("cuda", dtype, q, v, buckets, {**kw, "key_valid": kw["key_valid"].cuda()}, probe, key)
@@ -228,7 +242,8 @@ def test_cuda_outputs_and_gradients_match_reference(dtype, atol, causal, n_round
 @cuda
 @pytest.mark.parametrize("name", ["lsh", "routing"])
 def test_cuda_module_attend_matches_cpu_lean_path(name):
-    """lsh / routing ``attend`` on CUDA (flex path, float32) vs the CPU float64 lean path, with padding."""
+    """lsh / routing ``attend`` on CUDA (flex path, float32; T = 384, so routing's local heads take the
+    ungathered identity order) vs the CPU float64 lean path, with padding: outputs and q, k, v gradients."""
     cfg = base_config(attention=name, d_model=64, n_heads=4, causal=True)
     if name == "lsh":
         cfg.lsh = dataclasses.replace(cfg.lsh, n_buckets=4, n_hashes=2, chunk_size=16)
@@ -236,21 +251,28 @@ def test_cuda_module_attend_matches_cpu_lean_path(name):
     else:
         cfg.routing = dataclasses.replace(cfg.routing, n_clusters=3, window=24, chunk_size=16)
         att = RoutingAttention(cfg, layer=0).eval()
+    t = 384
     g = torch.Generator().manual_seed(8)
-    q, k, v = (torch.randn(2, 4, 300, 16, generator=g) for _ in range(3))
-    k = F.normalize(q, dim=-1) if name == "lsh" else k
-    valid = padding(2, 300)
-    ref, _ = att.double().attend(q.double(), k.double(), v.double(), ctx_for(2, 300, True, valid))
-    att = att.cuda().float()
-    assert flex_bucket.use_flex_bucket(q.cuda(), att.dropout, att.training)
-    out, _ = att.attend(q.cuda(), k.cuda(), v.cuda(), ctx_for(2, 300, True, valid.cuda()))
-    torch.testing.assert_close(out.double().cpu(), ref, rtol=0, atol=2e-4)
+    q, k, v, probe = (torch.randn(2, 4, t, 16, generator=g, dtype=F64) for _ in range(4))
+    valid = padding(2, t)
+
+    def run(device, dtype):
+        qq, kk, vv = (x.detach().to(device, dtype).requires_grad_() for x in (q, k, v))
+        keys = F.normalize(qq, dim=-1) if name == "lsh" else kk
+        out, _ = att.to(device, dtype).attend(qq, keys, vv, ctx_for(2, t, True, valid.to(device)))
+        (out * probe.to(device, dtype)).sum().backward()
+        return [x.double().cpu() if x is not None else torch.zeros(()) for x in (out, qq.grad, kk.grad, vv.grad)]
+
+    ref = run("cpu", F64)
+    assert flex_bucket.use_flex_bucket(q.cuda().float(), att.dropout, att.training)
+    for what, a, r in zip(("out", "dq", "dk", "dv"), run("cuda", torch.float32), ref):
+        torch.testing.assert_close(a, r, rtol=0, atol=2e-4 * max(1.0, r.abs().max().item()), msg=what)
 
 
 @cuda
 def test_cuda_new_buckets_do_not_recompile():
     from torch._dynamo.utils import counters
-    kw = dict(causal=True, self_penalty=True, dedup=True)
+    kw = {"causal": True, "self_penalty": True, "dedup": True}
     for seed in range(3):
         q, k, v, buckets = (x.cuda() for x in inputs(1, 2, 512, 64, 2, 8, seed=seed, dtype=torch.float32))
         flex_bucket_attention(q, k, v, buckets, 8, 32, 0.125, **kw)
@@ -264,16 +286,15 @@ def test_cuda_peak_memory_is_linear_in_length():
     """bf16, B=1, 8 heads, d_head 64, 2 rounds (the benchmark's lsh settings): fwd+bwd peak at T = 16k is
     about twice that at 8k (quadratic would be 4x) and below a quarter of the 8 heads' T x T bf16 score
     matrices (4 GiB at 16k)."""
-    peaks = []
-    for t in (8192, 16384):
+    def peak(t):
         g = torch.Generator(device="cuda").manual_seed(0)
         q, v = (torch.randn(1, 8, t, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
                 for _ in range(2))
         buckets = torch.randint(0, 2 * (t // 128), (1, 8, 2, t), device="cuda", generator=g)
-        kw = dict(causal=True, self_penalty=True, dedup=True)
 
         def step():
-            out = flex_bucket_attention(q, F.normalize(q, dim=-1), v, buckets, 2 * (t // 128), 64, 0.125, **kw)
+            out = flex_bucket_attention(q, F.normalize(q, dim=-1), v, buckets, 2 * (t // 128), 64, 0.125,
+                                        causal=True, self_penalty=True, dedup=True)
             out.backward(torch.ones_like(out))
 
         step()                                               # compile
@@ -282,6 +303,8 @@ def test_cuda_peak_memory_is_linear_in_length():
         base = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
-        peaks.append(torch.cuda.max_memory_allocated() - base)
+        return torch.cuda.max_memory_allocated() - base
+
+    peaks = [peak(8192), peak(16384)]
     assert peaks[1] < 2.5 * peaks[0], peaks
     assert peaks[1] < 0.25 * 8 * 16384 ** 2 * 2, peaks

@@ -37,13 +37,11 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from rlformer.attention.chunked import SELF_PENALTY, combine_rounds
-from rlformer.attention.chunked_softmax import RowIndex
 from rlformer.attention.flex import _cached, _flex, flex_available
 
 BLOCK = 128
@@ -61,7 +59,7 @@ def use_flex_bucket(q: Tensor, dropout: float, training: bool) -> bool:
             and 16 <= dh <= 256 and dh & (dh - 1) == 0 and flex_available())
 
 
-def _band_reach(chunk_size: int, before: int, after: int, causal: bool, window: Optional[int]) -> tuple[int, int]:
+def _band_reach(chunk_size: int, before: int, after: int, causal: bool, window: int | None) -> tuple[int, int]:
     """How far back / ahead of its sorted index a query's allowed keys can lie (see the module docstring)."""
     back = (before + 1) * chunk_size - 1
     ahead = 0 if causal else max(0, (after + 1) * chunk_size - 1)
@@ -71,7 +69,7 @@ def _band_reach(chunk_size: int, before: int, after: int, causal: bool, window: 
 
 
 def band_blocks(length: int, chunk_size: int, before: int, after: int, causal: bool,
-                window: Optional[int]) -> tuple[Tensor, Tensor]:
+                window: int | None) -> tuple[Tensor, Tensor]:
     """kv_num_blocks (1, 1, NQ) and kv_indices (1, 1, NQ, NQ) int32 of the band, NQ = ceil(length / BLOCK).
 
     Query block m holds sorted indices [m B, m B + B); its keys lie in [m B - back, m B + B - 1 + ahead]. Row m
@@ -89,8 +87,8 @@ def band_blocks(length: int, chunk_size: int, before: int, after: int, causal: b
     return count.to(torch.int32).view(1, 1, nq), idx.to(torch.int32).view(1, 1, nq, nq)
 
 
-def band_block_mask(length: int, chunk_size: int, before: int, after: int, causal: bool, window: Optional[int],
-                    device) -> "object":
+def band_block_mask(length: int, chunk_size: int, before: int, after: int, causal: bool, window: int | None,
+                    device) -> object:
     """The cached band BlockMask (mask_mod: none yet; ``flex_bucket_attention`` sets it per call)."""
     def build():
         from torch.nn.attention.flex_attention import BlockMask
@@ -102,7 +100,7 @@ def band_block_mask(length: int, chunk_size: int, before: int, after: int, causa
 
 
 @torch.no_grad()
-def bucket_slots(buckets: Tensor, chunk_size: int, key_valid: Optional[Tensor], dedup: bool) -> dict:
+def bucket_slots(buckets: Tensor, chunk_size: int, key_valid: Tensor | None, dedup: bool) -> dict:
     """Per-slot tables of the bucket-sorted order, rounds folded into heads.
 
     buckets: (B, H, R, T). Returns ``rows`` (B, H, R, L) long: the position of each slot (0 for the padding
@@ -144,7 +142,7 @@ def bucket_slots(buckets: Tensor, chunk_size: int, key_valid: Optional[Tensor], 
     return out
 
 
-def _mods(tables: dict, before: int, after: int, causal: bool, window: Optional[int],
+def _mods(tables: dict, before: int, after: int, causal: bool, window: int | None,
           self_penalty: bool):
     """mask_mod and score_mod (None when there is nothing to add) reading the tables (fresh closures)."""
     pos, qbkt, kbkt, chunk, others = (tables[n] for n in ("pos", "qbkt", "kbkt", "chunk", "others"))
@@ -175,17 +173,26 @@ def _mods(tables: dict, before: int, after: int, causal: bool, window: Optional[
     return mask_mod, score_mod
 
 
+def _take_rows(x: Tensor, bi: Tensor, hi: Tensor, ti: Tensor) -> Tensor:
+    """x[bi, hi, ti] (broadcast index tensors) as rows of a flat (N, dh) view: no copy of x for the (B, H, T, dh)
+    and the (B, T, H, dh) (``split_heads``) storage orders, and an index_add backward."""
+    _, h, t, dh = x.shape
+    if not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
+        return x.transpose(1, 2).reshape(-1, dh).index_select(0, ((bi * t + ti) * h + hi).reshape(-1))
+    return x.reshape(-1, dh).index_select(0, ((bi * h + hi) * t + ti).reshape(-1))
+
+
 def flex_bucket_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, n_buckets: int, chunk_size: int,
                           scale: float, *, causal: bool, before: int = 1, after: int = 0, self_penalty: bool = False,
-                          key_valid: Optional[Tensor] = None, window: Optional[int] = None, dedup: bool = False,
-                          compile: Optional[bool] = None) -> Tensor:
+                          key_valid: Tensor | None = None, window: int | None = None, dedup: bool = False,
+                          compile: bool | None = None) -> Tensor:
     """``bucket_softmax_attention`` (same arguments and allowed sets) as one FlexAttention call.
 
     q, k, v: (B, H, T, dh); buckets (B, H, R, T) long in [0, n_buckets). Returns (B, H, T, dh), the rounds
-    combined. ``compile``: run the compiled kernel (default: on CUDA); uncompiled it is the dense eager
+    combined. With one bucket and one round (T a multiple of ``BLOCK``) the sorted order is the identity and
+    q, k, v go to the kernel as they are. ``compile``: run the compiled kernel (default: on CUDA); uncompiled it is the dense eager
     implementation (forward only on CPU, small sizes). Time and memory O(R * T * (before + 1 + after) * C).
     """
-    del n_buckets                         # the sorted order is not padded per bucket: no static bound needed
     if compile is None:
         compile = q.device.type == "cuda"
     if compile:
@@ -196,13 +203,11 @@ def flex_bucket_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, n_bu
     r = buckets.shape[2]
     tables = bucket_slots(buckets, chunk_size, key_valid, dedup)
     length = tables["length"]
-    with torch.no_grad():
-        bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
-        hi = torch.arange(h, device=q.device).view(1, h, 1, 1)
-    gathered = []
-    for x in (q, k, v):
-        index = RowIndex(x)
-        gathered.append(index.take(index.rows(bi, hi, tables["rows"])).view(b, h * r, length, dh))
+    bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
+    hi = torch.arange(h, device=q.device).view(1, h, 1, 1)
+    identity = n_buckets == 1 and r == 1 and length == t      # sorted order = positions (routing's local heads)
+    gathered = [q, k, v] if identity else [_take_rows(x, bi, hi, tables["rows"]).view(b, h * r, length, dh)
+                                          for x in (q, k, v)]
     mask_mod, score_mod = _mods(tables, before, after, causal, window, self_penalty)
     block_mask = copy.copy(band_block_mask(length, chunk_size, before, after, causal, window, q.device))
     block_mask.mask_mod = mask_mod
@@ -210,6 +215,8 @@ def flex_bucket_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, n_bu
         out, lse = flex(*gathered, score_mod=score_mod, block_mask=block_mask, scale=scale), None
     else:
         out, lse = flex(*gathered, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True)
+    if identity:
+        return out
     with torch.no_grad():        # row of (b, h, r, position) in the (B * H * R * L) outputs
         rows = (((bi * h + hi) * r + torch.arange(r, device=q.device).view(1, 1, r, 1)) * length + tables["slot"])
         rows = rows.reshape(-1)

@@ -127,7 +127,7 @@ class LSHAttention(Float32Buffers, Attention):
     def attend(self, q, k, v, ctx):
         c = self.cfg.lsh
         buckets = self.buckets(k)
-        kw = dict(causal=ctx.causal, self_penalty=True, key_valid=ctx.key_valid)
+        kw = {"causal": ctx.causal, "self_penalty": True, "key_valid": ctx.key_valid}
         if use_flex_bucket(q, self.dropout, self.training):     # CUDA: one FlexAttention call
             return flex_bucket_attention(q, k, v, buckets, c.n_buckets, c.chunk_size, self.scale, dedup=True, **kw), {}
         if self.dropout > 0 and self.training:    # dropout needs the probabilities: the materializing path
