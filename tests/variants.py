@@ -26,7 +26,7 @@ def base_config(**kw) -> rlformer.EncoderConfig:
     cfg.lsh = rlformer.LSHConfig(n_buckets=4, n_hashes=2, chunk_size=4)
     cfg.routing = rlformer.RoutingConfig(n_clusters=2, window=4, chunk_size=4)
     cfg.linformer = rlformer.LinformerConfig(k=8, max_len=T)
-    cfg.random_features = rlformer.RandomFeatureConfig(n_features=16, chunk_size=4)
+    cfg.random_features = rlformer.RandomFeatureConfig(n_features=16, chunk_size=4, recompute_group=8)  # 2+ groups
     cfg.adaptive_span = rlformer.AdaptiveSpanConfig(max_span=16, ramp=4)
     cfg.act = rlformer.ACTConfig(max_steps=3, threshold=0.9, halting_bias_init=-1.0)
     cfg.early_exit = rlformer.EarlyExitConfig(confidence="classifier", threshold=0.5)

@@ -4,9 +4,14 @@ Both replace exp(q . k) by phi(q) . phi(k) with random features phi, so attentio
 linear in T:  out_t = phi(q_t)^T S_t / phi(q_t)^T z_t,  S_t = sum_s phi(k_s) v_s^T,
 z_t = sum_s phi(k_s), the sums running over s <= t when causal and over all s otherwise.
 
-Causal sums are chunked prefix sums: inside a chunk of ``random_features.chunk_size`` tokens
-the masked quadratic form (phi(Q) phi(K)^T * tril) V; across chunks the carried sums. Memory
-is O(T * (chunk + m * dh / chunk)), never O(T^2). The sums at the end of a segment are the
+Causal sums use the chunk form of (gated) linear attention (as in GLA, Yang et al. 2023, and
+flash-linear-attention's chunk kernels): inside a chunk of ``random_features.chunk_size`` tokens
+the masked quadratic form (phi(Q) phi(K)^T * tril(decay)) [V, 1]; across chunks the chunk sums
+phi(K)^T [V, 1], one batched matmul, accumulated by a cumsum (gated: one matmul with the decays
+between chunks). Numerator and normalizer come together from the ones column. Training keeps
+only q, k, v (and gates) for backward: features and chunk sums are recomputed in backward
+(``_LinearAttention``, a hand-written chunk backward), in groups of ``recompute_group`` tokens.
+Memory is O(T * dh) kept plus O(group * (M + chunk)) transient, never O(T^2). The sums at the end of a segment are the
 recurrent state ({"S": (B, H, M, dh), "z": (B, H, M)}, zeros = fresh), so feeding a sequence
 step by step with ``state`` equals the full causal pass. The returned state is detached (the
 stop-gradient of Transformer-XL's memory): gradients flow within a segment, not into earlier
@@ -387,7 +392,7 @@ class RandomFeatureAttention(Float32Buffers, Attention):
         super().__init__(cfg, layer, position)
         self.n_features = cfg.random_features.n_features
         self.recompute_group = cfg.random_features.recompute_group
-        """tokens per recomputation group of the causal backward (rounded down to whole chunks; 0: off)"""
+        """causal: tokens per batched pass (rounded down to whole chunks; 0: the whole sequence)"""
         gen = layer_generator(cfg.random_features.seed, layer, salt=3)
         self.register_buffer("features", orthogonal_gaussian(cfg.n_heads, self.n_features, cfg.d_head, gen))
 
@@ -397,6 +402,9 @@ class RandomFeatureAttention(Float32Buffers, Attention):
         if rf.n_features < 1 or rf.chunk_size < 1:
             raise ValueError(f"random_features.n_features={rf.n_features} and chunk_size={rf.chunk_size} must be "
                              f">= 1 (e.g. 64 and 64)")
+        if rf.recompute_group < 0:
+            raise ValueError(f"random_features.recompute_group={rf.recompute_group}: tokens per pass must be >= 0 "
+                             f"(0: the whole sequence in one pass; e.g. 4096)")
 
     def redraw(self, generator: Optional[torch.Generator] = None) -> None:
         """Draw fresh features (Performer's periodic redrawing); the global RNG when no generator."""
