@@ -15,8 +15,8 @@ query may use lie in a static band around it: with sorted index s, the keys of i
 c - before .. c + after sit at sorted indices s - (before + 1) * C + 1 .. s + (after + 1) * C - 1 (and, causal,
 <= s; with a window, within window - 1 of s, since positions inside a bucket are increasing in the sorted order).
 So ONE ``flex_attention`` call runs with a BlockMask that is that band in blocks of 128 (built directly from
-``kv_num_blocks`` / ``kv_indices``, cached per (L, C, before, after, causal, window, device): O(L / 128) integers,
-nothing of size L x L), and a mask_mod / score_mod that read per-slot int32 tables (original position, bucket,
+``kv_num_blocks`` / ``kv_indices``, cached per (L, C, before, after, causal, window, device): (L / 128)^2 int32
+in the BlockMask format, 1 MiB at L = 64k; nothing of size L x L), and a mask_mod / score_mod that read per-slot int32 tables (original position, bucket,
 chunk within the bucket, key validity folded into the key's bucket, the other rounds' buckets) to apply the exact
 rule. The band is only a superset for speed; the mask_mod alone defines the allowed set.
 
@@ -107,8 +107,8 @@ def bucket_slots(buckets: Tensor, chunk_size: int, key_valid: Tensor | None, ded
     slots, L - T of them at the end), ``slot`` (B, H, R, T): the slot of each position, and int32 tables
     (B, H * R, L): ``pos`` (T for padding), ``qbkt`` (the slot's bucket, -1 for padding), ``kbkt`` (the bucket
     as a key: -2 when the key is invalid or padding), ``chunk`` (the slot's rank in its bucket's run // C),
-    ``others`` (with ``dedup`` and R > 1): for each round r' != r (in order), the
-    bucket of the slot's token in round r'.
+    ``others`` (with ``dedup`` and R > 1): for each round r' != r (in order), the bucket of the slot's token
+    in round r'.
     """
     b, h, r, t = buckets.shape
     dev = buckets.device
