@@ -27,9 +27,10 @@ Span gradient (``z_grad``):
   derivative the dense reference's autograd gives (clamp passes its gradient at the bounds), which a
   masked key cannot give.
 - ``"captured"``: z is captured with its autograd history and FlexAttention's own backward returns
-  its gradient (captured buffers that require grad are supported since torch 2.7: the compiled
-  backward scatters the score gradient into them with atomic adds, non-deterministic, and for (H,)
-  spans every score of a head adds into one address). Kept to compare speed against.
+  its gradient (captured buffers that require grad, "learnable biases", pytorch PR #137452, are in
+  torch 2.11 and 2.13: the compiled backward scatters d score_mod / d buffer times the score gradient
+  into them with tl.atomic_add, non-deterministic, and for (H,) spans every score of a head adds into
+  one address; at u = 0 a masked key gives 0, not the one-sided derivative). Kept to compare speed.
 
 ``band_block_mask`` and ``flex_adaptive_span`` take ``flex``/``block`` arguments so the CPU tests run
 the eager ``flex_attention`` forward at small block sizes; FlexAttention has no backward on CPU.
