@@ -172,8 +172,7 @@ def span_z_grad(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tensor], sc
     ramp keys 0 <= u <= 1 (module docstring). Static spans sum this over batch and queries.
     """
     flex = flex or _flex()[0]
-    b, h, tq, _ = q.shape
-    tk = k.shape[2]
+    tq, tk = q.shape[2], k.shape[2]
     n_mem = tk - tq
     zf = _z32(z.detach())
     lo, w = span_bounds(zf, ramp, max_span)
@@ -193,13 +192,13 @@ class _SpanGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, z, lse, q, k, v, key_valid, scale, ramp, max_span, flex, block):
         ctx.save_for_backward(out, lse, q, k, v, z.detach(), *(() if key_valid is None else (key_valid,)))
-        ctx.args = (scale, ramp, max_span, flex, block, key_valid is not None)
+        ctx.args = (scale, ramp, max_span, flex, block)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         out, lse, q, k, v, z, *valid = ctx.saved_tensors
-        scale, ramp, max_span, flex, block, _ = ctx.args
+        scale, ramp, max_span, flex, block = ctx.args
         dz = None
         if ctx.needs_input_grad[1]:
             dz = span_z_grad(q, k, v, valid[0] if valid else None, scale, z, ramp, max_span, out, lse, grad_out,
@@ -219,8 +218,7 @@ def flex_adaptive_span(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tens
     if z_grad not in ("analytic", "captured"):
         raise ValueError(f"z_grad must be 'analytic' or 'captured', got {z_grad!r}")
     flex = flex or _flex()[0]
-    b, h, tq, _ = q.shape
-    tk = k.shape[2]
+    tq, tk = q.shape[2], k.shape[2]
     n_mem = tk - tq
     valid = None if key_valid is None else key_valid.to(device=q.device, dtype=torch.bool)
     z_det = _z32(z.detach())
