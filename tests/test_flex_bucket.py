@@ -28,6 +28,13 @@ F64 = torch.float64
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: compiled FlexAttention kernels")
 
 
+@pytest.fixture(autouse=True)
+def _ieee_float32(monkeypatch):
+    """The CUDA float32 tolerances need IEEE float32 matmuls (TF32 rounds to ~1e-3); restored after each test."""
+    if torch.cuda.is_available():
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 def padding(b, t):
     valid = torch.ones(b, t, dtype=torch.bool)
     valid[0, :3] = False
