@@ -29,10 +29,18 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: comp
 
 
 @pytest.fixture(autouse=True)
-def _ieee_float32(monkeypatch):
-    """The CUDA float32 tolerances need IEEE float32 matmuls (TF32 rounds to ~1e-3); restored after each test."""
-    if torch.cuda.is_available():
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def _ieee_float32():
+    """The CUDA float32 tolerances need IEEE float32 matmuls (TF32 rounds to ~1e-3); restored after each test.
+    (Not monkeypatch: torch.backends.cuda.matmul's flags are not plain attributes, undo would delattr them.)"""
+    if not torch.cuda.is_available():
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def padding(b, t):
