@@ -1,0 +1,55 @@
+"""Where an attention layer's GPU time goes: torch.profiler over fwd+bwd steps of the benchmark's layer.
+
+    python scripts/profile_attention.py --length 65536 --variants lsh routing adaptive_span performer
+
+Uses the same layer and settings as scripts/bench_attention.py (bf16, batch 1 x 8 heads x d_head 64 by
+default), runs ``--warmup`` steps, profiles ``--steps`` steps and prints the top ``--rows`` operators by
+CUDA time (totals over the profiled steps: divide by ``--steps`` for per-step figures).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_attention  # noqa: E402  (same directory)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--length", type=int, default=65536)
+    p.add_argument("--variants", nargs="+", required=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--d-head", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--rows", type=int, default=14)
+    args = p.parse_args(argv)
+    from torch.profiler import ProfilerActivity, profile
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    for name in args.variants:
+        step = bench_attention.rlformer_step(name, args.length, args, device, dtype)
+        for _ in range(args.warmup):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        with profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        print(f"==== {name} T={args.length} ({args.steps} steps)")
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60), flush=True)
+
+
+if __name__ == "__main__":
+    main()
