@@ -242,14 +242,42 @@ def measure(step: Callable[[], None], device: torch.device, warmup: int, reps: i
     return {"ms": statistics.median(times), "peak_mib": peak}
 
 
+def graphed(step: Callable[[], None], device: torch.device, warmup: int) -> tuple[Callable[[], None], float]:
+    """``step`` captured once as a CUDA graph, and the peak extra memory of the captured step (MiB).
+
+    Replays skip Python and kernel-launch overhead, so their time is the GPU's own time: what a training
+    loop that captures its step (as rlformer's DT and PPO do) pays. Variants whose step synchronizes
+    with the host cannot be captured; the error is recorded.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    torch.cuda.synchronize(device)
+    return graph.replay, (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+
+
 def run_one(make: Callable[[], Callable[[], None]], device, args) -> dict:
     """Two rounds of ``measure`` on one freshly built step; OOM / errors are recorded, not raised."""
     result: dict = {"status": "ok", "rounds": []}
     step = None
     try:
         step = make()
+        peak = None
+        if getattr(args, "cuda_graph", False) and device.type == "cuda":
+            step, peak = graphed(step, device, args.warmup)
         for _ in range(2):
             result["rounds"].append(measure(step, device, args.warmup, args.reps))
+            if peak is not None:           # replays reuse the graph's pool: its capture-time peak is the cost
+                result["rounds"][-1]["peak_mib"] = peak
     except Exception as exc:  # noqa: BLE001 - every failure becomes a table cell
         result["status"] = "OOM" if is_oom(exc) else "error"
         if result["status"] == "error":
@@ -313,6 +341,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--no-peers", action="store_true", help="skip the PyPI peers")
     p.add_argument("--max-seconds", type=float, default=float("inf"),
                    help="stop starting new measurements after this many seconds (the rest: 'skipped')")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time CUDA-graph replays of each step (GPU time without launch overhead)")
     p.add_argument("--out", default="bench_attention.json")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="measure nothing: merge these result files into --out and print one table")
@@ -326,6 +356,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "dtype": args.dtype, "batch": args.batch, "heads": args.heads,
             "d_head": args.d_head, "warmup": args.warmup, "reps": args.reps, "lengths": args.lengths,
+            "cuda_graph": bool(args.cuda_graph and device.type == "cuda"),
             "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]) if argv is None else argv}
     plan: list[tuple[str, bool, Callable]] = []
     notes: list[str] = []
@@ -361,7 +392,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for note in notes:
         print("note:", note)
     print(f"\n{meta['device']}, {args.dtype}, batch {args.batch} x {args.heads} heads x d_head {args.d_head}; "
-          f"fwd+bwd median ms (round 1/round 2), peak extra memory\n")
+          f"fwd+bwd median ms (round 1/round 2){' of CUDA-graph replays' if meta['cuda_graph'] else ''}, "
+          "peak extra memory\n")
     print(table(rows, args.lengths))
     return report
 
