@@ -189,124 +189,133 @@ def _group_forward(phi_q: Tensor, phi_k: Tensor, v1: Tensor, lg: Optional[Tensor
                    floor: float) -> tuple[Tensor, Tensor]:
     """Causal linear attention of one stretch of tokens from the carried sums s0 = [S, z].
 
-    v1: (B, H, T, dh + 1) values with the ones column (both scaled by each key's weight). Returns (out
-    (B, H, T, dh) in v1's dtype, end sums (B, H, M, dh + 1))."""
-    mm = _matmul_dtype(v1.dtype, s0.dtype)
+    phi_q, phi_k: (B, H, T, M) and v1: (B, H, T, dh + 1) values with the ones column (both scaled by each
+    key's weight), all in the matmul dtype. Returns (out (B, H, T, dh), end sums (B, H, M, dh + 1))."""
     b, h, t, dh1 = v1.shape
     n = -(-t // chunk)
-    q, k, v1c = (_chunks(x.to(mm), n, chunk) for x in (phi_q, phi_k, v1))
+    q, k, v1c = (_chunks(x, n, chunk) for x in (phi_q, phi_k, v1))
     lgc = None if lg is None else _chunks(lg.to(s0.dtype), n, chunk)
     r = _chunk_pass(q, k, v1c, lgc, s0)
     out = _normalize(r["y"], floor).reshape(b, h, n * chunk, dh1 - 1)[:, :, :t]
-    return out.to(v1.dtype), r["s_end"]
+    return out, r["s_end"]
 
 
 def _group_backward(phi_q, phi_k, v1, lg, s0, chunk, floor, g_out, g_end):
     """Gradients of ``_group_forward`` w.r.t. (phi_q, phi_k, v1, lg, s0), recomputing it (no graph kept)."""
-    mm = _matmul_dtype(v1.dtype, s0.dtype)
     b, h, t, _ = v1.shape
     n = -(-t // chunk)
-    q, k, v1c = (_chunks(x.to(mm), n, chunk) for x in (phi_q, phi_k, v1))
+    q, k, v1c = (_chunks(x, n, chunk) for x in (phi_q, phi_k, v1))
     lgc = None if lg is None else _chunks(lg.to(s0.dtype), n, chunk)
     dq, dk, dv1, dlg, ds0 = _chunk_backward(q, k, v1c, lgc, s0, floor, _chunks(g_out.to(s0.dtype), n, chunk), g_end)
 
-    def unchunk(x, like):
-        return x.reshape(b, h, n * chunk, *x.shape[4:])[:, :, :t].to(like.dtype)
+    def unchunk(x):
+        return x.reshape(b, h, n * chunk, *x.shape[4:])[:, :, :t]
 
-    return (unchunk(dq, phi_q), unchunk(dk, phi_k), unchunk(dv1, v1), None if dlg is None else unchunk(dlg, lg),
-            ds0)
+    return unchunk(dq), unchunk(dk), unchunk(dv1), None if dlg is None else unchunk(dlg), ds0
 
 
 class _LinearAttention(torch.autograd.Function):
     """Causal (gated) linear attention that keeps only its inputs for backward.
 
-    ``features(q, k) -> (phi_q, phi_k)`` maps queries and keys to features (None: q and k are the
-    features already); ``v1`` = [v, 1] * (key weight) carries values and the normalizer's ones column
-    together (padding and RFA's (1 - g_t) are key weights). Forward runs features and the chunk form
-    (``_chunk_pass``) without a graph; backward recomputes the features (one batched pass with autograd,
-    for their gradients w.r.t. q, k and ``params``), then the chunk form's gradients by hand
-    (``_chunk_backward``). Saved for backward: q, k, v1, gates and the carried sums at the start of each
-    group, O(T * dh) per head instead of the O(T * M) feature maps and per-chunk tensors. ``bounds``: the
-    stretches of tokens processed one after another (whole chunks; [(0, T)]: one batched pass; more
-    groups bound the transient O(group * M) tensors, see ``RandomFeatureConfig.recompute_group``).
-    Not twice differentiable.
+    ``fmap`` (None: q and k are the features already) maps queries and keys to features by one fp32
+    matmul of augmented inputs with feature weights ``wq`` / ``wk`` (H, M, d') and one elementwise
+    activation, written in the matmul dtype (``RandomFeatureAttention.feature_pass`` / ``features_backward``;
+    the feature weights are inputs, so gradients reach what they are made of, e.g. RFA's tau). ``v1`` =
+    [v, 1] * (key weight) carries values and the normalizer's ones column together (padding and RFA's
+    (1 - g_t) are key weights). Forward runs features and the chunk form (``_chunk_pass``) without a
+    graph; backward recomputes the features and differentiates them and the chunk form by hand
+    (``_chunk_backward``), no autograd graph. Saved for backward: q, k, v, key weights, gates and the
+    carried sums at the start of each group, O(T * dh) per head instead of the O(T * M) feature maps and
+    per-chunk tensors. ``bounds``: the stretches of tokens processed one after another (whole chunks;
+    [(0, T)]: one batched pass; more groups bound the transient O(group * M) tensors, see
+    ``RandomFeatureConfig.recompute_group``). Outputs and gradients are written into preallocated
+    tensors group by group (no concatenation). Not twice differentiable.
     """
 
     @staticmethod
-    def forward(ctx, features, bounds, chunk, floor, s0, q, k, v, weight, lg, *params):
-        outs, starts = [], []
+    def forward(ctx, fmap, bounds, chunk, floor, s0, q, k, v, weight, lg, wq, wk):
+        mm = _matmul_dtype(v.dtype, s0.dtype)
+        out = v.new_empty(v.shape) if len(bounds) > 1 else None
+        starts = []
         s = s0
         for a, e in bounds:
             qg, kg = q[:, :, a:e], k[:, :, a:e]
-            if features is not None:
-                qg, kg = features(qg, kg)
+            phi_q, phi_k = (qg.to(mm), kg.to(mm)) if fmap is None else (fmap.feature_pass(qg, wq, True, mm)[0],
+                                                                        fmap.feature_pass(kg, wk, False, mm)[0])
             starts.append(s)
-            v1 = _values_with_ones(v[:, :, a:e], None if weight is None else weight[..., a:e])
-            o, s = _group_forward(qg, kg, v1, None if lg is None else lg[:, :, a:e], s, chunk, floor)
-            outs.append(o)
-            del qg, kg, v1
-        ctx.features, ctx.bounds, ctx.chunk, ctx.floor = features, bounds, chunk, floor
-        ctx.save_for_backward(torch.stack(starts), q, k, v, weight, lg, *params)
-        return outs[0] if len(outs) == 1 else torch.cat(outs, 2), s
+            v1 = _values_with_ones(v[:, :, a:e], None if weight is None else weight[..., a:e], mm)
+            o, s = _group_forward(phi_q, phi_k, v1, None if lg is None else lg[:, :, a:e], s, chunk, floor)
+            del phi_q, phi_k, v1
+            if out is None:
+                out = o.to(v.dtype)
+            else:
+                out[:, :, a:e] = o
+        ctx.fmap, ctx.bounds, ctx.chunk, ctx.floor = fmap, bounds, chunk, floor
+        ctx.save_for_backward(torch.stack(starts), q, k, v, weight, lg, wq, wk)
+        return out, s
 
     @staticmethod
     def backward(ctx, g_out, g_end):
-        starts, q, k, v, weight, lg, *params = ctx.saved_tensors
+        starts, q, k, v, weight, lg, wq, wk = ctx.saved_tensors
+        fmap = ctx.fmap
         need = ctx.needs_input_grad
-        want = [p.requires_grad for p in params]
-        grads = {name: [] for name in ("q", "k", "v", "weight", "lg")}
-        g_params = [torch.zeros_like(p) if w else None for p, w in zip(params, want)]
+        mm = _matmul_dtype(v.dtype, starts.dtype)
+        grads = [torch.empty_like(x) if x is not None and need[i] else None
+                 for i, x in ((5, q), (6, k), (7, v), (8, weight), (9, lg))]
+        dq_all, dk_all, dv_all, dw_all, dlg_all = grads
+        if dw_all is not None and weight.shape[1] == 1:
+            dw_all.zero_()
+        dwq = torch.zeros_like(wq) if wq is not None and need[10] else None
+        dwk = torch.zeros_like(wk) if wk is not None and need[11] else None
         g_s = g_end
         for i in reversed(range(len(ctx.bounds))):
             a, e = ctx.bounds[i]
             qg, kg = q[:, :, a:e], k[:, :, a:e]
-            lgg = None if lg is None else lg[:, :, a:e]
-            if ctx.features is not None:
-                with torch.enable_grad():
-                    qg, kg = qg.detach().requires_grad_(need[5]), kg.detach().requires_grad_(need[6])
-                    phi_q, phi_k = ctx.features(qg, kg)
+            if fmap is None:
+                phi_q, xq = qg.to(mm), None
+                phi_k, xk = kg.to(mm), None
             else:
-                phi_q, phi_k = qg, kg
+                phi_q, xq = fmap.feature_pass(qg, wq, True, mm)
+                phi_k, xk = fmap.feature_pass(kg, wk, False, mm)
             vg, wg = v[:, :, a:e], None if weight is None else weight[..., a:e]
-            dphi_q, dphi_k, dv1, dlg, g_s = _group_backward(phi_q.detach(), phi_k.detach(), _values_with_ones(vg, wg),
-                                                            lgg, starts[i], ctx.chunk, ctx.floor, g_out[:, :, a:e], g_s)
-            dv = dv1[..., :-1] if wg is None else dv1[..., :-1] * wg[..., None].to(dv1.dtype)
-            dw = None
-            if wg is not None and need[8]:
-                dw = (dv1.to(wg.dtype) * _values_with_ones(vg, None).to(wg.dtype)).sum(-1)
+            dphi_q, dphi_k, dv1, dlg, g_s = _group_backward(phi_q, phi_k, _values_with_ones(vg, wg, mm),
+                                                            None if lg is None else lg[:, :, a:e], starts[i],
+                                                            ctx.chunk, ctx.floor, g_out[:, :, a:e], g_s)
+            if dv_all is not None:
+                if wg is None:
+                    dv_all[:, :, a:e] = dv1[..., :-1]
+                else:
+                    torch.mul(dv1[..., :-1], wg[..., None], out=dv_all[:, :, a:e])
+            if dw_all is not None:
+                dw = torch.linalg.vecdot(dv1[..., :-1], vg.to(mm)) + dv1[..., -1]
                 if wg.shape[1] == 1:
-                    dw = dw.sum(1, keepdim=True)
+                    dw_all[..., a:e] += dw.sum(1, keepdim=True)
+                else:
+                    dw_all[..., a:e] = dw
             del dv1
-            if ctx.features is not None:
-                wrt = [x for x in (qg, kg) if x.requires_grad] + [p for p, w in zip(params, want) if w]
-                got = torch.autograd.grad([phi_q, phi_k], wrt, [dphi_q, dphi_k], allow_unused=True) if wrt else []
-                del phi_q, phi_k, dphi_q, dphi_k
-                it = iter([torch.zeros_like(x) if g is None else g for x, g in zip(wrt, got)])
-                dq = next(it) if qg.requires_grad else None
-                dk = next(it) if kg.requires_grad else None
-                for j, w in enumerate(want):
-                    if w:
-                        g_params[j] += next(it)
-            else:
-                dq, dk = dphi_q, dphi_k
-            for name, g in (("q", dq), ("k", dk), ("v", dv), ("weight", dw), ("lg", dlg)):
-                grads[name].append(g)
-
-        def joined(name, flag):
-            parts = grads[name][::-1]
-            if not flag or any(p is None for p in parts):
-                return None
-            return parts[0] if len(parts) == 1 else torch.cat(parts, -1 if name == "weight" else 2)
-
-        return (None, None, None, None, g_s if need[4] else None, joined("q", need[5]), joined("k", need[6]),
-                joined("v", need[7]), joined("weight", need[8]), joined("lg", need[9]), *g_params)
+            if dlg_all is not None:
+                dlg_all[..., a:e] = dlg
+            for x, phi, dphi, xa, w, dw_acc, d_all, query in ((qg, phi_q, dphi_q, xq, wq, dwq, dq_all, True),
+                                                             (kg, phi_k, dphi_k, xk, wk, dwk, dk_all, False)):
+                if fmap is None:
+                    if d_all is not None:
+                        d_all[:, :, a:e] = dphi
+                    continue
+                dx, dw_f = fmap.features_backward(x, xa, w, phi, dphi, query, d_all is not None, dw_acc is not None)
+                if d_all is not None:
+                    d_all[:, :, a:e] = dx
+                if dw_acc is not None:
+                    dw_acc += dw_f
+            del phi_q, phi_k, dphi_q, dphi_k, xq, xk
+        return (None, None, None, None, g_s if need[4] else None, dq_all, dk_all, dv_all, dw_all, dlg_all, dwq, dwk)
 
 
-def _values_with_ones(v: Tensor, weight: Optional[Tensor]) -> Tensor:
-    """[v, 1] (B, H, T, dh + 1), rows scaled by ``weight`` (B, H or 1, T) when given: a key weight c_t
-    enters the sums as c_t phi(k_t) [v_t, 1]^T, so it scales the values instead of the wider features."""
-    v1 = F.pad(v, (0, 1), value=1.0)
-    return v1 if weight is None else v1 * weight[..., None].to(v1.dtype)
+def _values_with_ones(v: Tensor, weight: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """[v, 1] (B, H, T, dh + 1) in ``dtype``, rows scaled by ``weight`` (B, H or 1, T) when given: a key
+    weight c_t enters the sums as c_t phi(k_t) [v_t, 1]^T, so it scales the values instead of the wider
+    features."""
+    v1 = F.pad(v.to(dtype), (0, 1), value=1.0)
+    return v1 if weight is None else v1.mul_(weight[..., None])
 
 
 def _carried_sums(state: Optional[dict], b: int, h: int, m: int, dh: int, acc: torch.dtype, device) -> Tensor:
@@ -340,7 +349,8 @@ def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, chunk_size
         num = torch.einsum("bhtm,bhmd->bhtd", phi_q.to(acc), s)
         den = torch.einsum("bhtm,bhm->bht", phi_q.to(acc), z)
         return (num / den.clamp(min=den_floor)[..., None]).to(v.dtype), {"S": s, "z": z}
-    out, s_end = _LinearAttention.apply(None, [(0, t)], chunk_size, den_floor, s0, phi_q, phi_k, v, None, log_gate)
+    out, s_end = _LinearAttention.apply(None, [(0, t)], chunk_size, den_floor, s0, phi_q, phi_k, v, None, log_gate,
+                                        None, None)
     return out.to(v.dtype), {"S": s_end[..., :dh], "z": s_end[..., dh]}
 
 
@@ -412,7 +422,22 @@ class RandomFeatureAttention(Float32Buffers, Attention):
         self.features.copy_(w.to(self.features))
 
     def feature_map(self, x: Tensor, query: bool) -> Tensor:
-        """(B, H, T, dh) -> (B, H, T, M) in float32 (float64 for float64 inputs)."""
+        """(B, H, T, dh) -> (B, H, T, M) in float32 (float64 for float64 inputs), differentiable."""
+        wq, wk = self.feature_weights(torch.promote_types(x.dtype, torch.float32))
+        return self.feature_pass(x, wq if query else wk, query, wq.dtype)[0]
+
+    def feature_weights(self, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(W_q, W_k): (H, M, d') weights of the augmented inputs, built once per call (with autograd)."""
+        raise NotImplementedError
+
+    def feature_pass(self, x: Tensor, w: Tensor, query: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(phi(x) in ``dtype``, augmented input x' (B, H, T, d') in w's dtype): phi = act(x' W^T), the
+        exponents in w's dtype (fp32 for 16-bit inputs). Differentiable when dtype is w's dtype."""
+        raise NotImplementedError
+
+    def features_backward(self, x: Tensor, xa: Tensor, w: Tensor, phi: Tensor, dphi: Tensor, query: bool,
+                          need_x: bool, need_w: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(dL/dx, dL/dW summed over the batch) from dL/dphi, by hand (no graph)."""
         raise NotImplementedError
 
     def softmax_target(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
@@ -468,13 +493,10 @@ class RandomFeatureAttention(Float32Buffers, Attention):
         if log_gate is not None:
             gate_in = -torch.expm1(log_gate.to(acc))                                    # (1 - g_t)
             weight = gate_in if weight is None else weight * gate_in
-        out, s_end = _LinearAttention.apply(self.raw_features, self.groups(t), rf.chunk_size, floor, s0, q, k, v,
-                                            weight, log_gate, *self.feature_params())
-        return out.to(v.dtype), {"S": s_end[..., :dh].detach(), "z": s_end[..., dh].detach()}
-
-    def raw_features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """(phi(q), phi(k)) without key weights (the fast path puts those on the values)."""
-        return self.feature_map(q, query=True), self.feature_map(k, query=False)
+        wq, wk = self.feature_weights(acc)
+        out, s_end = _LinearAttention.apply(self, self.groups(t), rf.chunk_size, floor, s0, q, k, v, weight,
+                                            log_gate, wq, wk)
+        return out, {"S": s_end[..., :dh].detach(), "z": s_end[..., dh].detach()}
 
     def groups(self, t: int) -> list[tuple[int, int]]:
         """Stretches of tokens processed one after another (``recompute_group``; whole chunks)."""
@@ -527,19 +549,40 @@ class PerformerAttention(RandomFeatureAttention):
     def den_floor(self, dtype):
         return torch.finfo(dtype).tiny
 
-    def feature_map(self, x, query):
-        acc = torch.promote_types(x.dtype, torch.float32)
-        x = x.to(acc) * self.d_head ** -0.25
+    def feature_weights(self, acc):
         w = self.features.to(acc)
         half_w = 0.5 * w.square().sum(-1, keepdim=True)                            # |w_r|^2 / 2, (H, m, 1)
-        log_scale = 0.5 * math.log(self.n_features)                                # the 1 / sqrt(m)
-        if query:      # exponents w_r^T q + |w_r|^2 / 2: one matmul of [q, 1] with [w, |w|^2 / 2]
-            a = F.pad(x, (0, 1), value=1.0) @ torch.cat([w, half_w], -1).transpose(-1, -2)
-            # the per-query shift cancels exactly in num / den, so it is a constant for autograd
-            return a.sub_(a.detach().amax(-1, keepdim=True) + log_scale).exp_()
-        sq = -0.5 * x.square().sum(-1, keepdim=True) - log_scale                  # exponent w^T k - |k|^2/2 - |w|^2/2
-        xa = torch.cat([x, sq, torch.ones_like(sq)], -1)
-        return (xa @ torch.cat([w, torch.ones_like(half_w), -half_w], -1).transpose(-1, -2)).exp_()
+        ws = w * self.d_head ** -0.25                                               # w^T x~ = (w d^{-1/4})^T x
+        log_scale = torch.full_like(half_w, 0.5 * math.log(self.n_features))       # the 1 / sqrt(m)
+        # queries: exponent w^T q~ + |w|^2/2 = [q, 1] . [ws, |w|^2/2]; keys: w^T k~ - |k~|^2/2 - |w|^2/2 - log m/2
+        return torch.cat([ws, half_w], -1), torch.cat([ws, torch.ones_like(half_w), -half_w - log_scale], -1)
+
+    def feature_pass(self, x, w, query, dtype):
+        xf = x.to(w.dtype)
+        if query:
+            xa = F.pad(xf, (0, 1), value=1.0)
+        else:
+            sq = torch.linalg.vecdot(xf, xf).mul_(-0.5 * self.d_head ** -0.5)[..., None]    # -|k~|^2 / 2
+            xa = torch.cat([xf, sq, torch.ones_like(sq)], -1)
+        a = xa @ w.transpose(-1, -2)
+        if query:      # the per-query shift cancels exactly in num / den, so it is a constant for autograd
+            a = a.sub_(a.detach().amax(-1, keepdim=True))
+        if dtype == a.dtype:
+            return a.exp_(), xa
+        return torch.exp(a, out=torch.empty(a.shape, dtype=dtype, device=a.device)), xa
+
+    def features_backward(self, x, xa, w, phi, dphi, query, need_x, need_w):
+        da = dphi.to(w.dtype).mul_(phi)                                             # d exp(a) = exp(a) da
+        dx = dw = None
+        if need_x:
+            dxa = da @ w
+            d = x.shape[-1]
+            dx = dxa[..., :d]
+            if not query:                                                           # through -|k|^2 / (2 sqrt(d))
+                dx = dx.sub_(dxa[..., d:d + 1] * xa[..., :d] * self.d_head ** -0.5)
+        if need_w:
+            dw = (da.transpose(-1, -2) @ xa).sum(0)
+        return dx, dw
 
     def softmax_target(self, q, k, v, causal):
         acc = torch.promote_types(q.dtype, torch.float32)
@@ -586,13 +629,31 @@ class RFAAttention(RandomFeatureAttention):
         tau = self.log_tau.to(acc).exp()[None, :, None, None]
         return F.normalize(x.to(acc), dim=-1) * tau.sqrt()
 
-    def feature_map(self, x, query):
-        x = self._scaled(x)
-        w = self.features.to(x.dtype)                                              # (H, m, d)
-        shift = torch.full_like(w[..., :1], math.pi / 2)                            # cos(a) = sin(a + pi / 2)
-        wa = torch.cat([torch.cat([w, torch.zeros_like(shift)], -1), torch.cat([w, shift], -1)], 1)
-        proj = F.pad(x, (0, 1), value=1.0) @ wa.transpose(-1, -2)                   # [w^T x, w^T x + pi / 2]
-        return proj.sin().mul_(self.n_features ** -0.5)
+    def feature_weights(self, acc):
+        # sin(w^T (sqrt(tau) x^)) = sin((sqrt(tau) w)^T x^): tau folds into the weights; cos(a) = sin(a + pi/2)
+        w = self.features.to(acc) * (0.5 * self.log_tau.to(acc)).exp()[:, None, None]     # (H, m, d)
+        zero = torch.zeros_like(w[..., :1])
+        wa = torch.cat([torch.cat([w, zero], -1), torch.cat([w, zero + math.pi / 2], -1)], 1)
+        return wa, wa
+
+    def feature_pass(self, x, w, query, dtype):
+        xa = F.pad(F.normalize(x.to(w.dtype), dim=-1), (0, 1), value=1.0)           # [x^, 1]
+        a = xa @ w.transpose(-1, -2)
+        phi = a.sin() if dtype == a.dtype else torch.sin(a, out=torch.empty(a.shape, dtype=dtype, device=a.device))
+        return phi.mul_(self.n_features ** -0.5), xa
+
+    def features_backward(self, x, xa, w, phi, dphi, query, need_x, need_w):
+        da = (xa @ w.transpose(-1, -2)).cos_().mul_(dphi).mul_(self.n_features ** -0.5)
+        dx = dw = None
+        if need_x:
+            d = x.shape[-1]
+            dxh, xh = (da @ w)[..., :d], xa[..., :d]
+            norm = x.to(w.dtype).norm(dim=-1, keepdim=True)
+            proj = torch.linalg.vecdot(xh, dxh)[..., None] * (norm > 1e-12)         # x^ = x / max(|x|, eps)
+            dx = dxh.sub_(xh * proj).div_(norm.clamp(min=1e-12))
+        if need_w:
+            dw = (da.transpose(-1, -2) @ xa).sum(0)
+        return dx, dw
 
     def log_gates(self, x):
         if self.gate is None:
