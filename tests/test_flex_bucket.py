@@ -147,6 +147,79 @@ def test_routing_attend_on_the_flex_path_matches_reference(eager_flex, causal, l
         torch.testing.assert_close(out, att.reference(q, k, v, ctx), rtol=0, atol=1e-12)
 
 
+# ------------------------------------------------------------------------- CPU: the permutation autograd Functions
+
+
+def layouts(b, h, t, dh, g):
+    """(B, H, T, dh) float64 tensors in the storage orders the layers hand over: contiguous, split_heads'
+    (B, T, H, dh), and a ``chunk`` of a wider projection (row stride 2 H dh, storage offset H dh)."""
+    plain = torch.randn(b, h, t, dh, generator=g, dtype=F64)
+    split = torch.randn(b, t, h, dh, generator=g, dtype=F64).transpose(1, 2)
+    wide = torch.randn(b, t, 2 * h * dh, generator=g, dtype=F64).chunk(2, dim=-1)[1].view(b, t, h, dh).transpose(1, 2)
+    return [plain, split, wide]
+
+
+def slot_tables(buckets, chunk=4):
+    b, h, r, t = buckets.shape
+    tables = bucket_slots(buckets, chunk, None, dedup=False)
+    length = tables["length"]
+    dst = (torch.arange(b * h * r) * length).view(b, h, r, 1) + tables["slot"]
+    return tables["rows"].to(torch.int32), dst.to(torch.int32), length
+
+
+@pytest.mark.parametrize("t", [41, 128])
+def test_gather_matches_plain_indexing_and_gradcheck(t):
+    """``_Gather`` (rounds x permutation, inverse-permutation backward) equals x[b, h, rows] in value and in the
+    gradient (zero probe on the padding slots, whose gradient the kernel makes zero); gradcheck without padding."""
+    g = torch.Generator().manual_seed(11)
+    b, h, r, dh = 2, 2, 2, 4
+    xs = [x.requires_grad_() for x in layouts(b, h, t, dh, g)]
+    buckets = torch.randint(0, 3, (b, h, r, t), generator=g)
+    rows, dst, length = slot_tables(buckets)
+    ys = flex_bucket._Gather.apply(rows, dst, *xs)
+    bi, hi = torch.arange(b).view(b, 1, 1, 1), torch.arange(h).view(1, h, 1, 1)
+    refs = [x[bi, hi, rows.long()].reshape(b, h * r, length, dh) for x in xs]
+    probes = [torch.randn(y.shape, generator=g, dtype=F64) for y in ys]
+    for p in probes:
+        p[:, :, t:] = 0
+    for y, ref in zip(ys, refs):
+        assert torch.equal(y, ref)
+    got = torch.autograd.grad(sum((y * p).sum() for y, p in zip(ys, probes)), xs)
+    want = torch.autograd.grad(sum((y * p).sum() for y, p in zip(refs, probes)), xs)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=0, atol=1e-12)
+    if t % BLOCK == 0:
+        small = [x.detach()[:1, :, :, :2].clone().requires_grad_() for x in xs[:2]]   # clone keeps the strides
+        assert torch.autograd.gradcheck(lambda *z: flex_bucket._Gather.apply(rows[:1], dst[:1], *z), small)
+
+
+@pytest.mark.parametrize("n_rounds", [1, 3])
+def test_ungather_matches_index_select_and_combine_rounds(n_rounds):
+    """``_Ungather`` (back to position order, rounds combined) equals index_select + ``combine_rounds`` in value
+    and gradients w.r.t. the kernel output and lse (padding slots included: zero for both); gradcheck."""
+    g = torch.Generator().manual_seed(12)
+    b, h, t, dh = 2, 2, 41, 3
+    buckets = torch.randint(0, 3, (b, h, n_rounds, t), generator=g)
+    rows, dst, length = slot_tables(buckets)
+    out = torch.randn(b, h * n_rounds, length, dh, generator=g, dtype=F64, requires_grad=True)
+    lse = torch.randn(b, h * n_rounds, length, generator=g, dtype=F64, requires_grad=True) if n_rounds > 1 else None
+
+    def plain(out, lse):
+        o = out.reshape(-1, dh).index_select(0, dst.reshape(-1).long()).view(b, h, n_rounds, t, dh)
+        if lse is None:
+            return o[:, :, 0]
+        return combine_rounds(o, lse.reshape(-1).index_select(0, dst.reshape(-1).long()).view(b, h, n_rounds, t))
+
+    got, ref = flex_bucket._Ungather.apply(out, lse, rows, dst), plain(out, lse)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    probe = torch.randn(b, h, t, dh, generator=g, dtype=F64)
+    inputs = [out] if lse is None else [out, lse]
+    for a, w in zip(torch.autograd.grad((got * probe).sum(), inputs), torch.autograd.grad((ref * probe).sum(), inputs)):
+        torch.testing.assert_close(a, w, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *z: flex_bucket._Ungather.apply(z[0], z[1] if lse is not None else None,
+                                                                           rows, dst), (out, lse))
+
+
 # ------------------------------------------------------------------------- CPU: the band BlockMask
 
 

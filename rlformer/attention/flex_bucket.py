@@ -41,7 +41,7 @@ import math
 import torch
 from torch import Tensor
 
-from rlformer.attention.chunked import SELF_PENALTY, combine_rounds
+from rlformer.attention.chunked import SELF_PENALTY
 from rlformer.attention.flex import _cached, _flex, flex_available
 
 BLOCK = 128
@@ -173,25 +173,158 @@ def _mods(tables: dict, before: int, after: int, causal: bool, window: int | Non
     return mask_mod, score_mod
 
 
-def _take_rows(x: Tensor, bi: Tensor, hi: Tensor, ti: Tensor) -> Tensor:
-    """x[bi, hi, ti] (broadcast index tensors) as rows of a flat (N, dh) view: no copy of x for the (B, H, T, dh)
-    and the (B, T, H, dh) (``split_heads``) storage orders, and an index_add backward."""
-    _, h, t, dh = x.shape
-    if not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
-        return x.transpose(1, 2).reshape(-1, dh).index_select(0, ((bi * t + ti) * h + hi).reshape(-1))
-    return x.reshape(-1, dh).index_select(0, ((bi * h + hi) * t + ti).reshape(-1))
+def _rows(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+    """x (B, H, T, dh) as rows of a 2-D (N, dh) view of its storage and the row strides (sb, sh, st), so that
+    x[b, h, t] = rows[b sb + h sh + t st]: no copy for the (B, H, T, dh) and split_heads (B, T, H, dh) orders,
+    nor for head slices or ``chunk`` views of a wider projection (any element strides that are multiples of
+    dh with unit stride inside a row); other layouts are copied first."""
+    dh = x.shape[-1]
+    if x.stride(-1) != 1 or any(n > 1 and s % dh for n, s in zip(x.shape[:3], x.stride()[:3])):
+        x = x.contiguous()
+    strides = tuple(s // dh if n > 1 else 0 for n, s in zip(x.shape[:3], x.stride()[:3]))
+    n = 1 + sum((size - 1) * s for size, s in zip(x.shape[:3], strides))
+    return x.as_strided((n, dh), (dh, 1)), strides
 
 
-def flex_bucket_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, n_buckets: int, chunk_size: int,
-                          scale: float, *, causal: bool, before: int = 1, after: int = 0, self_penalty: bool = False,
-                          key_valid: Tensor | None = None, window: int | None = None, dedup: bool = False,
-                          compile: bool | None = None) -> Tensor:
+def _row_index(strides: tuple[int, int, int], t_index: Tensor) -> Tensor:
+    """Row (in ``_rows``' view) of x[b, h, t_index[b, h, ...]] for an index tensor (B, H, ...)."""
+    b, h = t_index.shape[:2]
+    extra = (1,) * (t_index.dim() - 2)
+    bi = torch.arange(b, device=t_index.device).view(b, 1, *extra)
+    hi = torch.arange(h, device=t_index.device).view(1, h, *extra)
+    return bi * strides[0] + hi * strides[1] + t_index.long() * strides[2]
+
+
+def _select_rows(rows: Tensor, index: Tensor) -> Tensor:
+    """rows.index_select(0, index) (rows: (N, dh)) moving whole rows as 8-byte words where the row size
+    allows (4x fewer elements for bf16 than element-wise indexing; the bits are copied unchanged)."""
+    wide = rows
+    if rows.shape[-1] * rows.element_size() % 8 == 0 and rows.element_size() < 8:
+        try:
+            wide = rows.view(torch.int64)
+        except RuntimeError:      # storage offset not 8-byte aligned
+            wide = rows
+    out = wide.index_select(0, index.reshape(-1))
+    return out.view(rows.dtype) if wide is not rows else out
+
+
+def _grad_like(x_shape, split: bool, rows: Tensor) -> Tensor:
+    """(B, H, T, dh) gradient from rows laid out (B, T, H, dh) (``split``) or (B, H, T, dh)."""
+    b, h, t, dh = x_shape
+    return rows.view(b, t, h, dh).transpose(1, 2) if split else rows.view(b, h, t, dh)
+
+
+class _Gather(torch.autograd.Function):
+    """Bucket-sorted copies of q, k, v: y[b, h r, s] = x[b, h, rows[b, h, r, s]], (B, H * R, L, dh) each.
+
+    The gather is R copies of a permutation (plus the L - T padding slots, which read position 0 and get zero
+    gradient from the kernel: their queries see only themselves and their keys only their own query). So the
+    backward is a gather too, with the inverse permutation ``dst`` (the slot row of each (b, h, r, t)), summed
+    over rounds: no index_add (atomics) and nothing saved but the two int32 index tables.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, dst: Tensor, *xs: Tensor):
+        b, h, r, length = rows.shape
+        ctx.save_for_backward(rows, dst)
+        ctx.meta = [(x.shape, x.stride(2) > x.stride(1)) for x in xs]
+        out = []
+        for x in xs:
+            src, strides = _rows(x)
+            out.append(_select_rows(src, _row_index(strides, rows)).view(b, h * r, length, x.shape[-1]))
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        rows, dst = ctx.saved_tensors
+        r = rows.shape[2]
+        out = [None, None]
+        for g, (shape, split) in zip(grads, ctx.meta):
+            if g is None or not ctx.needs_input_grad[len(out)]:
+                out.append(None)
+                continue
+            g = g.contiguous().view(-1, shape[-1])
+            order = dst.permute(2, 0, 3, 1) if split else dst.permute(2, 0, 1, 3)     # (R, B, T, H) or (R, B, H, T)
+            acc = _select_rows(g, order[0])
+            for k in range(1, r):
+                acc += _select_rows(g, order[k])
+            out.append(_grad_like(shape, split, acc))
+        return tuple(out)
+
+
+class _Ungather(torch.autograd.Function):
+    """The kernel's (B, H * R, L, dh) output back in position order, rounds combined by their log-normalizers:
+    o[b, h, t] = sum_r w_r out[b, h r, dst_r] with w = softmax_r(lse[b, h r, dst_r]) (``combine_rounds``;
+    with one round o is the gathered row). Returned in (B, T, H, dh) storage, which ``merge_heads`` reshapes
+    without a copy; accumulated in float32 for half inputs.
+
+    Backward (dO): in slot order, dout[b, h r, s] = w_r dO[b, h, rows_s] and dlse_r = w_r (<dO, o_r> - <dO, o>)
+    with <dO, o> = sum_r w_r <dO, o_r>: gathers of dO and of per-row scalars, no index_add. Saves the kernel
+    output (which the kernel keeps for its own backward anyway), w (float32, B H R T) and the index tables; the
+    padding slots get zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, out: Tensor, lse: Tensor | None, rows: Tensor, dst: Tensor):
+        b, h, r, t = dst.shape
+        dh = out.shape[-1]
+        flat = out.reshape(-1, dh)
+        order = dst.permute(0, 3, 1, 2)                                       # (B, T, H, R)
+        if lse is None:
+            ctx.save_for_backward(rows, dst)
+            return _select_rows(flat, order).view(b, t, h, dh).transpose(1, 2)
+        acc_dtype = torch.promote_types(out.dtype, torch.float32)
+        w = torch.softmax(lse.reshape(-1).index_select(0, dst.reshape(-1)).view(b, h, r, t).to(acc_dtype), dim=2)
+        wt = w.permute(0, 3, 1, 2)[..., None].to(acc_dtype)                   # (B, T, H, R, 1)
+        o = None
+        for k in range(r):
+            term = _select_rows(flat, order[..., k]).view(b, t, h, dh) * wt[..., k, :]
+            o = term if o is None else o.add_(term)
+        ctx.save_for_backward(rows, dst, out, w)
+        return o.to(out.dtype).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        rows, dst = ctx.saved_tensors[:2]
+        b, h, r, length = rows.shape
+        t, dh = dst.shape[-1], grad.shape[-1]
+        src, strides = _rows(grad)
+        index = _row_index(strides, rows)                                    # (B, H, R, L)
+        if len(ctx.saved_tensors) == 2:
+            dout = _select_rows(src, index).view(b, h, length, dh)
+            dout[:, :, t:] = 0
+            return dout, None, None, None
+        out, w = ctx.saved_tensors[2:]
+        wg = torch.take_along_dim(w, rows.long(), dim=-1)                   # (B, H, R, L): w of each slot
+        wg[..., t:] = 0
+        dout = torch.empty(b, h, r, length, dh, dtype=out.dtype, device=out.device)
+        dots = torch.empty(b, h, r, length, dtype=w.dtype, device=out.device)
+        outr = out.view(b, h, r, length, dh)
+        for k in range(r):
+            dog = _select_rows(src, index[:, :, k]).view(b, h, length, dh)
+            dots[:, :, k] = (dog * outr[:, :, k]).sum(-1, dtype=w.dtype)
+            torch.mul(dog, wg[:, :, k, :, None].to(dog.dtype), out=dout[:, :, k])
+        dots_u = dots.view(-1).index_select(0, dst.reshape(-1)).view(b, h, r, t)   # <dO, o_r> by position
+        dlse = w * (dots_u - (w * dots_u).sum(2, keepdim=True))
+        dlse_g = torch.take_along_dim(dlse, rows.long(), dim=-1)
+        dlse_g[..., t:] = 0
+        return dout.view(b, h * r, length, dh), dlse_g.view(b, h * r, length), None, None
+
+
+def flex_bucket_attention(q: Tensor, k: Tensor | None, v: Tensor, buckets: Tensor, n_buckets: int,
+                          chunk_size: int, scale: float, *, causal: bool, before: int = 1, after: int = 0,
+                          self_penalty: bool = False, key_valid: Tensor | None = None, window: int | None = None,
+                          dedup: bool = False, compile: bool | None = None) -> Tensor:
     """``bucket_softmax_attention`` (same arguments and allowed sets) as one FlexAttention call.
 
-    q, k, v: (B, H, T, dh); buckets (B, H, R, T) long in [0, n_buckets). Returns (B, H, T, dh), the rounds
-    combined. With one bucket and one round (T a multiple of ``BLOCK``) the sorted order is the identity and
-    q, k, v go to the kernel as they are. ``compile``: run the compiled kernel (default: on CUDA); uncompiled it is the dense eager
+    q, k, v: (B, H, T, dh), any of the storage orders ``_rows`` reads without a copy; ``k=None``: shared-QK
+    keys, k = q / |q| (Reformer), normalized after the gather (one gather fewer). buckets (B, H, R, T) long in
+    [0, n_buckets). Returns (B, H, T, dh) in (B, T, H, dh) storage, the rounds combined. With one bucket and
+    one round (T a multiple of ``BLOCK``) the sorted order is the identity and q, k, v go to the kernel as they
+    are. ``compile``: run the compiled kernel (default: on CUDA); uncompiled it is the dense eager
     implementation (forward only on CPU, small sizes). Time and memory O(R * T * (before + 1 + after) * C).
+    The gathers into and out of the sorted order are permutations (``_Gather``, ``_Ungather``): their
+    backward passes are gathers with the inverse permutation, no index_add.
     """
     if compile is None:
         compile = q.device.type == "cuda"
@@ -203,11 +336,17 @@ def flex_bucket_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, n_bu
     r = buckets.shape[2]
     tables = bucket_slots(buckets, chunk_size, key_valid, dedup)
     length = tables["length"]
-    bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
-    hi = torch.arange(h, device=q.device).view(1, h, 1, 1)
-    identity = n_buckets == 1 and r == 1 and length == t      # sorted order = positions (routing's local heads)
-    gathered = [q, k, v] if identity else [_take_rows(x, bi, hi, tables["rows"]).view(b, h * r, length, dh)
-                                          for x in (q, k, v)]
+    if n_buckets == 1 and r == 1 and length == t:       # sorted order = positions (routing's local heads)
+        gathered = [q, torch.nn.functional.normalize(q, dim=-1) if k is None else k, v]
+    else:
+        with torch.no_grad():        # slot row (in the (B * H * R * L) sorted rows) of each (b, h, r, position)
+            dst = ((torch.arange(b * h * r, device=q.device) * length).view(b, h, r, 1) + tables["slot"])
+            dst, rows = dst.to(torch.int32), tables["rows"].to(torch.int32)
+        if k is None:
+            qg, vg = _Gather.apply(rows, dst, q, v)
+            gathered = [qg, torch.nn.functional.normalize(qg, dim=-1), vg]
+        else:
+            gathered = list(_Gather.apply(rows, dst, q, k, v))
     mask_mod, score_mod = _mods(tables, before, after, causal, window, self_penalty)
     block_mask = copy.copy(band_block_mask(length, chunk_size, before, after, causal, window, q.device))
     block_mask.mask_mod = mask_mod
@@ -215,13 +354,6 @@ def flex_bucket_attention(q: Tensor, k: Tensor, v: Tensor, buckets: Tensor, n_bu
         out, lse = flex(*gathered, score_mod=score_mod, block_mask=block_mask, scale=scale), None
     else:
         out, lse = flex(*gathered, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True)
-    if identity:
+    if gathered[0] is q:
         return out
-    with torch.no_grad():        # row of (b, h, r, position) in the (B * H * R * L) outputs
-        rows = (((bi * h + hi) * r + torch.arange(r, device=q.device).view(1, 1, r, 1)) * length + tables["slot"])
-        rows = rows.reshape(-1)
-    out = out.reshape(-1, dh).index_select(0, rows).view(b, h, r, t, dh)
-    if r == 1:
-        return out[:, :, 0]
-    lse = lse.reshape(-1).index_select(0, rows).view(b, h, r, t)
-    return combine_rounds(out, lse)
+    return _Ungather.apply(out, lse, rows, dst)
