@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlformer
 from rlformer.attention.random_features import (PerformerAttention, RFAAttention, chunked_linear_attention,
@@ -145,3 +146,41 @@ def test_negative_recompute_group_is_rejected():
     cfg.random_features = rlformer.RandomFeatureConfig(recompute_group=-1)
     with pytest.raises(ValueError, match="recompute_group"):
         rlformer.validate(cfg)
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops that do work (views and aliases excluded): kernel launches on a GPU."""
+
+    VIEWS = {"view", "_unsafe_view", "expand", "transpose", "t", "slice", "select", "unsqueeze", "squeeze", "alias",
+             "detach", "as_strided", "permute", "unbind", "split", "split_with_sizes", "narrow", "diagonal", "empty",
+             "empty_like", "reshape", "lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func.overloadpacket.__name__ not in self.VIEWS
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_step(name: str, t: int, group: int) -> int:
+    att = _module(name, name == "rfa", group, chunk=8).float()
+    q, k, v = (torch.randn(1, 4, t, 8, requires_grad=True) for _ in range(3))
+    idx = torch.arange(t)
+    ctx = AttentionContext(causal=True, q_index=idx, k_index=idx, q_pos=idx[None], training=True)
+    lg = F.logsigmoid(torch.randn(1, 4, t)).requires_grad_() if name == "rfa" else None
+    counter = _CountOps()
+    with counter:
+        att.attend(q, k, v, ctx, lg)[0].sum().backward()
+    return counter.n
+
+
+@pytest.mark.parametrize("name", ["performer", "rfa"])
+def test_kernel_count_does_not_grow_with_length_in_one_pass(name):
+    """One batched pass: the same ops at any length; each further group adds the same fixed number."""
+    one = _ops_per_step(name, 64, 0)
+    assert _ops_per_step(name, 512, 0) == one
+    two, three, four = (_ops_per_step(name, 64 * n, 64) for n in (2, 3, 4))
+    assert four - two == 2 * (three - two) > 0
+    assert one <= {"performer": 110, "rfa": 230}[name], one          # gated RFA: the decay matrices
