@@ -533,7 +533,7 @@ class PerformerAttention(RandomFeatureAttention):
     every training forward when ``random_features.redraw``). Attention = D^{-1} phi(Q) (phi(K)^T V)
     (eq. 5), causal by prefix sums (sec. 2.3 / chunked here).
 
-    Numerical stabilizers that cancel exactly: query features drop their per-query factor
+    Numerical stabilizers that cancel exactly: query features drop their per-query factors 1/sqrt(m) and
     exp(-|q|^2/2) and subtract max_r (w_r^T q + |w_r|^2/2); key features are multiplied by
     exp(-|w_r|^2/2) and query features by exp(+|w_r|^2/2), so phi(k) <= 1 (no overflow) and no
     data-dependent key shift enters the carried state.
