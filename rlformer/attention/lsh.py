@@ -43,25 +43,28 @@ def lsh_buckets(x: Tensor, rotations: Tensor, max_elements: Optional[int] = None
 
     x: (B, H, T, dh); rotations: (H, R, dh, n_buckets / 2) -> buckets (B, H, R, T) in [0, n_buckets).
     One bucket (rotations with 0 columns) sends everything to bucket 0. Invariant to scaling x > 0.
-    The rotated values (float32) are formed for blocks of tokens of at most ``max_elements``
-    (default: a 16th of them, within [2^22, 2^24]);
-    argmax over [xR; -xR] is argmax(xR) when max(xR) >= -min(xR), else n_buckets/2 + argmin(xR).
+    The rotated values (float32: bucket ties must not depend on half-precision rounding) are formed by one
+    batched matmul per block of tokens of at most ``max_elements`` (default: a 16th of them, within
+    [2^22, 2^24]); argmax over [xR; -xR] is argmax(xR) when max(xR) >= -min(xR), else n_buckets/2 + argmin(xR)
+    (first index on ties, as argmax over the concatenation), from one max and one min reduction with indices.
     """
-    b, h, t, _ = x.shape
+    b, h, t, d = x.shape
     n_rounds, half = rotations.shape[1], rotations.shape[-1]
     out = torch.zeros(b, h, n_rounds, t, dtype=torch.long, device=x.device)
     if half == 0:
         return out
     acc = torch.promote_types(x.dtype, torch.float32)
-    rot = rotations.to(device=x.device, dtype=acc)
+    rot = rotations.to(device=x.device, dtype=acc).permute(0, 2, 1, 3).reshape(h, d, n_rounds * half)
     per_token = b * h * n_rounds * half
     if max_elements is None:
         max_elements = min(1 << 24, max(1 << 22, per_token * t // 16))
     step = max(1, max_elements // per_token)
     for s in range(0, t, step):
-        rotated = torch.einsum("bhtd,hrdn->bhrtn", x[:, :, s:s + step].to(acc), rot)
-        hi, lo = rotated.amax(-1), rotated.amin(-1)
-        out[..., s:s + step] = torch.where(hi >= -lo, rotated.argmax(-1), rotated.argmin(-1) + half)
+        xs = x[:, :, s:s + step].to(acc)
+        rotated = torch.matmul(xs, rot).view(b, h, xs.shape[2], n_rounds, half)     # (B, H, t, R, n/2)
+        hi, arg_hi = rotated.max(-1)
+        lo, arg_lo = rotated.min(-1)
+        out[..., s:s + step] = torch.where(hi >= -lo, arg_hi, arg_lo + half).transpose(2, 3)
     return out
 
 
@@ -129,7 +132,10 @@ class LSHAttention(Float32Buffers, Attention):
         buckets = self.buckets(k)
         kw = {"causal": ctx.causal, "self_penalty": True, "key_valid": ctx.key_valid}
         if use_flex_bucket(q, self.dropout, self.training):     # CUDA: one FlexAttention call
-            return flex_bucket_attention(q, k, v, buckets, c.n_buckets, c.chunk_size, self.scale, dedup=True, **kw), {}
+            # k = q / |q| (shared-QK, ``project``): the kernel's keys are normalized after the gather (bit-equal
+            # rows; under rotary, equal up to rounding), so only q and v are gathered
+            return flex_bucket_attention(q, None, v, buckets, c.n_buckets, c.chunk_size, self.scale, dedup=True,
+                                         **kw), {}
         if self.dropout > 0 and self.training:    # dropout needs the probabilities: the materializing path
             out, lse = bucket_attention(q, k, v, buckets, c.n_buckets, c.chunk_size, self.scale, round_buckets=buckets,
                                         dropout=self.dropout, training=self.training, **kw)

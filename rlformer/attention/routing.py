@@ -81,7 +81,8 @@ class RoutingAttention(Float32Buffers, Attention):
     def clusters(self, x: Tensor) -> Tensor:
         """(B, Hr, T) index of the nearest centroid to each (normalized) routing-head vector."""
         acc = torch.promote_types(x.dtype, torch.float32)
-        return torch.einsum("bhtd,hcd->bhtc", x.to(acc), F.normalize(self.centroids.to(acc), dim=-1)).argmax(-1)
+        mu = F.normalize(self.centroids.to(device=x.device, dtype=acc), dim=-1).transpose(1, 2)   # (Hr, dh, C)
+        return torch.matmul(x.to(acc), mu).argmax(-1)
 
     @torch.no_grad()
     def update_centroids(self, x: Tensor, clusters: Tensor, valid: Tensor | None = None) -> None:
@@ -102,7 +103,9 @@ class RoutingAttention(Float32Buffers, Attention):
     def attend(self, q, k, v, ctx):
         if use_flex_bucket(q, self.dropout, self.training):     # CUDA: one FlexAttention call per head group
             def flex(q, k, v, buckets, n_buckets, chunk_size, scale, dropout, training, **kw):
-                return flex_bucket_attention(q, k, v, buckets, n_buckets, chunk_size, scale, **kw)[:, :, None], None
+                # routed heads (self_penalty): k = q / |q| (``_routed``), normalized after the gather instead
+                keys = None if kw.get("self_penalty") else k
+                return flex_bucket_attention(q, keys, v, buckets, n_buckets, chunk_size, scale, **kw)[:, :, None], None
             return self._attend(q, k, v, ctx, flex)
         if self.dropout > 0 and self.training:    # dropout needs the probabilities: the materializing path
             return self._attend(q, k, v, ctx, bucket_attention)
