@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from rlformer.attention.base import Attention, merge_heads
 from rlformer.attention.chunked_softmax import SpanBias, chunked_softmax, span_layout
-from rlformer.attention.flex import flex_available
+from rlformer.attention.flex import capturing, flex_available
 from rlformer.attention.flex_span import flex_adaptive_span
 from rlformer.config import EncoderConfig
 from rlformer.context import AttentionContext
@@ -74,7 +74,12 @@ def softmax32(scores: Tensor) -> Tensor:
 
 
 def span_window(z: Tensor, ramp: int, max_span: int) -> int:
-    """W = min(S, ceil(R + max z)): keys at distance >= W have m_z = 0 for every span in ``z``."""
+    """W = min(S, ceil(R + max z)): keys at distance >= W have m_z = 0 for every span in ``z``.
+
+    While a CUDA graph is captured, max z cannot be read on the host: W = S, the widest band (same result,
+    more work; the graph then stays valid however the spans move)."""
+    if capturing(z):
+        return max(1, max_span)
     z_max = float(z.detach().max()) if z.numel() else 0.0
     return max(1, min(max_span, math.ceil(ramp + z_max)))
 

@@ -32,6 +32,11 @@ def flex_available() -> bool:
     return True
 
 
+def capturing(x: Tensor) -> bool:
+    """True while ``x``'s CUDA stream is being captured into a CUDA graph: no host reads of device values then."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _flex():
     if "flex" not in _COMPILED:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention

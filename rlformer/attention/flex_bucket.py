@@ -136,8 +136,9 @@ def bucket_slots(buckets: Tensor, chunk_size: int, key_valid: Tensor | None, ded
            "chunk": table(rank // chunk_size, 0), "others": []}
     if dedup and r > 1:
         for k in range(r - 1):      # the k-th round other than the slot's own
-            choice = torch.tensor([[rr for rr in range(r) if rr != own][k] for own in range(r)], device=dev)
-            src = buckets[:, :, choice]                                              # (B, H, R, T): round choice[r]
+            choice = [[rr for rr in range(r) if rr != own][k] for own in range(r)]
+            src = torch.stack([buckets[:, :, c] for c in choice], dim=2)          # (B, H, R, T): round choice[r]
+            # (Python ints, not an index tensor: no host-to-device copy, so a CUDA graph can capture this)
             out["others"].append(table(torch.take_along_dim(src, perm, dim=-1), -1))
     return out
 

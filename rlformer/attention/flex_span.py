@@ -44,7 +44,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from rlformer.attention.flex import _cached, _flex
+from rlformer.attention.flex import _cached, _flex, capturing
 
 BLOCK = 128
 """BlockMask block size (FlexAttention's default sparse block)"""
@@ -138,6 +138,8 @@ def span_score_mod(z: Tensor, n_mem: int, ramp: int) -> Callable:
 def span_bounds(z: Tensor, ramp: int, max_span: int) -> tuple[int, int]:
     """(lowest distance on any ramp, W): the ramp is floor(min z) <= x <= R + max z; W = min(S, ceil(R + max z))."""
     zd = z.detach()
+    if capturing(zd):      # no host read inside a CUDA graph capture: every distance may be on a ramp, W = S
+        return 0, max(1, max_span)
     z_min, z_max = (float(zd.min()), float(zd.max())) if zd.numel() else (0.0, 0.0)
     return max(0, math.floor(z_min)), max(1, min(max_span, math.ceil(ramp + z_max)))
 
