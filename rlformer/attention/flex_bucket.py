@@ -69,20 +69,21 @@ def _band_reach(chunk_size: int, before: int, after: int, causal: bool, window: 
 
 
 def band_blocks(length: int, chunk_size: int, before: int, after: int, causal: bool,
-                window: int | None) -> tuple[Tensor, Tensor]:
+                window: int | None, device=None) -> tuple[Tensor, Tensor]:
     """kv_num_blocks (1, 1, NQ) and kv_indices (1, 1, NQ, NQ) int32 of the band, NQ = ceil(length / BLOCK).
 
     Query block m holds sorted indices [m B, m B + B); its keys lie in [m B - back, m B + B - 1 + ahead]. Row m
     of kv_indices lists those blocks first; the rest of the row is unused (the BlockMask format has one column
-    per key block: (L / 128)^2 int32, 1 MiB at L = 64k, built once per length).
+    per key block: (L / 128)^2 int32, 1 MiB at L = 64k, built once per length, on ``device``: no host-to-device
+    copy, so it can be built inside a CUDA graph capture).
     """
     back, ahead = _band_reach(chunk_size, before, after, causal, window)
     nq = -(-length // BLOCK)
-    m = torch.arange(nq)
+    m = torch.arange(nq, device=device)
     first = (m * BLOCK - back).clamp(min=0) // BLOCK
     last = (m * BLOCK + BLOCK - 1 + ahead).clamp(max=nq * BLOCK - 1) // BLOCK
     count = last - first + 1
-    idx = first[:, None] + torch.arange(nq)
+    idx = first[:, None] + torch.arange(nq, device=device)
     idx = torch.where(idx <= last[:, None], idx, 0)
     return count.to(torch.int32).view(1, 1, nq), idx.to(torch.int32).view(1, 1, nq, nq)
 
@@ -92,9 +93,9 @@ def band_block_mask(length: int, chunk_size: int, before: int, after: int, causa
     """The cached band BlockMask (mask_mod: none yet; ``flex_bucket_attention`` sets it per call)."""
     def build():
         from torch.nn.attention.flex_attention import BlockMask
-        count, idx = band_blocks(length, chunk_size, before, after, causal, window)
+        count, idx = band_blocks(length, chunk_size, before, after, causal, window, device)
         lp = count.shape[-1] * BLOCK
-        return BlockMask.from_kv_blocks(count.to(device), idx.to(device), BLOCK_SIZE=BLOCK, seq_lengths=(lp, lp))
+        return BlockMask.from_kv_blocks(count, idx, BLOCK_SIZE=BLOCK, seq_lengths=(lp, lp))
 
     return _cached(("bucket_band", length, chunk_size, before, after, causal, window, str(device)), build)
 

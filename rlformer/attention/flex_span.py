@@ -52,15 +52,17 @@ LOG_FLOOR = 1e-30
 """m is clamped at this floor before the log (only reached where u > 0 is rounding-small)"""
 
 
-def band_blocks(tq: int, tk: int, n_mem: int, lo: int, hi: int, block: int) -> tuple[Tensor, Tensor]:
+def band_blocks(tq: int, tk: int, n_mem: int, lo: int, hi: int, block: int,
+                device: Optional[torch.device] = None) -> tuple[Tensor, Tensor]:
     """Key blocks of a banded causal mask: (kv_num_blocks (1, 1, nQ), kv_indices (1, 1, nQ, nK)) int32.
 
     Query i sits at key index n_mem + i; the row of query block b lists the key blocks holding some key
     at distance lo <= x < hi (x = n_mem + i - j >= 0) from some query of the block, in ascending order.
-    Computed from block boundaries only (O(nQ nK) integers, no (Tq, Tk) tensor).
+    Computed from block boundaries only (O(nQ nK) integers, no (Tq, Tk) tensor), on ``device`` (no
+    host-to-device copy, so a band first needed inside a CUDA graph capture can still be built).
     """
     nq, nk = -(-tq // block), -(-tk // block)
-    qb = torch.arange(nq)
+    qb = torch.arange(nq, device=device)
     q_first = n_mem + qb * block                                   # key index of the block's first query
     q_last = n_mem + torch.clamp((qb + 1) * block, max=tq) - 1
     k_lo = torch.clamp(q_first - (hi - 1), min=0)                  # oldest key with x <= hi - 1
@@ -68,7 +70,7 @@ def band_blocks(tq: int, tk: int, n_mem: int, lo: int, hi: int, block: int) -> t
     empty = (k_hi < k_lo) | (hi <= max(lo, 0))
     b_lo, b_hi = k_lo // block, k_hi // block
     num = torch.where(empty, 0, b_hi - b_lo + 1)
-    idx = torch.clamp(b_lo[:, None] + torch.arange(nk)[None, :], max=nk - 1)
+    idx = torch.clamp(b_lo[:, None] + torch.arange(nk, device=device)[None, :], max=nk - 1)
     return num.to(torch.int32)[None, None], idx.to(torch.int32)[None, None]
 
 
@@ -81,8 +83,8 @@ def band_block_mask(tq: int, tk: int, n_mem: int, lo: int, hi: int, device: torc
     key = ("span_band", tq, tk, n_mem, lo, hi, block, str(device))
 
     def build():
-        num, idx = band_blocks(tq, tk, n_mem, lo, hi, block)
-        return BlockMask.from_kv_blocks(num.to(device), idx.to(device), BLOCK_SIZE=block, seq_lengths=(tq, tk))
+        num, idx = band_blocks(tq, tk, n_mem, lo, hi, block, device)
+        return BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=block, seq_lengths=(tq, tk))
 
     return _cached(key, build)
 
