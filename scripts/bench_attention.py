@@ -34,6 +34,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -326,6 +327,37 @@ def merge(paths: list[str], out: str) -> dict:
     return merged
 
 
+def isolated(argv: list[str], names: list[str], args) -> dict:
+    """Run this script once per variant in its own process (SDPA baselines with the first), then merge."""
+    base, i = [], 0
+    while i < len(argv):                               # the same flags minus --variants/--out/--isolate
+        a = argv[i]
+        if a == "--variants":
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                i += 1
+            continue
+        if a == "--out":
+            i += 2
+            continue
+        if a != "--isolate" and not a.startswith(("--variants=", "--out=")):
+            base.append(a)
+        i += 1
+    stem = os.path.splitext(args.out)[0]
+    parts = []
+    for i, name in enumerate(names):
+        part = f"{stem}.{name.replace(':', '_')}.json"
+        cmd = [sys.executable, os.path.abspath(__file__), *base, "--variants", name, "--out", part]
+        if i > 0 and "--no-sdpa" not in cmd:
+            cmd.append("--no-sdpa")
+        print(f"[isolated] {name}", flush=True)
+        if subprocess.run(cmd).returncode == 0 and os.path.exists(part):
+            parts.append(part)
+        else:
+            print(f"[isolated] {name}: the process failed; its row is missing", flush=True)
+    return merge(parts, args.out) if parts else {}
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -343,15 +375,20 @@ def main(argv: Optional[list[str]] = None) -> dict:
                    help="stop starting new measurements after this many seconds (the rest: 'skipped')")
     p.add_argument("--cuda-graph", action="store_true",
                    help="time CUDA-graph replays of each step (GPU time without launch overhead)")
+    p.add_argument("--isolate", action="store_true",
+                   help="one process per variant (implied by --cuda-graph on CUDA: a failed graph capture leaves the "
+                        "CUDA context unusable for later captures), results merged into --out")
     p.add_argument("--out", default="bench_attention.json")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="measure nothing: merge these result files into --out and print one table")
     args = p.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out)
+    names = rlformer.available()["attention"] if args.variants is None else args.variants
+    if (args.isolate or (args.cuda_graph and args.device.startswith("cuda"))) and len(names) > 1:
+        return isolated(argv if argv is not None else sys.argv[1:], names, args)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    names = rlformer.available()["attention"] if args.variants is None else args.variants
     t_start = time.perf_counter()
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "dtype": args.dtype, "batch": args.batch, "heads": args.heads,
