@@ -14,7 +14,7 @@ from rlformer.attention.random_features import (PerformerAttention, RFAAttention
                                                 recurrent_linear_attention)
 from rlformer.context import AttentionContext
 from rlformer.diagnostics import saved_activation_bytes
-from tests.variants import base_config
+from variants import base_config
 
 torch.set_num_threads(1)
 F64 = torch.float64
