@@ -221,6 +221,23 @@ def test_routing_is_causal_inside_the_attention():
         torch.testing.assert_close(out[:, :, :t + 1], base[:, :, :t + 1], rtol=0, atol=1e-12)
 
 
+def test_routing_centroid_update_equals_the_one_hot_mean():
+    """The index_add EMA step equals the literal one-hot formula, with padding and empty clusters."""
+    torch.manual_seed(1)
+    att = routing_module(n_clusters=5, ema_decay=0.7, local_heads=2)
+    hr, dh = att.centroids.shape[0], att.centroids.shape[-1]
+    x = torch.randn(3, hr, 40, dh, dtype=F64)
+    clusters = torch.randint(0, 4, (3, hr, 40))                          # cluster 4 stays empty
+    valid = torch.rand(3, 40) > 0.3
+    before = att.centroids.clone()
+    att.update_centroids(x, clusters, valid)
+    onehot = F.one_hot(clusters, 5).to(F64) * valid[:, None, :, None].to(F64)
+    sums, counts = torch.einsum("bhtc,bhtd->hcd", onehot, x), onehot.sum(dim=(0, 2))[..., None]
+    want = torch.where(counts > 0, 0.7 * before + 0.3 * sums / counts.clamp(min=1), before)
+    torch.testing.assert_close(att.centroids, want, rtol=0, atol=1e-12)
+    assert torch.equal(att.centroids[:, 4], before[:, 4])
+
+
 def test_routing_centroids_move_toward_the_data_under_ema():
     torch.manual_seed(0)
     att = routing_module(n_clusters=3, ema_decay=0.8, local_heads=2)
