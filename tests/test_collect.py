@@ -127,3 +127,35 @@ def test_default_policy_lookup():
     assert p is None or p.name == "hopper_medium_sac.zip"
     with pytest.raises(ValueError, match="steps and workers must be positive"):
         collect(CollectConfig(steps=0))
+
+
+def test_behaviour_policy_probe_modes():
+    """scripts/behaviour_policy_probe.py: deterministic = SB3's deterministic action, the conditional mean = the
+    average of many stochastic actions (what an MSE imitator converges to), and a short rollout reports all modes."""
+    import torch
+    from stable_baselines3 import SAC
+
+    policy = default_policy("hopper-medium")
+    if policy is None:
+        pytest.skip("no shipped hopper-medium behaviour policy")
+    spec = importlib.util.spec_from_file_location("behaviour_policy_probe",
+                                                  Path(__file__).resolve().parents[1] / "scripts" / "behaviour_policy_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    torch.set_num_threads(1)
+    model = SAC.load(str(policy), device="cpu")
+    obs = torch.as_tensor(np.random.default_rng(0).normal(size=(4, 11)), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        det = mod.policy_actions(model.policy.actor, obs, "deterministic", 1, gen)
+        np.testing.assert_allclose(det.numpy(), model.predict(obs.numpy(), deterministic=True)[0], atol=1e-6)
+        draws = torch.stack([mod.policy_actions(model.policy.actor, obs, "stochastic", 1, gen) for _ in range(4000)])
+        cond = mod.policy_actions(model.policy.actor, obs, "conditional_mean", 4000, gen)
+    assert draws.abs().max() <= 1 and torch.allclose(cond, draws.mean(0), atol=0.03)
+    assert (cond - det).abs().max() > 1e-3               # the squash makes the mean action differ from tanh(mu)
+    with pytest.raises(ValueError, match="mode"):
+        mod.policy_actions(model.policy.actor, obs, "median", 1, gen)
+    rows = mod.main(mod.Args(policy=str(policy), episodes=2, samples=8))
+    assert [r["mode"] for r in rows] == ["deterministic", "conditional_mean", "stochastic"]
+    assert all(0 < r["length_mean"] <= 1000 and 0 <= r["fell_share"] <= 1 for r in rows)
