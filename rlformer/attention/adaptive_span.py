@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from rlformer.attention.base import Attention, merge_heads
 from rlformer.attention.chunked_softmax import SpanBias, chunked_softmax, span_layout
-from rlformer.attention.flex import capturing, flex_available
+from rlformer.attention.flex import capturing, flex_eligible
 from rlformer.attention.flex_span import flex_adaptive_span
 from rlformer.config import EncoderConfig
 from rlformer.context import AttentionContext
@@ -201,9 +201,7 @@ def use_flex_span(q: Tensor, dropout: float, training: bool) -> bool:
     """The FlexAttention path (``flex_span.flex_adaptive_span``) runs for CUDA tensors when flex_attention is
     available, without dropout in training, for head sizes it compiles (16..256, a power of two) and at least
     ``FLEX_MIN_LEN`` queries (shorter segments stay on the banded path, cheap there and no compile)."""
-    dh = q.shape[-1]
-    return (q.is_cuda and not (dropout > 0 and training) and q.shape[2] >= FLEX_MIN_LEN and 16 <= dh <= 256
-            and dh & (dh - 1) == 0 and flex_available())
+    return q.shape[2] >= FLEX_MIN_LEN and flex_eligible(q, dropout, training)
 
 
 @register("attention", "adaptive_span")

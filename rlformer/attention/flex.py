@@ -11,6 +11,7 @@ backward on CPU, so callers use it only for CUDA tensors.
 """
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from typing import Optional
 
@@ -30,6 +31,38 @@ def flex_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+BLOCK = 128
+"""BlockMask block (queries and keys) of the banded fast paths: FlexAttention's default sparse block, a multiple
+of every kernel tile"""
+
+
+def flex_eligible(q: Tensor, dropout: float, training: bool) -> bool:
+    """Whether a FlexAttention fast path can run on ``q``: a CUDA tensor, no dropout in training (the kernel never
+    forms the probabilities dropout needs), a head size the kernels compile (16..256, a power of two), and
+    flex_attention importable."""
+    dh = q.shape[-1]
+    return (q.is_cuda and not (dropout > 0 and training) and 16 <= dh <= 256 and dh & (dh - 1) == 0
+            and flex_available())
+
+
+def with_mask_mod(block_mask, mask_mod):
+    """A shallow copy of a cached BlockMask with this call's mask_mod (the block tables are shared)."""
+    out = copy.copy(block_mask)
+    out.mask_mod = mask_mod
+    return out
+
+
+def flex_with_lse(flex, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
+    """(out, lse) of ``flex`` (natural-log logsumexp): ``return_aux=AuxRequest(lse=True)`` where torch has it
+    (``return_lse`` is deprecated there), else ``return_lse=True``."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:
+        return flex(q, k, v, return_lse=True, **kwargs)
+    out, aux = flex(q, k, v, return_aux=AuxRequest(lse=True), **kwargs)
+    return out, aux.lse
 
 
 def capturing(x: Tensor) -> bool:

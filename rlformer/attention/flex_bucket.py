@@ -35,28 +35,21 @@ the dense eager implementation, for tests at small sizes).
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import Tensor
 
 from rlformer.attention.chunked import SELF_PENALTY
-from rlformer.attention.flex import _cached, _flex, flex_available
-
-BLOCK = 128
-"""BlockMask block (queries and keys): a multiple of every FlexAttention kernel tile"""
+from rlformer.attention.flex import BLOCK, _cached, _flex, flex_eligible, flex_with_lse, with_mask_mod
 
 __all__ = ["BLOCK", "band_block_mask", "bucket_slots", "flex_bucket_attention", "use_flex_bucket"]
 
 
 def use_flex_bucket(q: Tensor, dropout: float, training: bool) -> bool:
-    """Whether lsh / routing take this path: CUDA tensors in float32 / bfloat16 / float16, no dropout in
-    training (it needs the probabilities), head sizes the kernels compile (16..256, a power of two), and
-    flex_attention importable."""
-    dh = q.shape[-1]
-    return (q.is_cuda and not (dropout > 0 and training) and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and 16 <= dh <= 256 and dh & (dh - 1) == 0 and flex_available())
+    """Whether lsh / routing take this path: float32 / bfloat16 / float16 tensors on which ``flex.flex_eligible``
+    holds (CUDA, no dropout in training, a head size the kernels compile, flex_attention importable)."""
+    return q.dtype in (torch.float32, torch.bfloat16, torch.float16) and flex_eligible(q, dropout, training)
 
 
 def _band_reach(chunk_size: int, before: int, after: int, causal: bool, window: int | None) -> tuple[int, int]:
@@ -350,12 +343,11 @@ def flex_bucket_attention(q: Tensor, k: Tensor | None, v: Tensor, buckets: Tenso
         else:
             gathered = list(_Gather.apply(rows, dst, q, k, v))
     mask_mod, score_mod = _mods(tables, before, after, causal, window, self_penalty)
-    block_mask = copy.copy(band_block_mask(length, chunk_size, before, after, causal, window, q.device))
-    block_mask.mask_mod = mask_mod
+    block_mask = with_mask_mod(band_block_mask(length, chunk_size, before, after, causal, window, q.device), mask_mod)
     if r == 1:
         out, lse = flex(*gathered, score_mod=score_mod, block_mask=block_mask, scale=scale), None
     else:
-        out, lse = flex(*gathered, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True)
+        out, lse = flex_with_lse(flex, *gathered, score_mod=score_mod, block_mask=block_mask, scale=scale)
     if gathered[0] is q:
         return out
     return _Ungather.apply(out, lse, rows, dst)

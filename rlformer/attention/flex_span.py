@@ -37,17 +37,13 @@ the eager ``flex_attention`` forward at small block sizes; FlexAttention has no 
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from rlformer.attention.flex import _cached, _flex, capturing
-
-BLOCK = 128
-"""BlockMask block size (FlexAttention's default sparse block)"""
+from rlformer.attention.flex import BLOCK, _cached, _flex, capturing, flex_with_lse, with_mask_mod
 LOG_FLOOR = 1e-30
 """m is clamped at this floor before the log (only reached where u > 0 is rounding-small)"""
 
@@ -87,13 +83,6 @@ def band_block_mask(tq: int, tk: int, n_mem: int, lo: int, hi: int, device: torc
         return BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=block, seq_lengths=(tq, tk))
 
     return _cached(key, build)
-
-
-def with_mask_mod(block_mask, mask_mod: Callable):
-    """A shallow copy of a cached BlockMask with this call's mask_mod (the block tables are shared)."""
-    out = copy.copy(block_mask)
-    out.mask_mod = mask_mod
-    return out
 
 
 def _z32(z: Tensor) -> Tensor:
@@ -144,17 +133,6 @@ def span_bounds(z: Tensor, ramp: int, max_span: int) -> tuple[int, int]:
         return 0, max(1, max_span)
     z_min, z_max = (float(zd.min()), float(zd.max())) if zd.numel() else (0.0, 0.0)
     return max(0, math.floor(z_min)), max(1, min(max_span, math.ceil(ramp + z_max)))
-
-
-def flex_with_lse(flex, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
-    """(out, lse) of ``flex`` (natural-log logsumexp): ``return_aux=AuxRequest(lse=True)`` where torch has it
-    (``return_lse`` is deprecated there), else ``return_lse=True``."""
-    try:
-        from torch.nn.attention.flex_attention import AuxRequest
-    except ImportError:
-        return flex(q, k, v, return_lse=True, **kwargs)
-    out, aux = flex(q, k, v, return_aux=AuxRequest(lse=True), **kwargs)
-    return out, aux.lse
 
 
 def _dot_difference(g: Tensor, a: Tensor, b: Tensor, acc: torch.dtype, rows: int = 1 << 16) -> Tensor:
