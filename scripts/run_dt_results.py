@@ -141,7 +141,7 @@ def launch_in_process(cfg: ResultsConfig) -> list[dict]:
     evaluated by its own ``train_dt.py --resume`` process (nothing left to train, so it only evaluates);
     the evaluation fields are merged into the training summary.
     """
-    from agents.common import write_json
+    from agents.common import write_summary
     from agents.dt.config import DTConfig
     from agents.dt.train import train_concurrently
 
@@ -178,7 +178,8 @@ def launch_in_process(cfg: ResultsConfig) -> list[dict]:
         merged = {**job["summary"], **{k: ev["summary"][k] for k in EVAL_FIELDS if k in ev["summary"]}}
         merged["wall_s"] = job["summary"]["wall_s"] + ev["wall_s"]
         job["summary"], job["wall_s"] = merged, merged["wall_s"]
-        write_json(job["dir"] / "summary.json", merged)
+        # the run's config as the evaluation process read it (the training flags plus --resume)
+        write_summary(job["dir"], merged, ev["summary"].get("config"))
     return done
 
 

@@ -281,8 +281,9 @@ def test_results_in_process_training_then_evaluation_processes(hopper_medium_sma
         assert set(s["normalized_score"]) == {"3600", "1800"} and s["eval_episodes_per_target"] == 2
         log = (tmp_path / "runs" / f"{r['model']}-seed0" / "eval_log.txt").read_text()
         assert "at update 6" in log and "0 updates" in log                     # evaluation only, same weights
-        assert json.loads((tmp_path / "runs" / f"{r['model']}-seed0" / "summary.json").read_text())[
-            "normalized_score"] == s["normalized_score"]
+        on_disk = json.loads((tmp_path / "runs" / f"{r['model']}-seed0" / "summary.json").read_text())
+        assert on_disk["normalized_score"] == s["normalized_score"] and on_disk["updates_this_run"] == 6
+        assert on_disk["config"]["train_steps"] == 6 and on_disk["config"]["model"] == r["model"]
     assert "| dt | 1/1 |" in (tmp_path / "table.md").read_text()
 
 
