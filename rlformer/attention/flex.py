@@ -70,16 +70,21 @@ def capturing(x: Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def raise_recompile_limit() -> None:
+    """Raise Dynamo's recompile limits (8 per function by default): every distinct pattern (per layer, length,
+    memory length) is a new mask_mod and so a recompile, and past the limit a compiled function silently runs
+    eagerly (flex_attention then with O(T^2) memory)."""
+    dynamo = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, limit, max(getattr(dynamo, limit), 256))
+    if hasattr(dynamo, "accumulated_recompile_limit"):
+        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4096)
+
+
 def _flex():
     if "flex" not in _COMPILED:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        # Every distinct pattern (per layer, length, memory length) is a new mask_mod and so a recompile;
-        # past Dynamo's default limit of 8 it would silently run flex_attention eagerly, with O(T^2) memory.
-        dynamo = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-        setattr(dynamo, limit, max(getattr(dynamo, limit), 256))
-        if hasattr(dynamo, "accumulated_recompile_limit"):
-            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4096)
+        raise_recompile_limit()
         _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
         # dynamic=False here too: with create_block_mask(_compile=True), Dynamo's automatic dynamic shapes turn
         # the integer constants of the rules (block sizes, strides) into SymInts once a second pattern with other

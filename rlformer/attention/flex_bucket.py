@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from rlformer.attention.chunked import SELF_PENALTY
+from rlformer.attention.compiled import fused
 from rlformer.attention.flex import BLOCK, _cached, _flex, flex_eligible, flex_with_lse, with_mask_mod
 
 __all__ = ["BLOCK", "band_block_mask", "bucket_slots", "flex_bucket_attention", "use_flex_bucket"]
@@ -102,11 +103,19 @@ def bucket_slots(buckets: Tensor, chunk_size: int, key_valid: Tensor | None, ded
     (B, H * R, L): ``pos`` (T for padding), ``qbkt`` (the slot's bucket, -1 for padding), ``kbkt`` (the bucket
     as a key: -2 when the key is invalid or padding), ``chunk`` (the slot's rank in its bucket's run // C),
     ``others`` (with ``dedup`` and R > 1): for each round r' != r (in order), the bucket of the slot's token
-    in round r'.
+    in round r'. Built by ``_slot_tables`` (fused into a few kernels on CUDA, ``compiled.fused``).
     """
+    length = -(-buckets.shape[-1] // BLOCK) * BLOCK
+    rows, slot, pos, qbkt, kbkt, chunk, others = fused(_slot_tables, buckets)(buckets, chunk_size, key_valid,
+                                                                                dedup, length)
+    return {"rows": rows, "slot": slot, "length": length, "pos": pos, "qbkt": qbkt, "kbkt": kbkt, "chunk": chunk,
+            "others": list(others)}
+
+
+def _slot_tables(buckets: Tensor, chunk_size: int, key_valid: Tensor | None, dedup: bool, length: int):
+    """The tensors of ``bucket_slots`` (pure tensor code): (rows, slot, pos, qbkt, kbkt, chunk, others)."""
     b, h, r, t = buckets.shape
     dev = buckets.device
-    length = -(-t // BLOCK) * BLOCK
     pos = torch.arange(t, device=dev)
     perm = (buckets * t + pos).argsort(dim=-1)                                      # sorted index -> position
     sb = torch.take_along_dim(buckets, perm, dim=-1)
@@ -125,16 +134,15 @@ def bucket_slots(buckets: Tensor, chunk_size: int, key_valid: Tensor | None, ded
     if key_valid is not None:
         ok = torch.take_along_dim(key_valid.to(torch.bool)[:, None, None, :].expand(b, h, r, t), perm, dim=-1)
         kb = torch.where(ok, sb, -2)
-    out = {"rows": torch.nn.functional.pad(perm, (0, pad), value=0) if pad else perm, "slot": slot,
-           "length": length, "pos": table(perm, t), "qbkt": table(sb, -1), "kbkt": table(kb, -2),
-           "chunk": table(rank // chunk_size, 0), "others": []}
+    others = []
     if dedup and r > 1:
         for k in range(r - 1):      # the k-th round other than the slot's own
             choice = [[rr for rr in range(r) if rr != own][k] for own in range(r)]
             src = torch.stack([buckets[:, :, c] for c in choice], dim=2)          # (B, H, R, T): round choice[r]
             # (Python ints, not an index tensor: no host-to-device copy, so a CUDA graph can capture this)
-            out["others"].append(table(torch.take_along_dim(src, perm, dim=-1), -1))
-    return out
+            others.append(table(torch.take_along_dim(src, perm, dim=-1), -1))
+    rows = torch.nn.functional.pad(perm, (0, pad), value=0) if pad else perm
+    return rows, slot, table(perm, t), table(sb, -1), table(kb, -2), table(rank // chunk_size, 0), tuple(others)
 
 
 def _mods(tables: dict, before: int, after: int, causal: bool, window: int | None,

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rlformer.attention.base import Attention, merge_heads
+from rlformer.attention.compiled import fused
 from rlformer.attention.lsh import Float32Buffers, layer_generator
 from rlformer.config import EncoderConfig
 from rlformer.context import AttentionContext
@@ -214,100 +215,126 @@ def _group_backward(phi_q, phi_k, v1, lg, s0, chunk, floor, g_out, g_end):
     return unchunk(dq), unchunk(dk), unchunk(dv1), None if dlg is None else unchunk(dlg), ds0
 
 
+def _sliced(x: Optional[Tensor], a: int, e: int) -> Optional[Tensor]:
+    """Tokens a..e of a (B, H, T, ...) tensor or of a (B, H or 1, T) weight (None stays None)."""
+    if x is None:
+        return None
+    return x[..., a:e] if x.dim() == 3 else x[:, :, a:e]
+
+
+def _features_of_group(spec, mm, qg, kg, wq, wk):
+    """(phi(q), x'_q, phi(k), x'_k) of one group: ``spec`` = (class, constants) of the feature map, or None when
+    q and k are the features already (x' None)."""
+    if spec is None:
+        return qg.to(mm), None, kg.to(mm), None
+    cls, consts = spec
+    phi_q, xq = cls.feature_pass(consts, qg, wq, True, mm)
+    phi_k, xk = cls.feature_pass(consts, kg, wk, False, mm)
+    return phi_q, xq, phi_k, xk
+
+
+def _forward_group(spec, chunk: int, floor: float, mm: torch.dtype, s: Tensor, qg: Tensor, kg: Tensor, vg: Tensor,
+                   wg: Optional[Tensor], lg: Optional[Tensor], wq: Optional[Tensor], wk: Optional[Tensor]):
+    """One stretch of ``_LinearAttention.forward``: features, [v, 1] * key weight, the chunk form from the carried
+    sums s. Returns (out in v's dtype, end sums). Pure tensor code (``compiled.fused`` compiles it on CUDA)."""
+    phi_q, _, phi_k, _ = _features_of_group(spec, mm, qg, kg, wq, wk)
+    o, s_end = _group_forward(phi_q, phi_k, _values_with_ones(vg, wg, mm), lg, s, chunk, floor)
+    return o.to(vg.dtype), s_end
+
+
+def _backward_group(spec, chunk: int, floor: float, mm: torch.dtype, need: tuple, s_start: Tensor, qg: Tensor,
+                    kg: Tensor, vg: Tensor, wg: Optional[Tensor], lg: Optional[Tensor], wq: Optional[Tensor],
+                    wk: Optional[Tensor], g_out: Tensor, g_s: Optional[Tensor]):
+    """Gradients of one stretch of ``_LinearAttention`` (recomputing its forward): (dq, dk, dv, d key weight,
+    dlg, d carried sums, dW_q, dW_k), None where ``need`` (q, k, v, weight, lg, wq, wk) says no. Pure tensor code
+    (``compiled.fused`` compiles it on CUDA)."""
+    phi_q, xq, phi_k, xk = _features_of_group(spec, mm, qg, kg, wq, wk)
+    dphi_q, dphi_k, dv1, dlg, ds = _group_backward(phi_q, phi_k, _values_with_ones(vg, wg, mm), lg, s_start, chunk,
+                                                   floor, g_out, g_s)
+    dv = dw = None
+    if need[2]:
+        dv = (dv1[..., :-1] if wg is None else dv1[..., :-1] * wg[..., None]).to(vg.dtype)
+    if need[3]:
+        dw = torch.linalg.vecdot(dv1[..., :-1], vg.to(mm)) + dv1[..., -1]
+        dw = dw.sum(1, keepdim=True) if wg.shape[1] == 1 else dw
+    grads = []
+    for x, phi, dphi, xa, w, need_x, need_w, query in ((qg, phi_q, dphi_q, xq, wq, need[0], need[5], True),
+                                                      (kg, phi_k, dphi_k, xk, wk, need[1], need[6], False)):
+        if spec is None:
+            grads.append((dphi.to(x.dtype) if need_x else None, None))
+            continue
+        cls, consts = spec
+        dx, dw_f = cls.features_backward(consts, x, xa, w, phi, dphi, query, need_x, need_w)
+        grads.append((None if dx is None else dx.to(x.dtype), dw_f))
+    (dq, dwq), (dk, dwk) = grads
+    return dq, dk, dv, dw, dlg if need[4] else None, ds, dwq, dwk
+
+
 class _LinearAttention(torch.autograd.Function):
     """Causal (gated) linear attention that keeps only its inputs for backward.
 
-    ``fmap`` (None: q and k are the features already) maps queries and keys to features by one fp32
-    matmul of augmented inputs with feature weights ``wq`` / ``wk`` (H, M, d') and one elementwise
-    activation, written in the matmul dtype (``RandomFeatureAttention.feature_pass`` / ``features_backward``;
-    the feature weights are inputs, so gradients reach what they are made of, e.g. RFA's tau). ``v1`` =
-    [v, 1] * (key weight) carries values and the normalizer's ones column together (padding and RFA's
-    (1 - g_t) are key weights). Forward runs features and the chunk form (``_chunk_pass``) without a
-    graph; backward recomputes the features and differentiates them and the chunk form by hand
-    (``_chunk_backward``), no autograd graph. Saved for backward: q, k, v, key weights, gates and the
-    carried sums at the start of each group, O(T * dh) per head instead of the O(T * M) feature maps and
+    ``spec`` = (feature-map class, its constants) maps queries and keys to features by one fp32 matmul of
+    augmented inputs with feature weights ``wq`` / ``wk`` (H, M, d') and one elementwise activation, written in
+    the matmul dtype (the static ``feature_pass`` / ``features_backward`` of ``RandomFeatureAttention``; the
+    feature weights are inputs, so gradients reach what they are made of, e.g. RFA's tau); ``spec=None``: q and
+    k are the features already. ``v1`` = [v, 1] * (key weight) carries values and the normalizer's ones column
+    together (padding and RFA's (1 - g_t) are key weights). Forward runs features and the chunk form
+    (``_chunk_pass``) without a graph; backward recomputes the features and differentiates them and the chunk
+    form by hand (``_chunk_backward``), no autograd graph. Saved for backward: q, k, v, key weights, gates and
+    the carried sums at the start of each group, O(T * dh) per head instead of the O(T * M) feature maps and
     per-chunk tensors. ``bounds``: the stretches of tokens processed one after another (whole chunks;
     [(0, T)]: one batched pass; more groups bound the transient O(group * M) tensors, see
-    ``RandomFeatureConfig.recompute_group``). Outputs and gradients are written into preallocated
-    tensors group by group (no concatenation). Not twice differentiable.
+    ``RandomFeatureConfig.recompute_group``). Each stretch is one call of ``_forward_group`` /
+    ``_backward_group``, compiled into a few fused kernels on CUDA (``compiled.fused``). Not twice
+    differentiable.
     """
 
     @staticmethod
-    def forward(ctx, fmap, bounds, chunk, floor, s0, q, k, v, weight, lg, wq, wk):
+    def forward(ctx, spec, bounds, chunk, floor, s0, q, k, v, weight, lg, wq, wk):
         mm = _matmul_dtype(v.dtype, s0.dtype)
         out = v.new_empty(v.shape) if len(bounds) > 1 else None
+        step = fused(_forward_group, q)
         starts = []
         s = s0
         for a, e in bounds:
-            qg, kg = q[:, :, a:e], k[:, :, a:e]
-            phi_q, phi_k = (qg.to(mm), kg.to(mm)) if fmap is None else (fmap.feature_pass(qg, wq, True, mm)[0],
-                                                                        fmap.feature_pass(kg, wk, False, mm)[0])
             starts.append(s)
-            v1 = _values_with_ones(v[:, :, a:e], None if weight is None else weight[..., a:e], mm)
-            o, s = _group_forward(phi_q, phi_k, v1, None if lg is None else lg[:, :, a:e], s, chunk, floor)
-            del phi_q, phi_k, v1
+            o, s = step(spec, chunk, floor, mm, s, q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], _sliced(weight, a, e),
+                        _sliced(lg, a, e), wq, wk)
             if out is None:
-                out = o.to(v.dtype)
+                out = o
             else:
                 out[:, :, a:e] = o
-        ctx.fmap, ctx.bounds, ctx.chunk, ctx.floor = fmap, bounds, chunk, floor
+        ctx.spec, ctx.bounds, ctx.chunk, ctx.floor = spec, bounds, chunk, floor
         ctx.save_for_backward(torch.stack(starts), q, k, v, weight, lg, wq, wk)
         return out, s
 
     @staticmethod
     def backward(ctx, g_out, g_end):
         starts, q, k, v, weight, lg, wq, wk = ctx.saved_tensors
-        fmap = ctx.fmap
-        need = ctx.needs_input_grad
+        n = ctx.needs_input_grad
+        need = (n[5], n[6], n[7], n[8] and weight is not None, n[9] and lg is not None,
+                n[10] and wq is not None, n[11] and wk is not None)
         mm = _matmul_dtype(v.dtype, starts.dtype)
-        grads = [torch.empty_like(x) if x is not None and need[i] else None
-                 for i, x in ((5, q), (6, k), (7, v), (8, weight), (9, lg))]
-        dq_all, dk_all, dv_all, dw_all, dlg_all = grads
-        if dw_all is not None and weight.shape[1] == 1:
-            dw_all.zero_()
-        dwq = torch.zeros_like(wq) if wq is not None and need[10] else None
-        dwk = torch.zeros_like(wk) if wk is not None and need[11] else None
+        dq_all, dk_all, dv_all, dw_all, dlg_all = (torch.empty_like(x) if want else None
+                                                   for x, want in zip((q, k, v, weight, lg), need))
+        dwq = dwk = None
+        step = fused(_backward_group, q)
         g_s = g_end
         for i in reversed(range(len(ctx.bounds))):
             a, e = ctx.bounds[i]
-            qg, kg = q[:, :, a:e], k[:, :, a:e]
-            if fmap is None:
-                phi_q, xq = qg.to(mm), None
-                phi_k, xk = kg.to(mm), None
-            else:
-                phi_q, xq = fmap.feature_pass(qg, wq, True, mm)
-                phi_k, xk = fmap.feature_pass(kg, wk, False, mm)
-            vg, wg = v[:, :, a:e], None if weight is None else weight[..., a:e]
-            dphi_q, dphi_k, dv1, dlg, g_s = _group_backward(phi_q, phi_k, _values_with_ones(vg, wg, mm),
-                                                            None if lg is None else lg[:, :, a:e], starts[i],
-                                                            ctx.chunk, ctx.floor, g_out[:, :, a:e], g_s)
-            if dv_all is not None:
-                if wg is None:
-                    dv_all[:, :, a:e] = dv1[..., :-1]
-                else:
-                    torch.mul(dv1[..., :-1], wg[..., None], out=dv_all[:, :, a:e])
+            dq, dk, dv, dw, dlg, g_s, dwq_g, dwk_g = step(
+                ctx.spec, ctx.chunk, ctx.floor, mm, need, starts[i], q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
+                _sliced(weight, a, e), _sliced(lg, a, e), wq, wk, g_out[:, :, a:e], g_s)
+            for dst, g in ((dq_all, dq), (dk_all, dk), (dv_all, dv)):
+                if dst is not None:
+                    dst[:, :, a:e] = g
             if dw_all is not None:
-                dw = torch.linalg.vecdot(dv1[..., :-1], vg.to(mm)) + dv1[..., -1]
-                if wg.shape[1] == 1:
-                    dw_all[..., a:e] += dw.sum(1, keepdim=True)
-                else:
-                    dw_all[..., a:e] = dw
-            del dv1
+                dw_all[..., a:e] = dw
             if dlg_all is not None:
                 dlg_all[..., a:e] = dlg
-            for x, phi, dphi, xa, w, dw_acc, d_all, query in ((qg, phi_q, dphi_q, xq, wq, dwq, dq_all, True),
-                                                             (kg, phi_k, dphi_k, xk, wk, dwk, dk_all, False)):
-                if fmap is None:
-                    if d_all is not None:
-                        d_all[:, :, a:e] = dphi
-                    continue
-                dx, dw_f = fmap.features_backward(x, xa, w, phi, dphi, query, d_all is not None, dw_acc is not None)
-                if d_all is not None:
-                    d_all[:, :, a:e] = dx
-                if dw_acc is not None:
-                    dw_acc += dw_f
-            del phi_q, phi_k, dphi_q, dphi_k, xq, xk
-        return (None, None, None, None, g_s if need[4] else None, dq_all, dk_all, dv_all, dw_all, dlg_all, dwq, dwk)
+            dwq = dwq_g if dwq is None else dwq + dwq_g
+            dwk = dwk_g if dwk is None else dwk + dwk_g
+        return (None, None, None, None, g_s if n[4] else None, dq_all, dk_all, dv_all, dw_all, dlg_all, dwq, dwk)
 
 
 def _values_with_ones(v: Tensor, weight: Optional[Tensor], dtype: torch.dtype) -> Tensor:
@@ -424,19 +451,28 @@ class RandomFeatureAttention(Float32Buffers, Attention):
     def feature_map(self, x: Tensor, query: bool) -> Tensor:
         """(B, H, T, dh) -> (B, H, T, M) in float32 (float64 for float64 inputs), differentiable."""
         wq, wk = self.feature_weights(torch.promote_types(x.dtype, torch.float32))
-        return self.feature_pass(x, wq if query else wk, query, wq.dtype)[0]
+        return self.feature_pass(self.feature_consts, x, wq if query else wk, query, wq.dtype)[0]
 
     def feature_weights(self, acc: torch.dtype) -> tuple[Tensor, Tensor]:
         """(W_q, W_k): (H, M, d') weights of the augmented inputs, built once per call (with autograd)."""
         raise NotImplementedError
 
-    def feature_pass(self, x: Tensor, w: Tensor, query: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    @property
+    def feature_consts(self) -> tuple[int, int]:
+        """(d_head, n_features): the constants the static feature functions read."""
+        return self.d_head, self.n_features
+
+    @staticmethod
+    def feature_pass(consts: tuple[int, int], x: Tensor, w: Tensor, query: bool,
+                     dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(phi(x) in ``dtype``, augmented input x' (B, H, T, d') in w's dtype): phi = act(x' W^T), the
-        exponents in w's dtype (fp32 for 16-bit inputs). Differentiable when dtype is w's dtype."""
+        exponents in w's dtype (fp32 for 16-bit inputs). Differentiable when dtype is w's dtype. Static (pure
+        tensor code with constants ``feature_consts``), so the fused CUDA path can compile it."""
         raise NotImplementedError
 
-    def features_backward(self, x: Tensor, xa: Tensor, w: Tensor, phi: Tensor, dphi: Tensor, query: bool,
-                          need_x: bool, need_w: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    @staticmethod
+    def features_backward(consts: tuple[int, int], x: Tensor, xa: Tensor, w: Tensor, phi: Tensor, dphi: Tensor,
+                          query: bool, need_x: bool, need_w: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """(dL/dx, dL/dW summed over the batch) from dL/dphi, by hand (no graph)."""
         raise NotImplementedError
 
@@ -494,7 +530,7 @@ class RandomFeatureAttention(Float32Buffers, Attention):
             gate_in = -torch.expm1(log_gate.to(acc))                                    # (1 - g_t)
             weight = gate_in if weight is None else weight * gate_in
         wq, wk = self.feature_weights(acc)
-        out, s_end = _LinearAttention.apply(self, self.groups(t), rf.chunk_size, floor, s0, q, k, v, weight,
+        out, s_end = _LinearAttention.apply((type(self), self.feature_consts), self.groups(t), rf.chunk_size, floor, s0, q, k, v, weight,
                                             log_gate, wq, wk)
         return out, {"S": s_end[..., :dh].detach(), "z": s_end[..., dh].detach()}
 
@@ -557,12 +593,14 @@ class PerformerAttention(RandomFeatureAttention):
         # queries: exponent w^T q~ + |w|^2/2 = [q, 1] . [ws, |w|^2/2]; keys: w^T k~ - |k~|^2/2 - |w|^2/2 - log m/2
         return torch.cat([ws, half_w], -1), torch.cat([ws, torch.ones_like(half_w), -half_w - log_scale], -1)
 
-    def feature_pass(self, x, w, query, dtype):
+    @staticmethod
+    def feature_pass(consts, x, w, query, dtype):
+        d_head = consts[0]
         xf = x.to(w.dtype)
         if query:
             xa = F.pad(xf, (0, 1), value=1.0)
         else:
-            sq = torch.linalg.vecdot(xf, xf).mul_(-0.5 * self.d_head ** -0.5)[..., None]    # -|k~|^2 / 2
+            sq = torch.linalg.vecdot(xf, xf).mul_(-0.5 * d_head ** -0.5)[..., None]    # -|k~|^2 / 2
             xa = torch.cat([xf, sq, torch.ones_like(sq)], -1)
         a = xa @ w.transpose(-1, -2)
         if query:      # the per-query shift cancels exactly in num / den, so it is a constant for autograd
@@ -571,7 +609,8 @@ class PerformerAttention(RandomFeatureAttention):
             return a.exp_(), xa
         return torch.exp(a, out=torch.empty(a.shape, dtype=dtype, device=a.device)), xa
 
-    def features_backward(self, x, xa, w, phi, dphi, query, need_x, need_w):
+    @staticmethod
+    def features_backward(consts, x, xa, w, phi, dphi, query, need_x, need_w):
         da = dphi.to(w.dtype).mul_(phi)                                             # d exp(a) = exp(a) da
         dx = dw = None
         if need_x:
@@ -579,7 +618,7 @@ class PerformerAttention(RandomFeatureAttention):
             d = x.shape[-1]
             dx = dxa[..., :d]
             if not query:                                                           # through -|k|^2 / (2 sqrt(d))
-                dx = dx.sub_(dxa[..., d:d + 1] * xa[..., :d] * self.d_head ** -0.5)
+                dx = dx.sub_(dxa[..., d:d + 1] * xa[..., :d] * consts[0] ** -0.5)
         if need_w:
             dw = (da.transpose(-1, -2) @ xa).sum(0)
         return dx, dw
@@ -636,14 +675,16 @@ class RFAAttention(RandomFeatureAttention):
         wa = torch.cat([torch.cat([w, zero], -1), torch.cat([w, zero + math.pi / 2], -1)], 1)
         return wa, wa
 
-    def feature_pass(self, x, w, query, dtype):
+    @staticmethod
+    def feature_pass(consts, x, w, query, dtype):
         xa = F.pad(F.normalize(x.to(w.dtype), dim=-1), (0, 1), value=1.0)           # [x^, 1]
         a = xa @ w.transpose(-1, -2)
         phi = a.sin() if dtype == a.dtype else torch.sin(a, out=torch.empty(a.shape, dtype=dtype, device=a.device))
-        return phi.mul_(self.n_features ** -0.5), xa
+        return phi.mul_(consts[1] ** -0.5), xa
 
-    def features_backward(self, x, xa, w, phi, dphi, query, need_x, need_w):
-        da = (xa @ w.transpose(-1, -2)).cos_().mul_(dphi).mul_(self.n_features ** -0.5)
+    @staticmethod
+    def features_backward(consts, x, xa, w, phi, dphi, query, need_x, need_w):
+        da = (xa @ w.transpose(-1, -2)).cos_().mul_(dphi).mul_(consts[1] ** -0.5)
         dx = dw = None
         if need_x:
             d = x.shape[-1]

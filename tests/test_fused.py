@@ -1,0 +1,79 @@
+"""The pure-tensor bodies that ``rlformer.attention.compiled.fused`` compiles on CUDA: each compiles as ONE
+graph (fullgraph, so a graph break fails here on the CPU, not silently on a GPU) and the compiled function equals
+the eager one (float64, so any difference is a tracing error, not rounding). Inductor compiles CPU code too, so
+this runs in CI; the CUDA tests of each variant compare the fused CUDA path with the float64 references."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rlformer
+from rlformer.attention import compiled, flex_bucket
+from rlformer.attention import random_features as rf
+from variants import base_config
+
+torch.set_num_threads(1)
+F64 = torch.float64
+
+
+def _compile(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def _assert_same(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        if b is None:
+            assert a is None
+        elif isinstance(b, tuple):
+            _assert_same(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["performer", "rfa"])
+def test_random_feature_group_bodies_compile_as_one_graph(name):
+    cfg = base_config(attention=name, causal=True)
+    cfg.random_features = rlformer.RandomFeatureConfig(n_features=8, chunk_size=4, recompute_group=8,
+                                                       gate=name == "rfa")
+    att = next(m for m in rlformer.build_encoder(cfg).modules() if isinstance(m, rf.RandomFeatureAttention))
+    g = torch.Generator().manual_seed(0)
+    b, h, t, dh = 2, cfg.n_heads, 12, cfg.d_head
+    q, k, v = (torch.randn(b, h, t, dh, generator=g, dtype=F64) for _ in range(3))
+    lg = F.logsigmoid(torch.randn(b, h, t, generator=g, dtype=F64)) if name == "rfa" else None
+    weight = torch.rand(b, 1, t, generator=g, dtype=F64)
+    wq, wk = (w.detach() for w in att.feature_weights(F64))
+    spec = (type(att), att.feature_consts)
+    m = att.feature_multiplier * att.n_features
+    s0 = torch.randn(b, h, m, dh + 1, generator=g, dtype=F64).abs()
+    args = (spec, 4, 1e-6, F64, s0, q, k, v, weight, lg, wq, wk)
+    want = rf._forward_group(*args)
+    assert want[0].abs().sum() > 0
+    _assert_same(_compile(rf._forward_group)(*args), want)
+    need = (True, True, True, True, lg is not None, True, True)
+    bargs = (spec, 4, 1e-6, F64, need, s0, q, k, v, weight, lg, wq, wk,
+             torch.randn(b, h, t, dh, generator=g, dtype=F64), torch.randn(s0.shape, generator=g, dtype=F64))
+    want = rf._backward_group(*bargs)
+    assert all(x is not None and x.abs().sum() > 0 for x in want[:4])
+    _assert_same(_compile(rf._backward_group)(*bargs), want)
+
+
+def test_slot_tables_compile_as_one_graph():
+    g = torch.Generator().manual_seed(0)
+    buckets = torch.randint(0, 8, (2, 3, 2, 300), generator=g)
+    key_valid = torch.rand(2, 300, generator=g) > 0.2
+    want = flex_bucket._slot_tables(buckets, 64, key_valid, True, 384)
+    got = _compile(flex_bucket._slot_tables)(buckets, 64, key_valid, True, 384)
+    assert len(want[-1]) == 1
+    for a, b in zip(got[:6] + got[6], want[:6] + want[6]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_fused_is_eager_on_cpu_and_when_disabled(monkeypatch):
+    x = torch.zeros(1)
+    assert compiled.fused(rf._forward_group, x) is rf._forward_group
+    if torch.cuda.is_available():
+        monkeypatch.setenv("RLFORMER_FUSED", "0")
+        assert compiled.fused(rf._forward_group, x.cuda()) is rf._forward_group
