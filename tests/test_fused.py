@@ -77,3 +77,34 @@ def test_fused_is_eager_on_cpu_and_when_disabled(monkeypatch):
     if torch.cuda.is_available():
         monkeypatch.setenv("RLFORMER_FUSED", "0")
         assert compiled.fused(rf._forward_group, x.cuda()) is rf._forward_group
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: the fused (compiled) path vs CPU float64")
+@pytest.mark.parametrize("name,gate", [("performer", False), ("rfa", False), ("rfa", True)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_cuda_fused_random_features_match_cpu_float64(name, gate, padded):
+    """Outputs and every gradient (input, projections, RFA's tau and gate) of the fused CUDA path (several
+    groups: recompute_group 8 < T = 29) in float32 against the eager CPU float64 pass."""
+    cfg = base_config(attention=name, causal=True)
+    cfg.random_features = rlformer.RandomFeatureConfig(n_features=16, chunk_size=4, recompute_group=8, gate=gate)
+    torch.manual_seed(0)
+    enc = rlformer.build_encoder(cfg).train()
+    x = torch.randn(2, 29, cfg.d_model, dtype=F64)
+    valid = torch.ones(2, 29, dtype=torch.bool)
+    if padded:
+        valid[1, :5] = False
+
+    def run(device, dtype):
+        model = enc.to(device, dtype)
+        model.zero_grad()
+        xi = x.to(device, dtype).requires_grad_()
+        out = model(xi, mask=valid.to(device) if padded else None).output
+        (out * torch.linspace(-1, 1, out.numel(), device=device, dtype=dtype).view_as(out)).sum().backward()
+        return [out.detach().double().cpu(), xi.grad.double().cpu()] + \
+            [p.grad.double().cpu() for p in model.parameters() if p.grad is not None]
+
+    ref = run("cpu", F64)
+    got = run("cuda", torch.float32)
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
