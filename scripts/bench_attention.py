@@ -28,6 +28,7 @@ printed last. On CPU times come from ``time.perf_counter`` and memory is not mea
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import importlib
 import json
@@ -83,8 +84,28 @@ def variant_config(name: str, t: int, heads: int, d_head: int) -> rlformer.Encod
     return cfg
 
 
+def apply_overrides(cfg: rlformer.EncoderConfig, overrides: list[str] | None) -> rlformer.EncoderConfig:
+    """``--set section.field=value`` (e.g. ``random_features.recompute_group=16384``) on the benchmark config."""
+    for item in overrides or []:
+        path, sep, text = item.partition("=")
+        section, _, field = path.rpartition(".")
+        owner = getattr(cfg, section) if section else cfg
+        if not sep or not hasattr(owner, field):
+            raise ValueError(f"--set {item!r}: expected section.field=value naming a field of EncoderConfig "
+                             f"(e.g. random_features.recompute_group=16384)")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if section:
+            setattr(cfg, section, replace(owner, **{field: value}))
+        else:
+            setattr(cfg, field, value)
+    return cfg
+
+
 def rlformer_step(name: str, t: int, args, device, dtype) -> Callable[[], None]:
-    cfg = variant_config(name, t, args.heads, args.d_head)
+    cfg = apply_overrides(variant_config(name, t, args.heads, args.d_head), getattr(args, "set", None))
     cls = rlformer.validate(cfg)["attention"]
     torch.manual_seed(0)
     layer_index = 1 if name.endswith(":interleaved") else 0          # interleaved: the A^(2) layer
@@ -378,6 +399,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--isolate", action="store_true",
                    help="one process per variant (implied by --cuda-graph on CUDA: a failed graph capture leaves the "
                         "CUDA context unusable for later captures), results merged into --out")
+    p.add_argument("--set", nargs="+", default=None, metavar="SECTION.FIELD=VALUE",
+                   help="override the benchmark config of the rlformer variants, e.g. random_features.recompute_group=0")
     p.add_argument("--out", default="bench_attention.json")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="measure nothing: merge these result files into --out and print one table")
@@ -393,7 +416,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "dtype": args.dtype, "batch": args.batch, "heads": args.heads,
             "d_head": args.d_head, "warmup": args.warmup, "reps": args.reps, "lengths": args.lengths,
-            "cuda_graph": bool(args.cuda_graph and device.type == "cuda"),
+            "cuda_graph": bool(args.cuda_graph and device.type == "cuda"), "overrides": args.set or [],
             "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]) if argv is None else argv}
     plan: list[tuple[str, bool, Callable]] = []
     notes: list[str] = []

@@ -4,7 +4,8 @@
 
 Uses the same layer and settings as scripts/bench_attention.py (bf16, batch 1 x 8 heads x d_head 64 by
 default), runs ``--warmup`` steps, profiles ``--steps`` steps and prints the top ``--rows`` operators by
-CUDA time (totals over the profiled steps: divide by ``--steps`` for per-step figures).
+CUDA time (totals over the profiled steps: divide by ``--steps`` for per-step figures), after the median host time
+to launch one step and its synchronized wall time (unprofiled).
 """
 from __future__ import annotations
 
@@ -16,6 +17,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention  # noqa: E402  (same directory)
+
+
+def _host_and_wall_ms(step, device, steps: int) -> tuple[float, float]:
+    """Median over ``steps`` of the host time to enqueue one step, and of the synchronized wall time per step."""
+    import statistics
+    import time
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
+    host, wall = [], []
+    for _ in range(max(steps, 3)):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        sync(device)
+        host.append((t1 - t0) * 1e3)
+        wall.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(host), statistics.median(wall)
 
 
 def main(argv=None) -> None:
@@ -30,6 +48,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--rows", type=int, default=14)
+    p.add_argument("--set", nargs="+", default=None, metavar="SECTION.FIELD=VALUE",
+                   help="config overrides, as in bench_attention.py")
     args = p.parse_args(argv)
     from torch.profiler import ProfilerActivity, profile
 
@@ -47,7 +67,9 @@ def main(argv=None) -> None:
                 step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-        print(f"==== {name} T={args.length} ({args.steps} steps)")
+        host, wall = _host_and_wall_ms(step, device, args.steps)
+        print(f"==== {name} T={args.length} ({args.steps} steps): host {host:.2f} ms/step to launch, "
+              f"wall {wall:.2f} ms/step synchronized (host close to wall: bound by launches, not the GPU)")
         print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60), flush=True)
 
 

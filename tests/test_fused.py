@@ -97,7 +97,7 @@ def test_cuda_fused_random_features_match_cpu_float64(name, gate, padded):
     def run(device, dtype):
         model = enc.to(device, dtype)
         model.zero_grad()
-        xi = x.to(device, dtype).requires_grad_()
+        xi = x.to(device, dtype).detach().clone().requires_grad_()
         out = model(xi, mask=valid.to(device) if padded else None).output
         (out * torch.linspace(-1, 1, out.numel(), device=device, dtype=dtype).view_as(out)).sum().backward()
         return [out.detach().double().cpu(), xi.grad.double().cpu()] + \
