@@ -115,12 +115,14 @@ def rlformer_step(name: str, t: int, args, device, dtype) -> Callable[[], None]:
     index = torch.arange(t, device=device)
     q_pos = index[None].expand(args.batch, -1)
 
+    run = torch.compile(layer) if getattr(args, "compile", False) else layer
+
     def step():
         x.grad = None
         layer.zero_grad(set_to_none=True)
         ctx = AttentionContext(causal=cfg.causal, q_index=index, k_index=index, q_pos=q_pos, layer=layer_index,
                                training=True)
-        out, _ = layer(x, x, ctx)
+        out, _ = run(x, x, ctx)
         out.backward(grad)
 
     return step
@@ -399,6 +401,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--isolate", action="store_true",
                    help="one process per variant (implied by --cuda-graph on CUDA: a failed graph capture leaves the "
                         "CUDA context unusable for later captures), results merged into --out")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each rlformer layer (whole fwd, as a user compiling the model would; graph "
+                        "breaks allowed) before timing")
     p.add_argument("--set", nargs="+", default=None, metavar="SECTION.FIELD=VALUE",
                    help="override the benchmark config of the rlformer variants, e.g. random_features.recompute_group=0")
     p.add_argument("--out", default="bench_attention.json")
@@ -416,7 +421,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "dtype": args.dtype, "batch": args.batch, "heads": args.heads,
             "d_head": args.d_head, "warmup": args.warmup, "reps": args.reps, "lengths": args.lengths,
-            "cuda_graph": bool(args.cuda_graph and device.type == "cuda"), "overrides": args.set or [],
+            "cuda_graph": bool(args.cuda_graph and device.type == "cuda"), "overrides": args.set or [], "compile": bool(args.compile),
             "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]) if argv is None else argv}
     plan: list[tuple[str, bool, Callable]] = []
     notes: list[str] = []
