@@ -100,8 +100,9 @@ def test_cuda_fused_random_features_match_cpu_float64(name, gate, padded):
         xi = x.to(device, dtype).detach().clone().requires_grad_()
         out = model(xi, mask=valid.to(device) if padded else None).output
         (out * torch.linspace(-1, 1, out.numel(), device=device, dtype=dtype).view_as(out)).sum().backward()
-        return [out.detach().double().cpu(), xi.grad.double().cpu()] + \
-            [p.grad.double().cpu() for p in model.parameters() if p.grad is not None]
+        # clones: Module.to() swaps .data of parameters and their grads in place, which would move the reference
+        return [t.detach().double().cpu().clone() for t in [out, xi.grad] + [p.grad for p in model.parameters()
+                                                                           if p.grad is not None]]
 
     ref = run("cpu", F64)
     got = run("cuda", torch.float32)
