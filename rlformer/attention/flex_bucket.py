@@ -204,19 +204,14 @@ def _take_rows(rows: Tensor, index: Tensor) -> Tensor:
 
 
 def _select_rows(rows: Tensor, index: Tensor) -> Tensor:
-    """rows.index_select(0, index) (rows: (N, dh)).
-
-    While a CUDA graph is being captured: a compiled row gather (``compiled.fused``; aten's gather kernels moved
-    these 128-byte rows at ~0.4 TB/s on an H100, a quarter of lsh's GPU time at 16k; with it lsh's replayed step
-    went 3.96 -> 3.16 ms at 16k). Otherwise aten's index_select, moving whole rows as 8-byte words where the row
-    size allows (4x fewer elements for bf16 than element-wise indexing; the bits are copied unchanged): eagerly
-    these layers are bound by the host's launches, and a compiled call costs more host time than it saves GPU
-    time (lsh at 16k: 6.9-8.4 ms eager with index_select, 11.0-11.7 ms with the compiled gather)."""
+    """rows.index_select(0, index) (rows: (N, dh)). On CUDA a compiled row gather (``compiled.fused``: aten's
+    gather kernels moved these 128-byte rows at ~0.4 TB/s on an H100, half of lsh's GPU time at 16k); eagerly whole
+    rows move as 8-byte words where the row size allows (4x fewer elements for bf16 than element-wise indexing;
+    the bits are copied unchanged)."""
     index = index.reshape(-1)
-    if rows.is_cuda and torch.cuda.is_current_stream_capturing():
-        take = fused(_take_rows, rows)
-        if take is not _take_rows:
-            return take(rows, index)
+    take = fused(_take_rows, rows)
+    if take is not _take_rows:
+        return take(rows, index)
     wide = rows
     if rows.shape[-1] * rows.element_size() % 8 == 0 and rows.element_size() < 8:
         try:
