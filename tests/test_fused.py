@@ -112,13 +112,3 @@ def test_cuda_fused_random_features_match_cpu_float64(name, gate, padded):
     tol = 1e-3 if name == "performer" else 5e-3
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
-
-
-def test_row_gather_compiles_as_one_graph():
-    g = torch.Generator().manual_seed(0)
-    src = torch.randn(40, 64, generator=g, dtype=torch.bfloat16)
-    rows = src.as_strided((30, 64), (64, 1), 64)             # a view with an offset, as ``_rows`` makes
-    index = torch.randint(0, 30, (3, 17), generator=g, dtype=torch.int32).reshape(-1)
-    got = _compile(flex_bucket._take_rows)(rows, index)
-    assert torch.equal(got, rows.index_select(0, index.long()))
-    assert torch.equal(flex_bucket._select_rows(rows, index), got)

@@ -198,27 +198,16 @@ def _row_index(strides: tuple[int, int, int], t_index: Tensor) -> Tensor:
     return bi * strides[0] + hi * strides[1] + t_index.long() * strides[2]
 
 
-def _take_rows(rows: Tensor, index: Tensor) -> Tensor:
-    """rows[index] (the body ``_select_rows`` compiles on CUDA: one Inductor kernel of indirect row loads)."""
-    return rows[index]
-
-
 def _select_rows(rows: Tensor, index: Tensor) -> Tensor:
-    """rows.index_select(0, index) (rows: (N, dh)). On CUDA a compiled row gather (``compiled.fused``: aten's
-    gather kernels moved these 128-byte rows at ~0.4 TB/s on an H100, half of lsh's GPU time at 16k); eagerly whole
-    rows move as 8-byte words where the row size allows (4x fewer elements for bf16 than element-wise indexing;
-    the bits are copied unchanged)."""
-    index = index.reshape(-1)
-    take = fused(_take_rows, rows)
-    if take is not _take_rows:
-        return take(rows, index)
+    """rows.index_select(0, index) (rows: (N, dh)) moving whole rows as 8-byte words where the row size
+    allows (4x fewer elements for bf16 than element-wise indexing; the bits are copied unchanged)."""
     wide = rows
     if rows.shape[-1] * rows.element_size() % 8 == 0 and rows.element_size() < 8:
         try:
             wide = rows.view(torch.int64)
         except RuntimeError:      # storage offset not 8-byte aligned
             wide = rows
-    out = wide.index_select(0, index)
+    out = wide.index_select(0, index.reshape(-1))
     return out.view(rows.dtype) if wide is not rows else out
 
 
