@@ -405,7 +405,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                    help="torch.compile each rlformer layer (whole fwd, as a user compiling the model would; graph "
                         "breaks allowed) before timing")
     p.add_argument("--set", nargs="+", default=None, metavar="SECTION.FIELD=VALUE",
-                   help="override the benchmark config of the rlformer variants, e.g. random_features.recompute_group=0")
+                   help="override the benchmark config of the rlformer variants, "
+                        "e.g. random_features.recompute_group=0")
     p.add_argument("--out", default="bench_attention.json")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="measure nothing: merge these result files into --out and print one table")
@@ -421,7 +422,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "dtype": args.dtype, "batch": args.batch, "heads": args.heads,
             "d_head": args.d_head, "warmup": args.warmup, "reps": args.reps, "lengths": args.lengths,
-            "cuda_graph": bool(args.cuda_graph and device.type == "cuda"), "overrides": args.set or [], "compile": bool(args.compile),
+            "cuda_graph": bool(args.cuda_graph and device.type == "cuda"), "overrides": args.set or [],
+            "compile": bool(args.compile),
             "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]) if argv is None else argv}
     plan: list[tuple[str, bool, Callable]] = []
     notes: list[str] = []

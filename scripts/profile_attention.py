@@ -10,7 +10,9 @@ to launch one step and its synchronized wall time (unprofiled).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,8 +23,6 @@ import bench_attention  # noqa: E402  (same directory)
 
 def _host_and_wall_ms(step, device, steps: int) -> tuple[float, float]:
     """Median over ``steps`` of the host time to enqueue one step, and of the synchronized wall time per step."""
-    import statistics
-    import time
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
     host, wall = [], []
     for _ in range(max(steps, 3)):
@@ -50,6 +50,8 @@ def main(argv=None) -> None:
     p.add_argument("--rows", type=int, default=14)
     p.add_argument("--set", nargs="+", default=None, metavar="SECTION.FIELD=VALUE",
                    help="config overrides, as in bench_attention.py")
+    p.add_argument("--shapes", action="store_true",
+                   help="one row per (operator, input shapes): which call of an operator costs the time")
     args = p.parse_args(argv)
     from torch.profiler import ProfilerActivity, profile
 
@@ -62,7 +64,7 @@ def main(argv=None) -> None:
             step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=args.shapes) as prof:
             for _ in range(args.steps):
                 step()
             if device.type == "cuda":
@@ -70,7 +72,10 @@ def main(argv=None) -> None:
         host, wall = _host_and_wall_ms(step, device, args.steps)
         print(f"==== {name} T={args.length} ({args.steps} steps): host {host:.2f} ms/step to launch, "
               f"wall {wall:.2f} ms/step synchronized (host close to wall: bound by launches, not the GPU)")
-        print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60), flush=True)
+        table = prof.key_averages(group_by_input_shape=args.shapes).table(
+            sort_by=sort, row_limit=args.rows, max_name_column_width=60,
+            **({"max_shapes_column_width": 90} if args.shapes else {}))
+        print(table, flush=True)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from variants import base_config
 
 import rlformer
 from rlformer.attention import compiled, flex_bucket
 from rlformer.attention import random_features as rf
-from variants import base_config
 
 torch.set_num_threads(1)
 F64 = torch.float64

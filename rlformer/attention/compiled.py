@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from rlformer.attention.flex import raise_recompile_limit
+
 _FUSED: dict = {}
 
 
@@ -35,7 +37,6 @@ def fused(fn: Callable, x: Tensor) -> Callable:
         return fn
     out = _FUSED.get(fn)
     if out is None:
-        from rlformer.attention.flex import raise_recompile_limit
         raise_recompile_limit()
         out = _FUSED[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
     return out

@@ -216,10 +216,8 @@ def _group_backward(phi_q, phi_k, v1, lg, s0, chunk, floor, g_out, g_end):
 
 
 def _sliced(x: Optional[Tensor], a: int, e: int) -> Optional[Tensor]:
-    """Tokens a..e of a (B, H, T, ...) tensor or of a (B, H or 1, T) weight (None stays None)."""
-    if x is None:
-        return None
-    return x[..., a:e] if x.dim() == 3 else x[:, :, a:e]
+    """Tokens a..e of a (B, H or 1, T, ...) tensor (None stays None)."""
+    return None if x is None else x[:, :, a:e]
 
 
 def _features_of_group(spec, mm, qg, kg, wq, wk):
@@ -530,7 +528,8 @@ class RandomFeatureAttention(Float32Buffers, Attention):
             gate_in = -torch.expm1(log_gate.to(acc))                                    # (1 - g_t)
             weight = gate_in if weight is None else weight * gate_in
         wq, wk = self.feature_weights(acc)
-        out, s_end = _LinearAttention.apply((type(self), self.feature_consts), self.groups(t), rf.chunk_size, floor, s0, q, k, v, weight,
+        spec = (type(self), self.feature_consts)
+        out, s_end = _LinearAttention.apply(spec, self.groups(t), rf.chunk_size, floor, s0, q, k, v, weight,
                                             log_gate, wq, wk)
         return out, {"S": s_end[..., :dh].detach(), "z": s_end[..., dh].detach()}
 
