@@ -164,7 +164,7 @@ def slot_tables(buckets, chunk=4):
     tables = bucket_slots(buckets, chunk, None, dedup=False)
     length = tables["length"]
     dst = (torch.arange(b * h * r) * length).view(b, h, r, 1) + tables["slot"]
-    return tables["rows"].to(torch.int32), dst.to(torch.int32), length
+    return tables["rows"], tables["slot"], dst, length
 
 
 @pytest.mark.parametrize("t", [41, 128])
@@ -175,8 +175,8 @@ def test_gather_matches_plain_indexing_and_gradcheck(t):
     b, h, r, dh = 2, 2, 2, 4
     xs = [x.requires_grad_() for x in layouts(b, h, t, dh, g)]
     buckets = torch.randint(0, 3, (b, h, r, t), generator=g)
-    rows, dst, length = slot_tables(buckets)
-    ys = flex_bucket._Gather.apply(rows, dst, *xs)
+    rows, slot, _, length = slot_tables(buckets)
+    ys = flex_bucket._Gather.apply(rows, slot, *xs)
     bi, hi = torch.arange(b).view(b, 1, 1, 1), torch.arange(h).view(1, h, 1, 1)
     refs = [x[bi, hi, rows.long()].reshape(b, h * r, length, dh) for x in xs]
     probes = [torch.randn(y.shape, generator=g, dtype=F64) for y in ys]
@@ -190,7 +190,7 @@ def test_gather_matches_plain_indexing_and_gradcheck(t):
         torch.testing.assert_close(a, w, rtol=0, atol=1e-12)
     if t % BLOCK == 0:
         small = [x.detach()[:1, :, :, :2].clone().requires_grad_() for x in xs[:2]]   # clone keeps the strides
-        assert torch.autograd.gradcheck(lambda *z: flex_bucket._Gather.apply(rows[:1], dst[:1], *z), small)
+        assert torch.autograd.gradcheck(lambda *z: flex_bucket._Gather.apply(rows[:1], slot[:1], *z), small)
 
 
 @pytest.mark.parametrize("n_rounds", [1, 3])
@@ -200,7 +200,7 @@ def test_ungather_matches_index_select_and_combine_rounds(n_rounds):
     g = torch.Generator().manual_seed(12)
     b, h, t, dh = 2, 2, 41, 3
     buckets = torch.randint(0, 3, (b, h, n_rounds, t), generator=g)
-    rows, dst, length = slot_tables(buckets)
+    rows, slot, dst, length = slot_tables(buckets)
     out = torch.randn(b, h * n_rounds, length, dh, generator=g, dtype=F64, requires_grad=True)
     lse = torch.randn(b, h * n_rounds, length, generator=g, dtype=F64, requires_grad=True) if n_rounds > 1 else None
 
@@ -210,14 +210,48 @@ def test_ungather_matches_index_select_and_combine_rounds(n_rounds):
             return o[:, :, 0]
         return combine_rounds(o, lse.reshape(-1).index_select(0, dst.reshape(-1).long()).view(b, h, n_rounds, t))
 
-    got, ref = flex_bucket._Ungather.apply(out, lse, rows, dst), plain(out, lse)
+    got, ref = flex_bucket._Ungather.apply(out, lse, rows, slot), plain(out, lse)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
     probe = torch.randn(b, h, t, dh, generator=g, dtype=F64)
     inputs = [out] if lse is None else [out, lse]
     for a, w in zip(torch.autograd.grad((got * probe).sum(), inputs), torch.autograd.grad((ref * probe).sum(), inputs)):
         torch.testing.assert_close(a, w, rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(lambda *z: flex_bucket._Ungather.apply(z[0], z[1] if lse is not None else None,
-                                                                           rows, dst), (out, lse))
+                                                                           rows, slot), (out, lse))
+
+
+@cuda
+@pytest.mark.parametrize("n_rounds", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_row_kernels_match_the_aten_path(n_rounds, dtype, monkeypatch):
+    """The Triton row kernels (``row_gather``: gather, its round-summing backward, the round combination and its
+    backward) give the values and gradients of the aten path, for the three storage layouts, T not a multiple of
+    the block (padding slots), one to three rounds."""
+    from rlformer.attention import row_gather
+    g = torch.Generator().manual_seed(21)
+    b, h, t, dh = 2, 3, 300, 64
+    rows, slot, _, length = (x.cuda() if torch.is_tensor(x) else x
+                             for x in slot_tables(torch.randint(0, 4, (b, h, n_rounds, t), generator=g)))
+    xs = [x.to("cuda", dtype).requires_grad_() for x in layouts(b, h, t, dh, g)]
+    lse = (torch.randn(b, h * n_rounds, length, generator=g) * 3).cuda().requires_grad_() if n_rounds > 1 else None
+    probe = torch.randn(b, h, t, dh, generator=g).cuda()
+    fast = row_gather.available
+    assert fast(xs[0])
+
+    def run(use_kernels: bool):
+        monkeypatch.setattr(row_gather, "available", fast if use_kernels else (lambda x: False))
+        ys = flex_bucket._Gather.apply(rows, slot, *xs)
+        o = flex_bucket._Ungather.apply(ys[0] + 2 * ys[1] - ys[2], lse, rows, slot)
+        leaves = xs + ([] if lse is None else [lse])
+        return [y.detach() for y in ys] + [o.detach()] + list(torch.autograd.grad((o.float() * probe).sum(), leaves))
+
+    got, want = run(True), run(False)
+    for a, w in zip(got[:3], want[:3]):
+        assert torch.equal(a, w)                      # the gathers copy bits
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, w in zip(got[3:], want[3:]):
+        assert a.shape == w.shape and a.stride() == w.stride()
+        torch.testing.assert_close(a.float(), w.float(), rtol=tol, atol=tol)
 
 
 # ------------------------------------------------------------------------- CPU: the band BlockMask

@@ -79,36 +79,59 @@ def test_fused_is_eager_on_cpu_and_when_disabled(monkeypatch):
         assert compiled.fused(rf._forward_group, x.cuda()) is rf._forward_group
 
 
+def _encoder_and_input(name: str, gate: bool, t: int, n_features: int, chunk: int, group: int):
+    cfg = base_config(attention=name, causal=True)
+    cfg.random_features = rlformer.RandomFeatureConfig(n_features=n_features, chunk_size=chunk,
+                                                       recompute_group=group, gate=gate)
+    torch.manual_seed(0)
+    return rlformer.build_encoder(cfg).train(), torch.randn(2, t, cfg.d_model, dtype=F64)
+
+
+def _outputs_and_grads(enc, x, valid, device, dtype):
+    """[output, dL/dx, every parameter gradient] (float64, CPU) of a weighted sum of the encoder's output."""
+    model = enc.to(device, dtype)
+    model.zero_grad()
+    xi = x.to(device, dtype).detach().clone().requires_grad_()
+    out = model(xi, mask=None if valid is None else valid.to(device)).output
+    (out * torch.linspace(-1, 1, out.numel(), device=device, dtype=dtype).view_as(out)).sum().backward()
+    # clones: Module.to() swaps .data of parameters and their grads in place, which would move the reference
+    return [t.detach().double().cpu().clone() for t in [out, xi.grad] + [p.grad for p in model.parameters()
+                                                                       if p.grad is not None]]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: the fused (compiled) path vs CPU float64")
 @pytest.mark.parametrize("name,gate", [("performer", False), ("rfa", False), ("rfa", True)])
 @pytest.mark.parametrize("padded", [False, True])
 def test_cuda_fused_random_features_match_cpu_float64(name, gate, padded):
     """Outputs and every gradient (input, projections, RFA's tau and gate) of the fused CUDA path (several
     groups: recompute_group 8 < T = 29) in float32 against the eager CPU float64 pass."""
-    cfg = base_config(attention=name, causal=True)
-    cfg.random_features = rlformer.RandomFeatureConfig(n_features=16, chunk_size=4, recompute_group=8, gate=gate)
-    torch.manual_seed(0)
-    enc = rlformer.build_encoder(cfg).train()
-    x = torch.randn(2, 29, cfg.d_model, dtype=F64)
-    valid = torch.ones(2, 29, dtype=torch.bool)
+    enc, x = _encoder_and_input(name, gate, 29, 16, 4, 8)
+    valid = None
     if padded:
+        valid = torch.ones(2, 29, dtype=torch.bool)
         valid[1, :5] = False
-
-    def run(device, dtype):
-        model = enc.to(device, dtype)
-        model.zero_grad()
-        xi = x.to(device, dtype).detach().clone().requires_grad_()
-        out = model(xi, mask=valid.to(device) if padded else None).output
-        (out * torch.linspace(-1, 1, out.numel(), device=device, dtype=dtype).view_as(out)).sum().backward()
-        # clones: Module.to() swaps .data of parameters and their grads in place, which would move the reference
-        return [t.detach().double().cpu().clone() for t in [out, xi.grad] + [p.grad for p in model.parameters()
-                                                                           if p.grad is not None]]
-
-    ref = run("cpu", F64)
-    got = run("cuda", torch.float32)
+    ref = _outputs_and_grads(enc, x, valid, "cpu", F64)
+    got = _outputs_and_grads(enc, x, valid, "cuda", torch.float32)
     assert len(got) == len(ref)
     # RFA's trigonometric normalizer phi(q)^T z can come close to 0 and amplifies float32 rounding there (an H100 run
     # had 3 of 2048 weight-gradient entries 1.3e-3 off the float64 value): a looser bound for RFA only
     tol = 1e-3 if name == "performer" else 5e-3
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: TF32 tensor cores")
+@pytest.mark.parametrize("name,gate", [("performer", False), ("rfa", True)])
+def test_cuda_bf16_tf32_feature_matmuls_lose_no_accuracy(name, gate, monkeypatch):
+    """With bf16 inputs the fp32 feature matmuls run in TF32 (``TF32_FEATURES``): against the CPU float64 pass,
+    the relative error of the output and of every gradient is no worse than with full fp32 matmuls (the
+    features are rounded to bf16 right after), and both are bf16-sized."""
+    enc, x = _encoder_and_input(name, gate, 300, 64, 16, 128)
+    ref = _outputs_and_grads(enc, x, None, "cpu", F64)
+    errors = {}
+    for tf32 in (False, True):
+        monkeypatch.setattr(rf, "TF32_FEATURES", tf32)
+        got = _outputs_and_grads(enc, x, None, "cuda", torch.bfloat16)
+        errors[tf32] = max(float((a - b).norm() / b.norm()) for a, b in zip(got, ref))
+    assert errors[False] < 0.05, errors
+    assert errors[True] <= 1.5 * errors[False], errors

@@ -40,6 +40,7 @@ import math
 import torch
 from torch import Tensor
 
+from rlformer.attention import row_gather
 from rlformer.attention.chunked import SELF_PENALTY
 from rlformer.attention.compiled import fused
 from rlformer.attention.flex import BLOCK, _cached, _flex, flex_eligible, flex_with_lse, with_mask_mod
@@ -98,8 +99,8 @@ def band_block_mask(length: int, chunk_size: int, before: int, after: int, causa
 def bucket_slots(buckets: Tensor, chunk_size: int, key_valid: Tensor | None, dedup: bool) -> dict:
     """Per-slot tables of the bucket-sorted order, rounds folded into heads.
 
-    buckets: (B, H, R, T). Returns ``rows`` (B, H, R, L) long: the position of each slot (0 for the padding
-    slots, L - T of them at the end), ``slot`` (B, H, R, T): the slot of each position, and int32 tables
+    buckets: (B, H, R, T). Returns ``rows`` (B, H, R, L) int32: the position of each slot (0 for the padding
+    slots, L - T of them at the end), ``slot`` (B, H, R, T) int32: the slot of each position, and int32 tables
     (B, H * R, L): ``pos`` (T for padding), ``qbkt`` (the slot's bucket, -1 for padding), ``kbkt`` (the bucket
     as a key: -2 when the key is invalid or padding), ``chunk`` (the slot's rank in its bucket's run // C),
     ``others`` (with ``dedup`` and R > 1): for each round r' != r (in order), the bucket of the slot's token
@@ -142,7 +143,7 @@ def _slot_tables(buckets: Tensor, chunk_size: int, key_valid: Tensor | None, ded
             # (Python ints, not an index tensor: no host-to-device copy, so a CUDA graph can capture this)
             others.append(table(torch.take_along_dim(src, perm, dim=-1), -1))
     rows = torch.nn.functional.pad(perm, (0, pad), value=0) if pad else perm
-    return rows, slot, table(perm, t), table(sb, -1), table(kb, -2), table(rank // chunk_size, 0), tuple(others)
+    return rows.to(torch.int32), slot.to(torch.int32), table(perm, t), table(sb, -1), table(kb, -2), table(rank // chunk_size, 0), tuple(others)
 
 
 def _mods(tables: dict, before: int, after: int, causal: bool, window: int | None,
@@ -217,20 +218,29 @@ def _grad_like(x_shape, split: bool, rows: Tensor) -> Tensor:
     return rows.view(b, t, h, dh).transpose(1, 2) if split else rows.view(b, h, t, dh)
 
 
+def _dst(slot: Tensor, length: int) -> Tensor:
+    """Row of each (b, h, r, position) in the flattened (B * H * R * L, dh) sorted rows (aten path)."""
+    b, h, r, _ = slot.shape
+    return (torch.arange(b * h * r, device=slot.device) * length).view(b, h, r, 1) + slot
+
+
 class _Gather(torch.autograd.Function):
     """Bucket-sorted copies of q, k, v: y[b, h r, s] = x[b, h, rows[b, h, r, s]], (B, H * R, L, dh) each.
 
     The gather is R copies of a permutation (plus the L - T padding slots, which read position 0 and get zero
     gradient from the kernel: their queries see only themselves and their keys only their own query). So the
-    backward is a gather too, with the inverse permutation ``dst`` (the slot row of each (b, h, r, t)), summed
-    over rounds: no index_add (atomics) and nothing saved but the two int32 index tables.
+    backward is a gather too, with the inverse permutation ``slot`` (the slot of each (b, h, r, t)), summed
+    over rounds: no index_add (atomics) and nothing saved but the two int32 index tables. On CUDA one Triton
+    kernel per tensor and direction (``row_gather``), else aten index_select.
     """
 
     @staticmethod
-    def forward(ctx, rows: Tensor, dst: Tensor, *xs: Tensor):
+    def forward(ctx, rows: Tensor, slot: Tensor, *xs: Tensor):
         b, h, r, length = rows.shape
-        ctx.save_for_backward(rows, dst)
+        ctx.save_for_backward(rows, slot)
         ctx.meta = [(x.shape, x.stride(2) > x.stride(1)) for x in xs]
+        if row_gather.available(xs[0]):
+            return tuple(row_gather.gather_slots(x, rows) for x in xs)
         out = []
         for x in xs:
             src, strides = _rows(x)
@@ -239,13 +249,17 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        rows, dst = ctx.saved_tensors
-        r = rows.shape[2]
+        rows, slot = ctx.saved_tensors
+        r, length = rows.shape[2], rows.shape[3]
         out = [None, None]
         for g, (shape, split) in zip(grads, ctx.meta):
             if g is None or not ctx.needs_input_grad[len(out)]:
                 out.append(None)
                 continue
+            if row_gather.available(g):
+                out.append(row_gather.sum_rounds(g, slot, split))
+                continue
+            dst = _dst(slot, length)
             g = g.contiguous().view(-1, shape[-1])
             order = dst.permute(2, 0, 3, 1) if split else dst.permute(2, 0, 1, 3)     # (R, B, T, H) or (R, B, H, T)
             acc = _select_rows(g, order[0])
@@ -257,24 +271,29 @@ class _Gather(torch.autograd.Function):
 
 class _Ungather(torch.autograd.Function):
     """The kernel's (B, H * R, L, dh) output back in position order, rounds combined by their log-normalizers:
-    o[b, h, t] = sum_r w_r out[b, h r, dst_r] with w = softmax_r(lse[b, h r, dst_r]) (``combine_rounds``;
+    o[b, h, t] = sum_r w_r out[b, h r, slot_r] with w = softmax_r(lse[b, h r, slot_r]) (``combine_rounds``;
     with one round o is the gathered row). Returned in (B, T, H, dh) storage, which ``merge_heads`` reshapes
     without a copy; accumulated in float32 for half inputs.
 
     Backward (dO): in slot order, dout[b, h r, s] = w_r dO[b, h, rows_s] and dlse_r = w_r (<dO, o_r> - <dO, o>)
     with <dO, o> = sum_r w_r <dO, o_r>: gathers of dO and of per-row scalars, no index_add. Saves the kernel
     output (which the kernel keeps for its own backward anyway), w (float32, B H R T) and the index tables; the
-    padding slots get zero gradient.
+    padding slots get zero gradient. On CUDA one Triton kernel each way (``row_gather``), else aten.
     """
 
     @staticmethod
-    def forward(ctx, out: Tensor, lse: Tensor | None, rows: Tensor, dst: Tensor):
-        b, h, r, t = dst.shape
-        dh = out.shape[-1]
+    def forward(ctx, out: Tensor, lse: Tensor | None, rows: Tensor, slot: Tensor):
+        b, h, r, t = slot.shape
+        dh, length = out.shape[-1], out.shape[2]
+        if row_gather.available(out):
+            o, w = row_gather.combine_rounds(out, lse, slot)
+            ctx.save_for_backward(rows, slot, out, w) if lse is not None else ctx.save_for_backward(rows, slot)
+            return o
         flat = out.reshape(-1, dh)
+        dst = _dst(slot, length)
         order = dst.permute(0, 3, 1, 2)                                       # (B, T, H, R)
         if lse is None:
-            ctx.save_for_backward(rows, dst)
+            ctx.save_for_backward(rows, slot)
             return _select_rows(flat, order).view(b, t, h, dh).transpose(1, 2)
         acc_dtype = torch.promote_types(out.dtype, torch.float32)
         w = torch.softmax(lse.reshape(-1).index_select(0, dst.reshape(-1)).view(b, h, r, t).to(acc_dtype), dim=2)
@@ -283,14 +302,21 @@ class _Ungather(torch.autograd.Function):
         for k in range(r):
             term = _select_rows(flat, order[..., k]).view(b, t, h, dh) * wt[..., k, :]
             o = term if o is None else o.add_(term)
-        ctx.save_for_backward(rows, dst, out, w)
+        ctx.save_for_backward(rows, slot, out, w)
         return o.to(out.dtype).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        rows, dst = ctx.saved_tensors[:2]
+        rows, slot = ctx.saved_tensors[:2]
         b, h, r, length = rows.shape
-        t, dh = dst.shape[-1], grad.shape[-1]
+        t, dh = slot.shape[-1], grad.shape[-1]
+        if row_gather.available(grad):
+            if len(ctx.saved_tensors) == 2:
+                dout, _ = row_gather.combine_rounds_backward(grad, grad.new_empty(b, h * r, length, dh), None, slot)
+                return dout, None, None, None
+            out, w = ctx.saved_tensors[2:]
+            dout, dlse = row_gather.combine_rounds_backward(grad, out, w, slot)
+            return dout, dlse, None, None
         src, strides = _rows(grad)
         index = _row_index(strides, rows)                                    # (B, H, R, L)
         if len(ctx.saved_tensors) == 2:
@@ -307,7 +333,7 @@ class _Ungather(torch.autograd.Function):
             dog = _select_rows(src, index[:, :, k]).view(b, h, length, dh)
             dots[:, :, k] = (dog * outr[:, :, k]).sum(-1, dtype=w.dtype)
             torch.mul(dog, wg[:, :, k, :, None].to(dog.dtype), out=dout[:, :, k])
-        dots_u = dots.view(-1).index_select(0, dst.reshape(-1)).view(b, h, r, t)   # <dO, o_r> by position
+        dots_u = dots.view(-1).index_select(0, _dst(slot, length).reshape(-1)).view(b, h, r, t)   # <dO, o_r>
         dlse = w * (dots_u - (w * dots_u).sum(2, keepdim=True))
         dlse_g = torch.take_along_dim(dlse, rows.long(), dim=-1)
         dlse_g[..., t:] = 0
@@ -342,14 +368,12 @@ def flex_bucket_attention(q: Tensor, k: Tensor | None, v: Tensor, buckets: Tenso
     if n_buckets == 1 and r == 1 and length == t:       # sorted order = positions (routing's local heads)
         gathered = [q, torch.nn.functional.normalize(q, dim=-1) if k is None else k, v]
     else:
-        with torch.no_grad():        # slot row (in the (B * H * R * L) sorted rows) of each (b, h, r, position)
-            dst = ((torch.arange(b * h * r, device=q.device) * length).view(b, h, r, 1) + tables["slot"])
-            dst, rows = dst.to(torch.int32), tables["rows"].to(torch.int32)
+        rows, slot = tables["rows"], tables["slot"]
         if k is None:
-            qg, vg = _Gather.apply(rows, dst, q, v)
+            qg, vg = _Gather.apply(rows, slot, q, v)
             gathered = [qg, torch.nn.functional.normalize(qg, dim=-1), vg]
         else:
-            gathered = list(_Gather.apply(rows, dst, q, k, v))
+            gathered = list(_Gather.apply(rows, slot, q, k, v))
     mask_mod, score_mod = _mods(tables, before, after, causal, window, self_penalty)
     block_mask = with_mask_mod(band_block_mask(length, chunk_size, before, after, causal, window, q.device), mask_mod)
     if r == 1:
@@ -358,4 +382,4 @@ def flex_bucket_attention(q: Tensor, k: Tensor | None, v: Tensor, buckets: Tenso
         out, lse = flex_with_lse(flex, *gathered, score_mod=score_mod, block_mask=block_mask, scale=scale)
     if gathered[0] is q:
         return out
-    return _Ungather.apply(out, lse, rows, dst)
+    return _Ungather.apply(out, lse, rows, slot)

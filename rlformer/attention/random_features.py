@@ -19,6 +19,7 @@ ones. Bidirectional: global sums (plus the carried state, a memory of earlier se
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -64,6 +65,40 @@ def _chunks(x: Tensor, n: int, c: int) -> Tensor:
     if pad:
         x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
     return x.reshape(*x.shape[:2], n, c, *x.shape[3:])
+
+
+ALIGN = 8
+"""Matmul operand widths are zero-padded to a multiple of 8 elements: cuBLAS runs its fast (sm90 tensor-core)
+kernels only on 16-byte aligned rows, and [v, 1] is dh + 1 wide (65 for dh = 64), the augmented feature inputs
+dh + 1 or dh + 2 (on the H100, unpadded, 36 of performer's matmuls per 16k step fell back to sm75 kernels)."""
+
+TF32_FEATURES = True
+"""With 16-bit inputs, the fp32 matmuls (feature exponents x' W^T and their backward, the gated decay matmul) use
+TF32 tensor cores: the features are rounded to the 16-bit dtype right after, a larger error than TF32's.
+float32 / float64 inputs always keep full precision."""
+
+
+def _pad_cols(x: Optional[Tensor], width: int) -> Optional[Tensor]:
+    """x zero-padded on its last dim to ``width`` (None stays None)."""
+    return x if x is None or x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
+
+
+def _aligned(width: int) -> int:
+    return -(-width // ALIGN) * ALIGN
+
+
+@contextlib.contextmanager
+def _fp32_matmuls(mm: torch.dtype):
+    """TF32 for fp32 matmuls while the matmul dtype ``mm`` is 16-bit (``TF32_FEATURES``); restored after."""
+    if not TF32_FEATURES or mm not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 def _matmul_dtype(v_dtype: torch.dtype, acc: torch.dtype) -> torch.dtype:
@@ -113,26 +148,28 @@ def _chunk_pass(q: Tensor, k: Tensor, v1: Tensor, lg: Optional[Tensor], s0: Tens
     return r
 
 
-def _normalize(y: Tensor, floor: float) -> Tensor:
-    return y[..., :-1] / y[..., -1:].clamp(min=floor)
+def _normalize(y: Tensor, floor: float, dh: int) -> Tensor:
+    """Numerator over normalizer: y[..., :dh] / y[..., dh] (columns after dh are alignment padding)."""
+    return y[..., :dh] / y[..., dh:dh + 1].clamp(min=floor)
 
 
 def _chunk_backward(q, k, v1, lg, s0, floor, dout, ds_end):
-    """Gradients of ``_normalize(_chunk_pass(...)["y"])`` and of the end sums, recomputing the pass.
+    """Gradients of ``_normalize(_chunk_pass(...)["y"], floor, dh)`` and of the end sums, recomputing the pass.
 
-    dout: (B, H, n, C, dh) (``acc``); ds_end: (B, H, M, dh + 1) or None. Returns (dq, dk, dv1 in the
-    matmul dtype, dlg (B, H, n, C) or None, ds0 (B, H, M, dh + 1)); everything by batched matmuls and
-    (reverse) cumsums, no autograd graph.
+    dout: (B, H, n, C, dh) (``acc``); v1, s0 and ds_end ((B, H, M, W) or None) may carry zero columns after
+    the normalizer's (W >= dh + 1). Returns (dq, dk, dv1 in the matmul dtype, dlg (B, H, n, C) or None,
+    ds0 (B, H, M, W)); everything by batched matmuls and (reverse) cumsums, no autograd graph.
     """
     r = _chunk_pass(q, k, v1, lg, s0)
     acc, mm = s0.dtype, q.dtype
     b, h, n, c, m = q.shape
+    dh = dout.shape[-1]
     y = r.pop("y")
-    den = y[..., -1:]
+    den = y[..., dh:dh + 1]
     dc = den.clamp(min=floor)
     dnum = dout / dc
-    dden = -(dnum * y[..., :-1]).sum(-1, keepdim=True) / dc * (den >= floor)
-    dy = torch.cat([dnum, dden], -1).to(mm)                                         # dL/dY
+    dden = -(dnum * y[..., :dh]).sum(-1, keepdim=True) / dc * (den >= floor)
+    dy = _pad_cols(torch.cat([dnum, dden], -1), y.shape[-1]).to(mm)                # dL/dY
     del y, dnum, dden, dc, den
     a, qd = r.pop("a"), r.pop("qd")
     dv1 = a.transpose(-1, -2) @ dy
@@ -191,28 +228,32 @@ def _group_forward(phi_q: Tensor, phi_k: Tensor, v1: Tensor, lg: Optional[Tensor
     """Causal linear attention of one stretch of tokens from the carried sums s0 = [S, z].
 
     phi_q, phi_k: (B, H, T, M) and v1: (B, H, T, dh + 1) values with the ones column (both scaled by each
-    key's weight), all in the matmul dtype. Returns (out (B, H, T, dh), end sums (B, H, M, dh + 1))."""
+    key's weight), all in the matmul dtype. Returns (out (B, H, T, dh), end sums (B, H, M, dh + 1)).
+    [v, 1] and the sums run zero-padded to an ``ALIGN``ed width."""
     b, h, t, dh1 = v1.shape
     n = -(-t // chunk)
-    q, k, v1c = (_chunks(x, n, chunk) for x in (phi_q, phi_k, v1))
+    width = _aligned(dh1)
+    q, k, v1c = (_chunks(x, n, chunk) for x in (phi_q, phi_k, _pad_cols(v1, width)))
     lgc = None if lg is None else _chunks(lg.to(s0.dtype), n, chunk)
-    r = _chunk_pass(q, k, v1c, lgc, s0)
-    out = _normalize(r["y"], floor).reshape(b, h, n * chunk, dh1 - 1)[:, :, :t]
-    return out, r["s_end"]
+    r = _chunk_pass(q, k, v1c, lgc, _pad_cols(s0, width))
+    out = _normalize(r["y"], floor, dh1 - 1).reshape(b, h, n * chunk, dh1 - 1)[:, :, :t]
+    return out, r["s_end"][..., :dh1]
 
 
 def _group_backward(phi_q, phi_k, v1, lg, s0, chunk, floor, g_out, g_end):
     """Gradients of ``_group_forward`` w.r.t. (phi_q, phi_k, v1, lg, s0), recomputing it (no graph kept)."""
-    b, h, t, _ = v1.shape
+    b, h, t, dh1 = v1.shape
     n = -(-t // chunk)
-    q, k, v1c = (_chunks(x, n, chunk) for x in (phi_q, phi_k, v1))
+    width = _aligned(dh1)
+    q, k, v1c = (_chunks(x, n, chunk) for x in (phi_q, phi_k, _pad_cols(v1, width)))
     lgc = None if lg is None else _chunks(lg.to(s0.dtype), n, chunk)
-    dq, dk, dv1, dlg, ds0 = _chunk_backward(q, k, v1c, lgc, s0, floor, _chunks(g_out.to(s0.dtype), n, chunk), g_end)
+    dq, dk, dv1, dlg, ds0 = _chunk_backward(q, k, v1c, lgc, _pad_cols(s0, width), floor,
+                                            _chunks(g_out.to(s0.dtype), n, chunk), _pad_cols(g_end, width))
 
     def unchunk(x):
         return x.reshape(b, h, n * chunk, *x.shape[4:])[:, :, :t]
 
-    return unchunk(dq), unchunk(dk), unchunk(dv1), None if dlg is None else unchunk(dlg), ds0
+    return unchunk(dq), unchunk(dk), unchunk(dv1)[..., :dh1], None if dlg is None else unchunk(dlg), ds0[..., :dh1]
 
 
 def _sliced(x: Optional[Tensor], a: int, e: int) -> Optional[Tensor]:
@@ -294,14 +335,15 @@ class _LinearAttention(torch.autograd.Function):
         step = fused(_forward_group, q)
         starts = []
         s = s0
-        for a, e in bounds:
-            starts.append(s)
-            o, s = step(spec, chunk, floor, mm, s, q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], _sliced(weight, a, e),
-                        _sliced(lg, a, e), wq, wk)
-            if out is None:
-                out = o
-            else:
-                out[:, :, a:e] = o
+        with _fp32_matmuls(mm):
+            for a, e in bounds:
+                starts.append(s)
+                o, s = step(spec, chunk, floor, mm, s, q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
+                            _sliced(weight, a, e), _sliced(lg, a, e), wq, wk)
+                if out is None:
+                    out = o
+                else:
+                    out[:, :, a:e] = o
         ctx.spec, ctx.bounds, ctx.chunk, ctx.floor = spec, bounds, chunk, floor
         ctx.save_for_backward(torch.stack(starts), q, k, v, weight, lg, wq, wk)
         return out, s
@@ -318,20 +360,21 @@ class _LinearAttention(torch.autograd.Function):
         dwq = dwk = None
         step = fused(_backward_group, q)
         g_s = g_end
-        for i in reversed(range(len(ctx.bounds))):
-            a, e = ctx.bounds[i]
-            dq, dk, dv, dw, dlg, g_s, dwq_g, dwk_g = step(
-                ctx.spec, ctx.chunk, ctx.floor, mm, need, starts[i], q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
-                _sliced(weight, a, e), _sliced(lg, a, e), wq, wk, g_out[:, :, a:e], g_s)
-            for dst, g in ((dq_all, dq), (dk_all, dk), (dv_all, dv)):
-                if dst is not None:
-                    dst[:, :, a:e] = g
-            if dw_all is not None:
-                dw_all[..., a:e] = dw
-            if dlg_all is not None:
-                dlg_all[..., a:e] = dlg
-            dwq = dwq_g if dwq is None else dwq + dwq_g
-            dwk = dwk_g if dwk is None else dwk + dwk_g
+        with _fp32_matmuls(mm):
+            for i in reversed(range(len(ctx.bounds))):
+                a, e = ctx.bounds[i]
+                dq, dk, dv, dw, dlg, g_s, dwq_g, dwk_g = step(
+                    ctx.spec, ctx.chunk, ctx.floor, mm, need, starts[i], q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
+                    _sliced(weight, a, e), _sliced(lg, a, e), wq, wk, g_out[:, :, a:e], g_s)
+                for dst, g in ((dq_all, dq), (dk_all, dk), (dv_all, dv)):
+                    if dst is not None:
+                        dst[:, :, a:e] = g
+                if dw_all is not None:
+                    dw_all[..., a:e] = dw
+                if dlg_all is not None:
+                    dlg_all[..., a:e] = dlg
+                dwq = dwq_g if dwq is None else dwq + dwq_g
+                dwk = dwk_g if dwk is None else dwk + dwk_g
         return (None, None, None, None, g_s if n[4] else None, dq_all, dk_all, dv_all, dw_all, dlg_all, dwq, dwk)
 
 
@@ -452,7 +495,8 @@ class RandomFeatureAttention(Float32Buffers, Attention):
         return self.feature_pass(self.feature_consts, x, wq if query else wk, query, wq.dtype)[0]
 
     def feature_weights(self, acc: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(W_q, W_k): (H, M, d') weights of the augmented inputs, built once per call (with autograd)."""
+        """(W_q, W_k): (H, M, d') weights of the augmented inputs, built once per call (with autograd), d' padded
+        with zero columns to a multiple of ``ALIGN`` (the augmented inputs get the same zero columns)."""
         raise NotImplementedError
 
     @property
@@ -590,7 +634,8 @@ class PerformerAttention(RandomFeatureAttention):
         ws = w * self.d_head ** -0.25                                               # w^T x~ = (w d^{-1/4})^T x
         log_scale = torch.full_like(half_w, 0.5 * math.log(self.n_features))       # the 1 / sqrt(m)
         # queries: exponent w^T q~ + |w|^2/2 = [q, 1] . [ws, |w|^2/2]; keys: w^T k~ - |k~|^2/2 - |w|^2/2 - log m/2
-        return torch.cat([ws, half_w], -1), torch.cat([ws, torch.ones_like(half_w), -half_w - log_scale], -1)
+        wq, wk = torch.cat([ws, half_w], -1), torch.cat([ws, torch.ones_like(half_w), -half_w - log_scale], -1)
+        return _pad_cols(wq, _aligned(wq.shape[-1])), _pad_cols(wk, _aligned(wk.shape[-1]))
 
     @staticmethod
     def feature_pass(consts, x, w, query, dtype):
@@ -601,6 +646,7 @@ class PerformerAttention(RandomFeatureAttention):
         else:
             sq = torch.linalg.vecdot(xf, xf).mul_(-0.5 * d_head ** -0.5)[..., None]    # -|k~|^2 / 2
             xa = torch.cat([xf, sq, torch.ones_like(sq)], -1)
+        xa = _pad_cols(xa, w.shape[-1])                                             # w's zero columns (ALIGN)
         a = xa @ w.transpose(-1, -2)
         if query:      # the per-query shift cancels exactly in num / den, so it is a constant for autograd
             a = a.sub_(a.detach().amax(-1, keepdim=True))
@@ -672,11 +718,12 @@ class RFAAttention(RandomFeatureAttention):
         w = self.features.to(acc) * (0.5 * self.log_tau.to(acc)).exp()[:, None, None]     # (H, m, d)
         zero = torch.zeros_like(w[..., :1])
         wa = torch.cat([torch.cat([w, zero], -1), torch.cat([w, zero + math.pi / 2], -1)], 1)
+        wa = _pad_cols(wa, _aligned(wa.shape[-1]))                                  # zero columns (ALIGN)
         return wa, wa
 
     @staticmethod
     def feature_pass(consts, x, w, query, dtype):
-        xa = F.pad(F.normalize(x.to(w.dtype), dim=-1), (0, 1), value=1.0)           # [x^, 1]
+        xa = _pad_cols(F.pad(F.normalize(x.to(w.dtype), dim=-1), (0, 1), value=1.0), w.shape[-1])   # [x^, 1, 0..]
         a = xa @ w.transpose(-1, -2)
         phi = a.sin() if dtype == a.dtype else torch.sin(a, out=torch.empty(a.shape, dtype=dtype, device=a.device))
         return phi.mul_(consts[1] ** -0.5), xa
