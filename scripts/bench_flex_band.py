@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
     for t in args.length:
         torch.manual_seed(0)
         buckets = torch.randint(0, args.buckets, (1, args.heads, args.rounds, t), device=dev)
-        tables = flex_bucket.bucket_slots(buckets, args.chunk, None, True)
+        tables = flex_bucket.bucket_slots(buckets, args.chunk, None, True, reach=1)
         length = tables["length"]
         hr = args.heads * args.rounds
         q, k, v = (torch.randn(1, hr, length, args.d_head, device=dev, dtype=dt, requires_grad=True)

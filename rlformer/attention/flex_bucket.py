@@ -95,26 +95,35 @@ def band_block_mask(length: int, chunk_size: int, before: int, after: int, causa
     return _cached(("bucket_band", length, chunk_size, before, after, causal, window, str(device)), build)
 
 
+PAD_QUERY, NO_KEY = -(1 << 29), -(1 << 30)
+"""``group`` of the padding query slots and ``kgroup`` of invalid / padding key slots: no difference between them
+and any other group number is within the reach (group numbers are < 2^29 for any sequence that fits in memory)"""
+
+
 @torch.no_grad()
-def bucket_slots(buckets: Tensor, chunk_size: int, key_valid: Tensor | None, dedup: bool) -> dict:
+def bucket_slots(buckets: Tensor, chunk_size: int, key_valid: Tensor | None, dedup: bool, reach: int = 1) -> dict:
     """Per-slot tables of the bucket-sorted order, rounds folded into heads.
 
     buckets: (B, H, R, T). Returns ``rows`` (B, H, R, L) int32: the position of each slot (0 for the padding
     slots, L - T of them at the end), ``slot`` (B, H, R, T) int32: the slot of each position, and int32 tables
-    (B, H * R, L): ``pos`` (T for padding), ``qbkt`` (the slot's bucket, -1 for padding), ``kbkt`` (the bucket
-    as a key: -2 when the key is invalid or padding), ``chunk`` (the slot's rank in its bucket's run // C),
-    ``others`` (with ``dedup`` and R > 1): for each round r' != r (in order), the bucket of the slot's token
-    in round r'. Built by ``_slot_tables`` (fused into a few kernels on CUDA, ``compiled.fused``).
+    (B, H * R, L): ``pos`` (T for padding); ``group``: the slot's chunk (its rank in its bucket's run // C)
+    numbered along the whole sorted order with a gap of ``reach`` + 1 numbers before each bucket's run, so that
+    for |dc| <= ``reach`` two slots share a bucket and lie dc chunks apart exactly when their group numbers differ
+    by dc (``PAD_QUERY`` for padding); ``kgroup``: the same as a key, ``NO_KEY`` when the key is invalid or
+    padding; ``others`` (with ``dedup`` and R > 1): for each round r' != r (in order), the bucket of the slot's
+    token in round r'. ``reach`` must be >= the chunks a query looks back or ahead. Built by ``_slot_tables``
+    (fused into a few kernels on CUDA, ``compiled.fused``).
     """
     length = -(-buckets.shape[-1] // BLOCK) * BLOCK
-    rows, slot, pos, qbkt, kbkt, chunk, others = fused(_slot_tables, buckets)(buckets, chunk_size, key_valid,
-                                                                                dedup, length)
-    return {"rows": rows, "slot": slot, "length": length, "pos": pos, "qbkt": qbkt, "kbkt": kbkt, "chunk": chunk,
+    rows, slot, pos, group, kgroup, others = fused(_slot_tables, buckets)(buckets, chunk_size, key_valid, dedup,
+                                                                          length, reach)
+    return {"rows": rows, "slot": slot, "length": length, "pos": pos, "group": group, "kgroup": kgroup,
             "others": list(others)}
 
 
-def _slot_tables(buckets: Tensor, chunk_size: int, key_valid: Tensor | None, dedup: bool, length: int):
-    """The tensors of ``bucket_slots`` (pure tensor code): (rows, slot, pos, qbkt, kbkt, chunk, others)."""
+def _slot_tables(buckets: Tensor, chunk_size: int, key_valid: Tensor | None, dedup: bool, length: int,
+                 reach: int):
+    """The tensors of ``bucket_slots`` (pure tensor code): (rows, slot, pos, group, kgroup, others)."""
     b, h, r, t = buckets.shape
     dev = buckets.device
     pos = torch.arange(t, device=dev)
@@ -123,7 +132,10 @@ def _slot_tables(buckets: Tensor, chunk_size: int, key_valid: Tensor | None, ded
     new_run = torch.ones_like(sb, dtype=torch.bool)
     new_run[..., 1:] = sb[..., 1:] != sb[..., :-1]
     run_start = torch.where(new_run, pos, 0).cummax(dim=-1).values
-    rank = pos - run_start
+    chunk = (pos - run_start) // chunk_size
+    # +1 at each new chunk of a run, +(reach + 1) at each new run: chunks of different buckets stay > reach apart
+    step = torch.where(new_run, reach + 1, chunk - torch.nn.functional.pad(chunk[..., :-1], (1, 0)))
+    group = step.cumsum(-1)
     slot = torch.empty_like(perm).scatter_(-1, perm, pos.expand_as(perm))
     pad = length - t
 
@@ -131,10 +143,10 @@ def _slot_tables(buckets: Tensor, chunk_size: int, key_valid: Tensor | None, ded
         x = torch.nn.functional.pad(x, (0, pad), value=fill) if pad else x
         return x.to(torch.int32).reshape(b, h * r, length)
 
-    kb = sb
+    kgroup = group
     if key_valid is not None:
         ok = torch.take_along_dim(key_valid.to(torch.bool)[:, None, None, :].expand(b, h, r, t), perm, dim=-1)
-        kb = torch.where(ok, sb, -2)
+        kgroup = torch.where(ok, group, NO_KEY)
     others = []
     if dedup and r > 1:
         for k in range(r - 1):      # the k-th round other than the slot's own
@@ -143,21 +155,26 @@ def _slot_tables(buckets: Tensor, chunk_size: int, key_valid: Tensor | None, ded
             # (Python ints, not an index tensor: no host-to-device copy, so a CUDA graph can capture this)
             others.append(table(torch.take_along_dim(src, perm, dim=-1), -1))
     rows = torch.nn.functional.pad(perm, (0, pad), value=0) if pad else perm
-    return rows.to(torch.int32), slot.to(torch.int32), table(perm, t), table(sb, -1), table(kb, -2), table(rank // chunk_size, 0), tuple(others)
+    return (rows.to(torch.int32), slot.to(torch.int32), table(perm, t), table(group, PAD_QUERY),
+            table(kgroup, NO_KEY), tuple(others))
 
 
 def _mods(tables: dict, before: int, after: int, causal: bool, window: int | None,
           self_penalty: bool):
-    """mask_mod and score_mod (None when there is nothing to add) reading the tables (fresh closures)."""
-    pos, qbkt, kbkt, chunk, others = (tables[n] for n in ("pos", "qbkt", "kbkt", "chunk", "others"))
+    """mask_mod and score_mod (None when there is nothing to add) reading the tables (fresh closures).
+
+    Two table reads per score decide bucket and chunk (``group`` numbers, see ``bucket_slots``); causality is
+    kv_idx <= q_idx, since inside a bucket the sorted order is the position order; positions are read only
+    for a window."""
+    pos, group, kgroup, others = (tables[n] for n in ("pos", "group", "kgroup", "others"))
 
     def mask_mod(b, h, q_idx, kv_idx):
-        pq, pk = pos[b, h, q_idx], pos[b, h, kv_idx]
-        dc = chunk[b, h, q_idx] - chunk[b, h, kv_idx]
-        ok = (qbkt[b, h, q_idx] == kbkt[b, h, kv_idx]) & (dc <= before) & (dc >= -after)
+        dc = group[b, h, q_idx] - kgroup[b, h, kv_idx]
+        ok = (dc <= before) & (dc >= -after)
         if causal:
-            ok = ok & (pk <= pq)
+            ok = ok & (kv_idx <= q_idx)
         if window is not None:
+            pq, pk = pos[b, h, q_idx], pos[b, h, kv_idx]
             ok = ok & ((pq - pk < window) if causal else ((pq - pk).abs() < window))
         return ok | (q_idx == kv_idx)
 
@@ -363,7 +380,7 @@ def flex_bucket_attention(q: Tensor, k: Tensor | None, v: Tensor, buckets: Tenso
         from torch.nn.attention.flex_attention import flex_attention as flex
     b, h, t, dh = q.shape
     r = buckets.shape[2]
-    tables = bucket_slots(buckets, chunk_size, key_valid, dedup)
+    tables = bucket_slots(buckets, chunk_size, key_valid, dedup, reach=max(before, after))
     length = tables["length"]
     if n_buckets == 1 and r == 1 and length == t:       # sorted order = positions (routing's local heads)
         gathered = [q, torch.nn.functional.normalize(q, dim=-1) if k is None else k, v]
