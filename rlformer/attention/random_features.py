@@ -469,8 +469,9 @@ class RandomFeatureAttention(Float32Buffers, Attention):
     def __init__(self, cfg: EncoderConfig, layer: int, position=None):
         super().__init__(cfg, layer, position)
         self.n_features = cfg.random_features.n_features
-        self.recompute_group = cfg.random_features.recompute_group
-        """causal: tokens per batched pass (rounded down to whole chunks; 0: the whole sequence)"""
+        self.recompute_group = cfg.random_features.recompute_group // self.feature_multiplier
+        """causal: tokens per batched pass (rounded down to whole chunks; 0: the whole sequence); the config's
+        value divided by ``feature_multiplier``, so that a pass holds the same number of feature values"""
         gen = layer_generator(cfg.random_features.seed, layer, salt=3)
         self.register_buffer("features", orthogonal_gaussian(cfg.n_heads, self.n_features, cfg.d_head, gen))
 
@@ -730,7 +731,10 @@ class RFAAttention(RandomFeatureAttention):
 
     @staticmethod
     def features_backward(consts, x, xa, w, phi, dphi, query, need_x, need_w):
-        da = (xa @ w.transpose(-1, -2)).cos_().mul_(dphi).mul_(consts[1] ** -0.5)
+        # phi = [sin a, cos a] / sqrt(m) (the second half of w is the first shifted by pi/2), so
+        # d phi / d[a, a + pi/2] = [cos a, -sin a] / sqrt(m) = [phi_2, -phi_1]: no second exponent matmul
+        m = consts[1]
+        da = torch.cat([phi[..., m:], -phi[..., :m]], -1).to(w.dtype).mul_(dphi)
         dx = dw = None
         if need_x:
             d = x.shape[-1]
