@@ -169,11 +169,10 @@ class RandomFeatureConfig:
     seed: int = 0
     """seed of the fixed random features (each layer draws its own from seed and its index)"""
     recompute_group: int = 4096
-    """causal: tokens processed per batched pass (whole chunks), one group after another, counted for a map
-    with n_features outputs (RFA's sin/cos map has 2 n_features, so its passes take half as many tokens: the
-    same feature memory per pass). Only inputs are kept for backward either way; a group's features and
-    per-chunk tensors (O(group * M)) exist only while it runs, so smaller groups lower the peak memory, larger
-    ones launch fewer kernels; 0: the whole sequence in one pass"""
+    """causal: tokens processed per batched pass (whole chunks), one group after another. Only inputs are
+    kept for backward either way; a group's features and per-chunk tensors (O(group * M)) exist only while
+    it runs, so smaller groups lower the peak memory, larger ones launch fewer kernels; 0: the whole
+    sequence in one pass"""
 
 
 @dataclass

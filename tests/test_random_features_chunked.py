@@ -183,4 +183,5 @@ def test_kernel_count_does_not_grow_with_length_in_one_pass(name):
     assert _ops_per_step(name, 512, 0) == one
     two, three, four = (_ops_per_step(name, 64 * n, 64) for n in (2, 3, 4))
     assert four - two == 2 * (three - two) > 0
-    assert one <= {"performer": 120, "rfa": 240}[name], one          # gated RFA: the decay matrices; both: ALIGN pads
+    # gated RFA: the decay matrices; both: ALIGN pads and the exact bias columns of the exponents
+    assert one <= {"performer": 130, "rfa": 240}[name], one

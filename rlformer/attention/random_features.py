@@ -101,6 +101,17 @@ def _fp32_matmuls(mm: torch.dtype):
         torch.set_float32_matmul_precision(old)
 
 
+def _exponents(xa: Tensor, w: Tensor, d: int, n_extra: int) -> Tensor:
+    """x' W^T for augmented inputs x' = [x, extra columns, zeros] (B, H, T, d') and weights W (H, M, d'): the d
+    input columns as one matmul (TF32 under 16-bit inputs, ``TF32_FEATURES``), the ``n_extra`` columns after them
+    (biases such as |w|^2 / 2 ~ d / 2 and squared norms, which TF32 would round to 2^-11 of their size, an error
+    in the exponent and so a relative one in the feature) added exactly, elementwise."""
+    a = xa[..., :d] @ w[..., :d].transpose(-1, -2)
+    for i in range(d, d + n_extra):
+        a = a + xa[..., i:i + 1] * w[:, None, :, i]
+    return a
+
+
 def _matmul_dtype(v_dtype: torch.dtype, acc: torch.dtype) -> torch.dtype:
     """Batched matmuls run in the 16-bit input dtype (tensor cores; fp32 accumulation inside, as in
     flash-linear-attention's chunk kernels) and in ``acc`` otherwise; sums over chunks are always ``acc``."""
@@ -469,9 +480,8 @@ class RandomFeatureAttention(Float32Buffers, Attention):
     def __init__(self, cfg: EncoderConfig, layer: int, position=None):
         super().__init__(cfg, layer, position)
         self.n_features = cfg.random_features.n_features
-        self.recompute_group = cfg.random_features.recompute_group // self.feature_multiplier
-        """causal: tokens per batched pass (rounded down to whole chunks; 0: the whole sequence); the config's
-        value divided by ``feature_multiplier``, so that a pass holds the same number of feature values"""
+        self.recompute_group = cfg.random_features.recompute_group
+        """causal: tokens per batched pass (rounded down to whole chunks; 0: the whole sequence)"""
         gen = layer_generator(cfg.random_features.seed, layer, salt=3)
         self.register_buffer("features", orthogonal_gaussian(cfg.n_heads, self.n_features, cfg.d_head, gen))
 
@@ -648,7 +658,7 @@ class PerformerAttention(RandomFeatureAttention):
             sq = torch.linalg.vecdot(xf, xf).mul_(-0.5 * d_head ** -0.5)[..., None]    # -|k~|^2 / 2
             xa = torch.cat([xf, sq, torch.ones_like(sq)], -1)
         xa = _pad_cols(xa, w.shape[-1])                                             # w's zero columns (ALIGN)
-        a = xa @ w.transpose(-1, -2)
+        a = _exponents(xa, w, x.shape[-1], 1 if query else 2)
         if query:      # the per-query shift cancels exactly in num / den, so it is a constant for autograd
             a = a.sub_(a.detach().amax(-1, keepdim=True))
         if dtype == a.dtype:
@@ -725,7 +735,7 @@ class RFAAttention(RandomFeatureAttention):
     @staticmethod
     def feature_pass(consts, x, w, query, dtype):
         xa = _pad_cols(F.pad(F.normalize(x.to(w.dtype), dim=-1), (0, 1), value=1.0), w.shape[-1])   # [x^, 1, 0..]
-        a = xa @ w.transpose(-1, -2)
+        a = _exponents(xa, w, x.shape[-1], 1)
         phi = a.sin() if dtype == a.dtype else torch.sin(a, out=torch.empty(a.shape, dtype=dtype, device=a.device))
         return phi.mul_(consts[1] ** -0.5), xa
 
