@@ -101,14 +101,15 @@ def _fp32_matmuls(mm: torch.dtype):
         torch.set_float32_matmul_precision(old)
 
 
-def _exponents(xa: Tensor, w: Tensor, d: int, n_extra: int) -> Tensor:
-    """x' W^T for augmented inputs x' = [x, extra columns, zeros] (B, H, T, d') and weights W (H, M, d'): the d
-    input columns as one matmul (TF32 under 16-bit inputs, ``TF32_FEATURES``), the ``n_extra`` columns after them
-    (biases such as |w|^2 / 2 ~ d / 2 and squared norms, which TF32 would round to 2^-11 of their size, an error
-    in the exponent and so a relative one in the feature) added exactly, elementwise."""
-    a = xa[..., :d] @ w[..., :d].transpose(-1, -2)
-    for i in range(d, d + n_extra):
-        a = a + xa[..., i:i + 1] * w[:, None, :, i]
+def _exponents(x: Tensor, extras: tuple, w: Tensor) -> Tensor:
+    """x' W^T for augmented inputs x' = [x, extras..., zeros] and weights W (H, M, d'): the d input columns as one
+    matmul of x itself (TF32 under 16-bit inputs, ``TF32_FEATURES``), the extra columns (biases such as
+    |w|^2 / 2 ~ d / 2 and squared norms, which TF32 would round to 2^-11 of their size: an error in the exponent,
+    so a relative one in every feature) added exactly, elementwise. ``extras``: (B, H, T, 1) tensors or floats."""
+    d = x.shape[-1]
+    a = x @ w[..., :d].contiguous().transpose(-1, -2)
+    for i, e in enumerate(extras):
+        a = a + e * w[:, None, :, d + i]
     return a
 
 
@@ -658,7 +659,7 @@ class PerformerAttention(RandomFeatureAttention):
             sq = torch.linalg.vecdot(xf, xf).mul_(-0.5 * d_head ** -0.5)[..., None]    # -|k~|^2 / 2
             xa = torch.cat([xf, sq, torch.ones_like(sq)], -1)
         xa = _pad_cols(xa, w.shape[-1])                                             # w's zero columns (ALIGN)
-        a = _exponents(xa, w, x.shape[-1], 1 if query else 2)
+        a = _exponents(xf, (1.0,) if query else (sq, 1.0), w)
         if query:      # the per-query shift cancels exactly in num / den, so it is a constant for autograd
             a = a.sub_(a.detach().amax(-1, keepdim=True))
         if dtype == a.dtype:
@@ -734,8 +735,9 @@ class RFAAttention(RandomFeatureAttention):
 
     @staticmethod
     def feature_pass(consts, x, w, query, dtype):
-        xa = _pad_cols(F.pad(F.normalize(x.to(w.dtype), dim=-1), (0, 1), value=1.0), w.shape[-1])   # [x^, 1, 0..]
-        a = _exponents(xa, w, x.shape[-1], 1)
+        xh = F.normalize(x.to(w.dtype), dim=-1)
+        xa = _pad_cols(F.pad(xh, (0, 1), value=1.0), w.shape[-1])                   # [x^, 1, 0..]
+        a = _exponents(xh, (1.0,), w)
         phi = a.sin() if dtype == a.dtype else torch.sin(a, out=torch.empty(a.shape, dtype=dtype, device=a.device))
         return phi.mul_(consts[1] ** -0.5), xa
 
