@@ -13,27 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 
 from rlformer.attention import flex_bucket
 from rlformer.attention.flex import _flex, flex_with_lse, with_mask_mod
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_attention  # noqa: E402  (same directory)
+
 
 def _time(fn, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median ms of ``fn`` (CUDA events), as the attention benchmark measures."""
+    return bench_attention.measure(fn, torch.device("cuda"), warmup, reps)["ms"]
 
 
 def main(argv=None) -> dict:

@@ -304,7 +304,7 @@ class _Ungather(torch.autograd.Function):
         dh, length = out.shape[-1], out.shape[2]
         if row_gather.available(out):
             o, w = row_gather.combine_rounds(out, lse, slot)
-            ctx.save_for_backward(rows, slot, out, w) if lse is not None else ctx.save_for_backward(rows, slot)
+            ctx.save_for_backward(rows, slot, *(() if lse is None else (out, w)))
             return o
         flat = out.reshape(-1, dh)
         dst = _dst(slot, length)
@@ -328,11 +328,7 @@ class _Ungather(torch.autograd.Function):
         b, h, r, length = rows.shape
         t, dh = slot.shape[-1], grad.shape[-1]
         if row_gather.available(grad):
-            if len(ctx.saved_tensors) == 2:
-                dout, _ = row_gather.combine_rounds_backward(grad, grad.new_empty(b, h * r, length, dh), None, slot)
-                return dout, None, None, None
-            out, w = ctx.saved_tensors[2:]
-            dout, dlse = row_gather.combine_rounds_backward(grad, out, w, slot)
+            dout, dlse = row_gather.combine_rounds_backward(grad, slot, length, *ctx.saved_tensors[2:])
             return dout, dlse, None, None
         src, strides = _rows(grad)
         index = _row_index(strides, rows)                                    # (B, H, R, L)
@@ -378,7 +374,7 @@ def flex_bucket_attention(q: Tensor, k: Tensor | None, v: Tensor, buckets: Tenso
         flex, _ = _flex()
     else:
         from torch.nn.attention.flex_attention import flex_attention as flex
-    b, h, t, dh = q.shape
+    t = q.shape[2]
     r = buckets.shape[2]
     tables = bucket_slots(buckets, chunk_size, key_valid, dedup, reach=max(before, after))
     length = tables["length"]

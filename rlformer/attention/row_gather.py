@@ -61,19 +61,26 @@ if triton is not None:
         tl.store(out_ptr + (bhr * L + s)[:, None] * D + d[None, :], vals, mask=ok[:, None])
 
     @triton.jit
+    def _positions(T, H, BLOCK: tl.constexpr):
+        """This program's (b, h) and block of positions t < T (grid: position blocks x B * H)."""
+        bh = tl.program_id(1).to(tl.int64)
+        t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        return bh, bh // H, bh % H, t, t < T
+
+    @triton.jit
+    def _sorted_row(slot_ptr, bh, r, R: tl.constexpr, T, L, t, ok):
+        """Row (in the flattened (B * H * R * L) sorted rows) of positions t in round r."""
+        s = tl.load(slot_ptr + (bh * R + r) * T + t, mask=ok, other=0).to(tl.int64)
+        return (bh * R + r) * L + s
+
+    @triton.jit
     def _sum_rounds_kernel(g_ptr, slot_ptr, dx_ptr, T, L, H, sdb, sdh, sdt,
                            R: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
-        pid = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        b = bh // H
-        h = bh % H
-        t = pid * BLOCK + tl.arange(0, BLOCK)
-        ok = t < T
+        bh, b, h, t, ok = _positions(T, H, BLOCK)
         d = tl.arange(0, D)
         acc = tl.zeros((BLOCK, D), dtype=tl.float32)
         for r in tl.static_range(R):
-            s = tl.load(slot_ptr + (bh * R + r) * T + t, mask=ok, other=0).to(tl.int64)
-            row = (bh * R + r) * L + s
+            row = _sorted_row(slot_ptr, bh, r, R, T, L, t, ok)
             acc += tl.load(g_ptr + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         dst = dx_ptr + b * sdb + h * sdh + t.to(tl.int64)[:, None] * sdt + d[None, :]
         tl.store(dst, acc.to(dx_ptr.dtype.element_ty), mask=ok[:, None])
@@ -81,26 +88,20 @@ if triton is not None:
     @triton.jit
     def _combine_kernel(out_ptr, lse_ptr, slot_ptr, o_ptr, w_ptr, T, L, H,
                         R: tl.constexpr, HAS_LSE: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
-        pid = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        b = bh // H
-        h = bh % H
-        t = pid * BLOCK + tl.arange(0, BLOCK)
-        ok = t < T
+        bh, b, h, t, ok = _positions(T, H, BLOCK)
         d = tl.arange(0, D)
         acc = tl.zeros((BLOCK, D), dtype=tl.float32)
         if HAS_LSE:
             m = tl.full((BLOCK,), float("-inf"), tl.float32)
             for r in tl.static_range(R):
-                s = tl.load(slot_ptr + (bh * R + r) * T + t, mask=ok, other=0).to(tl.int64)
-                m = tl.maximum(m, tl.load(lse_ptr + (bh * R + r) * L + s, mask=ok, other=0.0).to(tl.float32))
+                row = _sorted_row(slot_ptr, bh, r, R, T, L, t, ok)
+                m = tl.maximum(m, tl.load(lse_ptr + row, mask=ok, other=0.0).to(tl.float32))
             den = tl.zeros((BLOCK,), dtype=tl.float32)
             for r in tl.static_range(R):
-                s = tl.load(slot_ptr + (bh * R + r) * T + t, mask=ok, other=0).to(tl.int64)
-                den += tl.exp(tl.load(lse_ptr + (bh * R + r) * L + s, mask=ok, other=0.0).to(tl.float32) - m)
+                row = _sorted_row(slot_ptr, bh, r, R, T, L, t, ok)
+                den += tl.exp(tl.load(lse_ptr + row, mask=ok, other=0.0).to(tl.float32) - m)
         for r in tl.static_range(R):
-            s = tl.load(slot_ptr + (bh * R + r) * T + t, mask=ok, other=0).to(tl.int64)
-            row = (bh * R + r) * L + s
+            row = _sorted_row(slot_ptr, bh, r, R, T, L, t, ok)
             val = tl.load(out_ptr + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             if HAS_LSE:
                 w = tl.exp(tl.load(lse_ptr + row, mask=ok, other=0.0).to(tl.float32) - m) / den
@@ -114,26 +115,19 @@ if triton is not None:
     @triton.jit
     def _combine_backward_kernel(do_ptr, sdb, sdt, sdh, out_ptr, w_ptr, slot_ptr, dout_ptr, dlse_ptr, T, L, H,
                                  R: tl.constexpr, HAS_LSE: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
-        pid = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        b = bh // H
-        h = bh % H
-        t = pid * BLOCK + tl.arange(0, BLOCK)
-        ok = t < T
+        bh, b, h, t, ok = _positions(T, H, BLOCK)
         d = tl.arange(0, D)
         g = tl.load(do_ptr + b * sdb + h * sdh + t.to(tl.int64)[:, None] * sdt + d[None, :], mask=ok[:, None],
                     other=0.0).to(tl.float32)
         if HAS_LSE:
             total = tl.zeros((BLOCK,), dtype=tl.float32)
             for r in tl.static_range(R):
-                s = tl.load(slot_ptr + (bh * R + r) * T + t, mask=ok, other=0).to(tl.int64)
-                row = (bh * R + r) * L + s
+                row = _sorted_row(slot_ptr, bh, r, R, T, L, t, ok)
                 o = tl.load(out_ptr + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
                 w = tl.load(w_ptr + (bh * R + r) * T + t, mask=ok, other=0.0)
                 total += w * tl.sum(g * o, axis=1)
         for r in tl.static_range(R):
-            s = tl.load(slot_ptr + (bh * R + r) * T + t, mask=ok, other=0).to(tl.int64)
-            row = (bh * R + r) * L + s
+            row = _sorted_row(slot_ptr, bh, r, R, T, L, t, ok)
             if HAS_LSE:
                 o = tl.load(out_ptr + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
                 w = tl.load(w_ptr + (bh * R + r) * T + t, mask=ok, other=0.0)
@@ -190,22 +184,24 @@ def combine_rounds(out: Tensor, lse: Optional[Tensor], slot: Tensor) -> tuple[Te
     return o.transpose(1, 2), w
 
 
-def combine_rounds_backward(grad: Tensor, out: Tensor, w: Optional[Tensor], slot: Tensor
-                            ) -> tuple[Tensor, Optional[Tensor]]:
+def combine_rounds_backward(grad: Tensor, slot: Tensor, length: int, out: Optional[Tensor] = None,
+                            w: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """(dout (B, H * R, L, dh), dlse (B, H * R, L) float32 or None) of ``combine_rounds`` for dL/do ``grad``
-    (B, H, T, dh, any strides with a unit last one); zero at the padding slots (s >= T)."""
+    (B, H, T, dh, any strides with a unit last one); zero at the padding slots (s >= T). ``out`` and ``w`` (the
+    forward's kernel output and weights) only with lse; without, dout is dO gathered, in grad's dtype."""
     b, h, r, t = slot.shape
-    dh, length = out.shape[-1], out.shape[2]
+    dh = grad.shape[-1]
     if grad.stride(-1) != 1:
         grad = grad.contiguous()
-    dout = torch.empty(out.shape, dtype=out.dtype, device=out.device)
-    dlse = None if w is None else torch.empty(b, h * r, length, dtype=torch.float32, device=out.device)
+    dout = torch.empty(b, h * r, length, dh, dtype=grad.dtype if out is None else out.dtype, device=grad.device)
+    dlse = None if w is None else torch.empty(b, h * r, length, dtype=torch.float32, device=grad.device)
     if length > t:
         dout[:, :, t:] = 0
         if dlse is not None:
             dlse[:, :, t:] = 0
+    out = dout if out is None else out.contiguous()                     # (unread without lse)
     _combine_backward_kernel[_grid(t, b * h)](
-        grad, grad.stride(0), grad.stride(2), grad.stride(1), out.contiguous(), out if w is None else w,
+        grad, grad.stride(0), grad.stride(2), grad.stride(1), out, out if w is None else w,
         slot.contiguous(), dout, dout if dlse is None else dlse, t, length, h, R=r, HAS_LSE=w is not None,
         BLOCK=BLOCK_ROWS, D=dh)
     return dout, dlse
