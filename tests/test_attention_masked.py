@@ -663,3 +663,45 @@ def test_compiled_block_masks_on_cpu():
         dense = F.pad(dense, (0, 256 - 205, 0, 256 - 200)).expand(2, H, 256, 256)
         blocks = dense.unflatten(2, (2, 128)).unflatten(4, (2, 128)).any(-1).any(-2)
         assert torch.equal(bm.to_dense().bool().expand_as(blocks), blocks), case
+
+
+def block_sets(bm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial, full) bool (B, H, NQ, NK) block tables of a BlockMask, from its count / index tables."""
+    out = []
+    for count, index in ((bm.kv_num_blocks, bm.kv_indices), (bm.full_kv_num_blocks, bm.full_kv_indices)):
+        nk = index.shape[-1]
+        chosen = torch.arange(nk) < count[..., None]
+        table = torch.zeros(*index.shape, dtype=torch.bool)
+        table.scatter_(-1, index.long(), chosen)
+        out.append(table)
+    return out[0], out[1]
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("case", list(CASES))
+def test_evaluated_block_mask_equals_create_block_mask(case):
+    """The cached BlockMask builder (the mask_mod evaluated eagerly band by band, no compile) gives the same
+    partial and full blocks as torch's create_block_mask, for every pattern, with XL memory, extra global keys,
+    lengths that are not multiples of the block, and bands of one query block (a tiny evaluation budget)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from rlformer.attention.flex import evaluated_block_mask
+    cls = lookup("attention", variant(case))
+    causal = cls.supports_causal
+    n_mem = 37 if cls.supports_memory else 0
+    fam, t = dict(CASES[case]), 300
+    if variant(case) == "local2d":
+        fam, t = dict(local=dict(grid=(20, 15), query_shape=(4, 4), memory_flange=(2, 3))), 300
+    cfg = config(variant(case), causal, **fam)
+    attn = module(cfg, 1)
+    ctx = context(t, n_mem, causal, b=1)
+    n_extra = cfg.global_local.n_global_tokens if case == "etc" else 0
+    tk = n_extra + n_mem + t
+    pattern = attn.pattern(ctx, tk)
+    mod = flex_mask_mod(pattern, n_mem, n_extra, causal, None, torch.device("cpu"))
+    heads = H if pattern.per_head else None
+    want = block_sets(create_block_mask(mod, None, heads, t, tk, device="cpu"))
+    for budget in (1, 1 << 25):
+        got = block_sets(evaluated_block_mask(mod, heads, t, tk, torch.device("cpu"), budget=budget))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (case, budget)
+    assert want[0].any() or want[1].any()

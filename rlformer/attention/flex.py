@@ -103,11 +103,58 @@ def _cached(key, build):
     return value
 
 
+EVAL_BUDGET = 1 << 25
+"""Scores per chunk of ``evaluated_block_mask``: (heads x rows x keys) mask values evaluated at once (int64
+intermediates: ~256 MiB of transient memory per rule operation)"""
+
+
+@torch.no_grad()
+def evaluated_block_mask(mask_mod, n_heads: Optional[int], tq: int, tk: int, device: torch.device,
+                         budget: int = EVAL_BUDGET):
+    """The BlockMask of a batch-independent ``mask_mod``, evaluated eagerly on ``device``: no compile.
+
+    The mask_mod runs on (heads, rows, keys) index grids, a band of 128-row query blocks at a time (at most
+    ``budget`` values per band), and each 128 x 128 block is classified: every pair allowed -> a full block
+    (no mask_mod inside the kernel), some -> a partial one, none -> skipped. Positions past tq / tk count as
+    masked, so edge blocks are partial. Same block sets as ``create_block_mask`` (tested), without compiling
+    it (a compiled ``create_block_mask`` is one more Inductor compile per pattern and shape, before the
+    kernel's own). Cost: one pass of the rule over tq x tk (x heads) scores, a few hundred kernel launches
+    at 64k, once per cached pattern.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+    h = n_heads or 1
+    nq, nk = -(-tq // BLOCK), -(-tk // BLOCK)
+    rows = max(1, budget // (h * nk * BLOCK * BLOCK))
+    head = torch.arange(h, device=device).view(h, 1, 1)
+    kv = torch.arange(nk * BLOCK, device=device).view(1, 1, -1)
+    batch = torch.zeros((), dtype=torch.long, device=device)
+    partial, full = [], []
+    for m0 in range(0, nq, rows):
+        m1 = min(nq, m0 + rows)
+        q = torch.arange(m0 * BLOCK, m1 * BLOCK, device=device).view(1, -1, 1)
+        # past-the-end indices are clamped for the rule (its tables have tq / tk entries), then masked
+        ok = mask_mod(batch, head, q.clamp(max=tq - 1), kv.clamp(max=tk - 1)) & (q < tq) & (kv < tk)
+        ok = ok.expand(h, q.shape[1], kv.shape[2]).reshape(h, m1 - m0, BLOCK, nk, BLOCK)
+        some, every = ok.any(4).any(2), ok.all(4).all(2)
+        partial.append(some & ~every)
+        full.append(every)
+
+    def tables(sel: list[Tensor]) -> tuple[Tensor, Tensor]:
+        sel = torch.cat(sel, 1)[None]                                   # (1, H, NQ, NK)
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)  # chosen blocks first, in order
+        return sel.sum(-1, dtype=torch.int32), order.to(torch.int32)
+
+    count, index = tables(partial)
+    full_count, full_index = tables(full)
+    return BlockMask.from_kv_blocks(count, index, full_count, full_index, BLOCK_SIZE=BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=(tq, tk))
+
+
 def block_mask_for(pattern: Pattern, batch: int, n_heads: int, tq: int, tk: int, n_mem: int, k_offset: int,
                    causal: bool, key_valid: Optional[Tensor], device: torch.device):
     """The BlockMask of ``pattern`` for these shapes.
 
-    Without ``key_valid`` the BlockMask itself is cached. With it, the BlockMask depends on the data and
+    Without ``key_valid`` the BlockMask itself is cached (``evaluated_block_mask``: no compile). With it, the BlockMask depends on the data and
     is rebuilt each call, but the mask_mod is cached together with a buffer that receives ``key_valid``,
     so the compiled ``create_block_mask`` sees the same function and tensor every call (no recompiles).
     """
@@ -115,8 +162,8 @@ def block_mask_for(pattern: Pattern, batch: int, n_heads: int, tq: int, tk: int,
     heads = n_heads if pattern.per_head else None
     key = (pattern.key, heads, tq, tk, n_mem, k_offset, causal, str(device))
     if key_valid is None:
-        return _cached(key, lambda: create_block_mask(flex_mask_mod(pattern, n_mem, k_offset, causal, None, device),
-                                                      None, heads, tq, tk, device=device))
+        return _cached(key, lambda: evaluated_block_mask(flex_mask_mod(pattern, n_mem, k_offset, causal, None, device),
+                                                         heads, tq, tk, device))
 
     def build():
         buffer = torch.ones(batch, tk, dtype=torch.bool, device=device)
