@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlformer.attention.base import merge_heads, split_heads
-from rlformer.attention.masks import Pattern, PatternAttention, block_of, is_global, loop_mask, mix_hash
+from rlformer.attention.masks import Pattern, PatternAttention, block_of, is_global, loop_mask, mix_hash, runs
 from rlformer.attention.reference import dense_attention
 from rlformer.config import EncoderConfig
 from rlformer.registry import register
@@ -85,7 +85,8 @@ class LongformerAttention(PatternAttention):
         rows = [g for g in sorted(set(self.cfg.global_local.global_positions)) if g < x.shape[1]]
         if not rows or not self.cfg.global_local.global_projections:
             return None
-        rows_t = torch.tensor(rows, device=x.device)
+        # built on the device from runs (no host-to-device copy: the step can be captured in a CUDA graph)
+        rows_t = torch.cat([torch.arange(lo, hi + 1, device=x.device) for lo, hi in runs(tuple(rows))])
         q = split_heads(self.q_global(x[:, rows_t]), self.n_heads)
         k, v = (split_heads(t, self.n_heads) for t in self.kv_global(kv).chunk(2, dim=-1))
         sub = replace(ctx, q_index=ctx.q_index[rows_t], q_pos=ctx.q_pos[:, rows_t])
