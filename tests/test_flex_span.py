@@ -366,3 +366,40 @@ def test_cuda_flex_span_does_not_recompile_as_spans_move():
     step([10.0, 250.0], key_valid)
     step([100.5, 33.25], key_valid.roll(3, 1))
     assert counters["stats"]["unique_graphs"] == before
+
+
+@pytest.mark.parametrize("t,m,block", [(37, 0, 8), (70, 40, 16), (129, 0, 32), (20, 5, 128)])
+def test_band_blocks_from_device_bounds_equal_integer_bounds(t, m, block):
+    """The band built from 0-dim tensor bounds (what a CUDA graph capture uses) is the integer-bound band."""
+    from rlformer.attention.flex_span import band_blocks
+    for lo in (0, 1, 5, 17, 80):
+        for hi in (0, 1, 2, 9, 33, 64, 200):
+            want = band_blocks(t, t + m, m, lo, hi, block)
+            got = band_blocks(t, t + m, m, torch.tensor(lo), torch.tensor(hi), block)
+            assert torch.equal(got[0], want[0]), (lo, hi)
+            rows = want[0][0, 0]
+            for r, n in enumerate(rows.tolist()):     # only the listed prefix of each row is read by the kernel
+                assert torch.equal(got[1][0, 0, r, :n], want[1][0, 0, r, :n]), (lo, hi, r)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("b,h,t,m,s,r,block", SHAPES[:4])
+def test_captured_bounds_give_the_same_outputs_and_span_gradient(monkeypatch, dynamic, b, h, t, m, s, r, block):
+    """While a CUDA graph is captured the band bounds come from the spans on the device (0-dim tensors, no host
+    read): with ``capturing`` forced on, outputs and the analytic span gradient equal the host-bound path's."""
+    import rlformer.attention.flex_span as fs
+    q, k, v, z, key_valid = inputs(b, h, t, m, s, dynamic)
+    probe = torch.randn(b, h, t, q.shape[-1], dtype=q.dtype)
+    flex = eager_flex()
+    results = []
+    for captured in (False, True):
+        monkeypatch.setattr(fs, "capturing", lambda x, captured=captured: captured)
+        lo, w = span_bounds(z, r, s)
+        assert isinstance(w, torch.Tensor) == captured
+        with torch.no_grad():
+            bm = with_mask_mod(band_block_mask(t, t + m, m, 0, w, "cpu", block), span_mask_mod(z, key_valid, m, r, s))
+            out, lse = flex_with_lse(flex, q, k, v, score_mod=span_score_mod(z, m, r), block_mask=bm, scale=0.5)
+            dz = span_z_grad(q, k, v, key_valid, 0.5, z, r, s, out, lse, probe, flex=flex, block=block)
+        results.append((out, dz))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=1e-12)

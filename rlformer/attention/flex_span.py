@@ -7,7 +7,8 @@ the same as adding log m_z(i - j) to the score (eq. 3 and the paper's code):
 
 ``flex_adaptive_span`` is one compiled ``flex_attention`` call: a banded BlockMask (key blocks holding
 distances 0 <= x < W, W = min(S, ceil(R + max z)) rounded up to the block size, built from band
-``kv_num_blocks`` / ``kv_indices`` without any (Tq, Tk) evaluation and cached per shape / W / device),
+``kv_num_blocks`` / ``kv_indices`` without any (Tq, Tk) evaluation and cached per shape / W / device; while a
+CUDA graph is captured, W is computed from z on the device and the band rebuilt there on every replay),
 a mask_mod that keeps exactly the pairs of the dense reference (causal, x < S, m > 0, valid keys or the
 own key), and a score_mod that adds log(clamp(u, 1e-30, 1)), u = (R + z - x) / R (finite: the pairs
 with u <= 0 are removed by the mask_mod, never by the score). z is read from a captured float32
@@ -48,41 +49,47 @@ LOG_FLOOR = 1e-30
 """m is clamped at this floor before the log (only reached where u > 0 is rounding-small)"""
 
 
-def band_blocks(tq: int, tk: int, n_mem: int, lo: int, hi: int, block: int,
+def band_blocks(tq: int, tk: int, n_mem: int, lo: int | Tensor, hi: int | Tensor, block: int,
                 device: Optional[torch.device] = None) -> tuple[Tensor, Tensor]:
     """Key blocks of a banded causal mask: (kv_num_blocks (1, 1, nQ), kv_indices (1, 1, nQ, nK)) int32.
 
     Query i sits at key index n_mem + i; the row of query block b lists the key blocks holding some key
     at distance lo <= x < hi (x = n_mem + i - j >= 0) from some query of the block, in ascending order.
     Computed from block boundaries only (O(nQ nK) integers, no (Tq, Tk) tensor), on ``device`` (no
-    host-to-device copy, so a band first needed inside a CUDA graph capture can still be built).
+    host-to-device copy, so a band first needed inside a CUDA graph capture can still be built). ``lo`` /
+    ``hi`` may be 0-dim integer tensors on ``device`` (bounds computed from the spans on the device).
     """
     nq, nk = -(-tq // block), -(-tk // block)
     qb = torch.arange(nq, device=device)
+    lo0 = lo.clamp(min=0) if isinstance(lo, Tensor) else max(lo, 0)
     q_first = n_mem + qb * block                                   # key index of the block's first query
     q_last = n_mem + torch.clamp((qb + 1) * block, max=tq) - 1
     k_lo = torch.clamp(q_first - (hi - 1), min=0)                  # oldest key with x <= hi - 1
-    k_hi = torch.clamp(q_last - max(lo, 0), max=tk - 1)            # newest key with x >= lo
-    empty = (k_hi < k_lo) | (hi <= max(lo, 0))
+    k_hi = torch.clamp(q_last - lo0, max=tk - 1)                   # newest key with x >= lo
+    empty = (k_hi < k_lo) | (hi <= lo0)
     b_lo, b_hi = k_lo // block, k_hi // block
     num = torch.where(empty, 0, b_hi - b_lo + 1)
     idx = torch.clamp(b_lo[:, None] + torch.arange(nk, device=device)[None, :], max=nk - 1)
     return num.to(torch.int32)[None, None], idx.to(torch.int32)[None, None]
 
 
-def band_block_mask(tq: int, tk: int, n_mem: int, lo: int, hi: int, device: torch.device, block: int = BLOCK):
-    """Cached BlockMask (no mask_mod) of ``band_blocks``; ``lo``/``hi`` are rounded outwards to the block size
-    so spans that move a little reuse it. Attach the exact mask with ``with_mask_mod``."""
+def band_block_mask(tq: int, tk: int, n_mem: int, lo: int | Tensor, hi: int | Tensor, device: torch.device,
+                    block: int = BLOCK):
+    """BlockMask (no mask_mod) of ``band_blocks``; attach the exact mask with ``with_mask_mod``. Integer bounds:
+    cached, ``lo``/``hi`` rounded outwards to the block size so spans that move a little reuse it. Tensor
+    bounds (``span_bounds`` while a CUDA graph is captured): built on the device on every call, so a replayed
+    graph follows the spans' current values."""
     from torch.nn.attention.flex_attention import BlockMask
-    lo = max(0, lo) // block * block
-    hi = -(-hi // block) * block
-    key = ("span_band", tq, tk, n_mem, lo, hi, block, str(device))
 
-    def build():
+    def build(lo=lo, hi=hi):
         num, idx = band_blocks(tq, tk, n_mem, lo, hi, block, device)
         return BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=block, seq_lengths=(tq, tk))
 
-    return _cached(key, build)
+    if isinstance(lo, Tensor) or isinstance(hi, Tensor):
+        return build()
+    lo = max(0, lo) // block * block
+    hi = -(-hi // block) * block
+    return _cached(("span_band", tq, tk, n_mem, lo, hi, block, str(device)), lambda: build(lo, hi))
 
 
 def _z32(z: Tensor) -> Tensor:
@@ -126,11 +133,18 @@ def span_score_mod(z: Tensor, n_mem: int, ramp: int) -> Callable:
     return score_mod
 
 
-def span_bounds(z: Tensor, ramp: int, max_span: int) -> tuple[int, int]:
-    """(lowest distance on any ramp, W): the ramp is floor(min z) <= x <= R + max z; W = min(S, ceil(R + max z))."""
+def span_bounds(z: Tensor, ramp: int, max_span: int) -> tuple[int | Tensor, int | Tensor]:
+    """(lowest distance on any ramp, W): the ramp is floor(min z) <= x <= R + max z; W = min(S, ceil(R + max z)).
+
+    Python ints read from z (a host sync); while a CUDA graph is captured (no host reads), 0-dim long tensors
+    computed on the device instead, so the captured band follows the spans at every replay (not the widest
+    band S: the work of a replay stays proportional to the learned spans, as the paper intends)."""
     zd = z.detach()
-    if capturing(zd):      # no host read inside a CUDA graph capture: every distance may be on a ramp, W = S
-        return 0, max(1, max_span)
+    if capturing(zd):
+        if not zd.numel():
+            return 0, 1
+        lo = zd.min().floor().clamp(min=0).long()
+        return lo, (zd.max() + ramp).ceil().clamp(1, max(1, max_span)).long()
     z_min, z_max = (float(zd.min()), float(zd.max())) if zd.numel() else (0.0, 0.0)
     return max(0, math.floor(z_min)), max(1, min(max_span, math.ceil(ramp + z_max)))
 
@@ -158,7 +172,8 @@ def span_z_grad(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tensor], sc
     n_mem = tk - tq
     zf = _z32(z.detach())
     lo, w = span_bounds(zf, ramp, max_span)
-    bm = band_block_mask(tq, tk, n_mem, lo, min(max_span, w + 1), q.device, block)
+    hi = (w + 1).clamp(max=max_span) if isinstance(w, Tensor) else min(max_span, w + 1)
+    bm = band_block_mask(tq, tk, n_mem, lo, hi, q.device, block)
     bm = with_mask_mod(bm, span_mask_mod(zf, key_valid, n_mem, ramp, max_span, ramp_only=True))
     with torch.no_grad():
         out2, lse2 = flex_with_lse(flex, q.detach(), k.detach(), v.detach(), block_mask=bm, scale=scale)
