@@ -322,6 +322,48 @@ def test_compiled_cpu_forward_uses_the_band_and_does_not_recompile(chunk, n_buck
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def dense_flex(q, k, v, score_mod=None, block_mask=None, scale=None, return_aux=None, return_lse=False):
+    """A differentiable dense stand-in for flex_attention (mask_mod and score_mod evaluated on the whole grid
+    with broadcast indices): the autograd of the flex path's own pieces (gathers, unit keys, round combination)
+    on CPU, where FlexAttention has no backward."""
+    from types import SimpleNamespace
+    b, h, tq, tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    bi, hi = torch.arange(b)[:, None, None, None], torch.arange(h)[None, :, None, None]
+    qi, ki = torch.arange(tq)[None, None, :, None], torch.arange(tk)[None, None, None, :]
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    if score_mod is not None:
+        scores = score_mod(scores, bi, hi, qi, ki)
+    scores = scores.masked_fill(~block_mask.mask_mod(bi, hi, qi, ki).expand_as(scores), float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    out = torch.softmax(scores, -1) @ v
+    if return_aux is not None:
+        return out, SimpleNamespace(lse=lse)
+    return (out, lse) if return_lse else out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n_rounds", [1, 2])
+def test_unit_keys_give_the_normalized_keys_gradients(monkeypatch, causal, n_rounds):
+    """Shared-QK keys passed as q itself with 1 / |q| in the score (``_UnitKeys``): outputs and q / v gradients equal
+    those of explicit keys F.normalize(q) (autograd through the normalization), float64, dense stand-in for flex."""
+    monkeypatch.setattr(flex_bucket, "_flex", lambda: (dense_flex, None))
+    monkeypatch.setattr(flex_bucket._UnitKeys, "ROWS", 100)                 # several row chunks in backward
+    q, _, v, buckets = inputs(2, 3, 37, 8, n_rounds, 4, seed=5)
+    q = q * torch.linspace(0.2, 3.0, 37, dtype=q.dtype)[:, None]            # norms far from 1
+    probe = torch.randn(2, 3, 37, 8, dtype=q.dtype)
+    kw = {"causal": causal, "self_penalty": True, "key_valid": padding(2, 37), "dedup": True}
+    results = []
+    for shared in (True, False):
+        qq, vv = (x.clone().requires_grad_() for x in (q, v))
+        keys = None if shared else F.normalize(qq, dim=-1)
+        out = flex_bucket_attention(qq, keys, vv, buckets, 4, 3, 0.4, compile=True, **kw)
+        (out * probe).sum().backward()
+        results.append((out.detach(), qq.grad, vv.grad))
+    for name, a, c in zip(("out", "dq", "dv"), *results):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-12, msg=name)
+    assert results[0][1].abs().max() > 1e-3
+
+
 # ------------------------------------------------------------------------- CUDA: compiled kernels
 
 

@@ -160,12 +160,13 @@ def _slot_tables(buckets: Tensor, chunk_size: int, key_valid: Tensor | None, ded
 
 
 def _mods(tables: dict, before: int, after: int, causal: bool, window: int | None,
-          self_penalty: bool):
+          self_penalty: bool, key_scale: Tensor | None = None):
     """mask_mod and score_mod (None when there is nothing to add) reading the tables (fresh closures).
 
     Two table reads per score decide bucket and chunk (``group`` numbers, see ``bucket_slots``); causality is
     kv_idx <= q_idx, since inside a bucket the sorted order is the position order; positions are read only
-    for a window."""
+    for a window. ``key_scale`` (B, H * R, L), float32 or wider: a per-key factor on the score, applied first (shared-QK
+    keys: 1 / |k|, see ``_UnitKeys``)."""
     pos, group, kgroup, others = (tables[n] for n in ("pos", "group", "kgroup", "others"))
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -178,10 +179,12 @@ def _mods(tables: dict, before: int, after: int, causal: bool, window: int | Non
             ok = ok & ((pq - pk < window) if causal else ((pq - pk).abs() < window))
         return ok | (q_idx == kv_idx)
 
-    if not self_penalty and not others:
+    if not self_penalty and not others and key_scale is None:
         return mask_mod, None
 
     def score_mod(score, b, h, q_idx, kv_idx):
+        if key_scale is not None:
+            score = score * key_scale[b, h, kv_idx]
         if self_penalty:
             score = torch.where(q_idx == kv_idx, score - SELF_PENALTY, score)
         if len(others) == 1:
@@ -286,6 +289,44 @@ class _Gather(torch.autograd.Function):
         return tuple(out)
 
 
+NORM_EPS = 1e-12
+"""``F.normalize``'s floor of |k| for the shared-QK keys"""
+
+
+class _UnitKeys(torch.autograd.Function):
+    """Shared-QK keys k = x / |x| (Reformer) without a normalized copy: the kernel gets x itself as its keys (a
+    view, so it saves one tensor for queries and keys) and 1 / |x| as a per-key score factor (``key_scale`` of
+    ``_mods``): q . k = (q . x) / |x|. The kernel's key gradient is then taken w.r.t. x with the factor inside,
+    d/dx_j of (q_i . x_j) s_j = s_j q_i, i.e. s_j dL/dk_j; the normalization's Jacobian (I - k k^T) / |x| turns it
+    into the true gradient: dx = g - x s^2 (x . g). Backward works ``ROWS`` rows at a time (bounded temporaries)."""
+
+    ROWS = 1 << 18
+
+    @staticmethod
+    def forward(ctx, x: Tensor, inv: Tensor):
+        ctx.save_for_backward(x, inv)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, inv = ctx.saved_tensors
+        dh = x.shape[-1]
+        xs, gs, s2 = x.reshape(-1, dh), g.reshape(-1, dh), inv.reshape(-1).square()
+        out = torch.empty_like(gs)
+        for a in range(0, xs.shape[0], _UnitKeys.ROWS):
+            e = a + _UnitKeys.ROWS
+            coef = (xs[a:e] * gs[a:e]).sum(-1, dtype=s2.dtype) * s2[a:e]
+            torch.addcmul(gs[a:e], xs[a:e], coef.neg_().to(gs.dtype)[:, None], out=out[a:e])
+        return out.view_as(g), None
+
+
+def unit_key_scale(x: Tensor) -> Tensor:
+    """1 / max(|x|, eps) over the last dim in at least float32, no graph (``_UnitKeys``)."""
+    with torch.no_grad():
+        acc = torch.promote_types(x.dtype, torch.float32)
+        return torch.linalg.vector_norm(x, dim=-1, dtype=acc).clamp_(min=NORM_EPS).reciprocal_()
+
+
 class _Ungather(torch.autograd.Function):
     """The kernel's (B, H * R, L, dh) output back in position order, rounds combined by their log-normalizers:
     o[b, h, t] = sum_r w_r out[b, h r, slot_r] with w = softmax_r(lse[b, h r, slot_r]) (``combine_rounds``;
@@ -360,7 +401,8 @@ def flex_bucket_attention(q: Tensor, k: Tensor | None, v: Tensor, buckets: Tenso
     """``bucket_softmax_attention`` (same arguments and allowed sets) as one FlexAttention call.
 
     q, k, v: (B, H, T, dh), any of the storage orders ``_rows`` reads without a copy; ``k=None``: shared-QK
-    keys, k = q / |q| (Reformer), normalized after the gather (one gather fewer). buckets (B, H, R, T) long in
+    keys, k = q / |q| (Reformer): the gathered q serves as the keys too, 1 / |q| applied to the scores
+    (``_UnitKeys``: one gather and one saved tensor fewer). buckets (B, H, R, T) long in
     [0, n_buckets). Returns (B, H, T, dh) in (B, T, H, dh) storage, the rounds combined. With one bucket and
     one round (T a multiple of ``BLOCK``) the sorted order is the identity and q, k, v go to the kernel as they
     are. ``compile``: run the compiled kernel (default: on CUDA); uncompiled it is the dense eager
@@ -378,16 +420,18 @@ def flex_bucket_attention(q: Tensor, k: Tensor | None, v: Tensor, buckets: Tenso
     r = buckets.shape[2]
     tables = bucket_slots(buckets, chunk_size, key_valid, dedup, reach=max(before, after))
     length = tables["length"]
+    key_scale = None
     if n_buckets == 1 and r == 1 and length == t:       # sorted order = positions (routing's local heads)
         gathered = [q, torch.nn.functional.normalize(q, dim=-1) if k is None else k, v]
     else:
         rows, slot = tables["rows"], tables["slot"]
         if k is None:
             qg, vg = _Gather.apply(rows, slot, q, v)
-            gathered = [qg, torch.nn.functional.normalize(qg, dim=-1), vg]
+            key_scale = unit_key_scale(qg)
+            gathered = [qg, _UnitKeys.apply(qg, key_scale), vg]
         else:
             gathered = list(_Gather.apply(rows, slot, q, k, v))
-    mask_mod, score_mod = _mods(tables, before, after, causal, window, self_penalty)
+    mask_mod, score_mod = _mods(tables, before, after, causal, window, self_penalty, key_scale)
     block_mask = with_mask_mod(band_block_mask(length, chunk_size, before, after, causal, window, q.device), mask_mod)
     if r == 1:
         out, lse = flex(*gathered, score_mod=score_mod, block_mask=block_mask, scale=scale), None
