@@ -132,8 +132,8 @@ class LSHAttention(Float32Buffers, Attention):
         buckets = self.buckets(k)
         kw = {"causal": ctx.causal, "self_penalty": True, "key_valid": ctx.key_valid}
         if use_flex_bucket(q, self.dropout, self.training):     # CUDA: one FlexAttention call
-            # k = q / |q| (shared-QK, ``project``): the kernel's keys are normalized after the gather (bit-equal
-            # rows; under rotary, equal up to rounding), so only q and v are gathered
+            # k = q / |q| (shared-QK, ``project``): only q and v are gathered; the kernel uses the gathered q as
+            # its keys with 1 / |q| on the scores (``flex_bucket._UnitKeys``; under rotary, equal up to rounding)
             return flex_bucket_attention(q, None, v, buckets, c.n_buckets, c.chunk_size, self.scale, dedup=True,
                                          **kw), {}
         if self.dropout > 0 and self.training:    # dropout needs the probabilities: the materializing path

@@ -113,7 +113,7 @@ class RoutingAttention(Float32Buffers, Attention):
     def attend(self, q, k, v, ctx):
         if use_flex_bucket(q, self.dropout, self.training):     # CUDA: one FlexAttention call per head group
             def flex(q, k, v, buckets, n_buckets, chunk_size, scale, dropout, training, **kw):
-                # routed heads (self_penalty): k = q / |q| (``_routed``), normalized after the gather instead
+                # routed heads (self_penalty): k = q / |q| (``_routed``), from the gathered q (``_UnitKeys``)
                 keys = None if kw.get("self_penalty") else k
                 return flex_bucket_attention(q, keys, v, buckets, n_buckets, chunk_size, scale, **kw)[:, :, None], None
             return self._attend(q, k, v, ctx, flex)
