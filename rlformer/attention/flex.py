@@ -154,9 +154,10 @@ def block_mask_for(pattern: Pattern, batch: int, n_heads: int, tq: int, tk: int,
                    causal: bool, key_valid: Optional[Tensor], device: torch.device):
     """The BlockMask of ``pattern`` for these shapes.
 
-    Without ``key_valid`` the BlockMask itself is cached (``evaluated_block_mask``: no compile). With it, the BlockMask depends on the data and
-    is rebuilt each call, but the mask_mod is cached together with a buffer that receives ``key_valid``,
-    so the compiled ``create_block_mask`` sees the same function and tensor every call (no recompiles).
+    Without ``key_valid`` the BlockMask itself is cached (``evaluated_block_mask``: no compile). With it, the
+    BlockMask depends on the data and is rebuilt each call, but the mask_mod is cached together with a buffer
+    that receives ``key_valid``, so the compiled ``create_block_mask`` sees the same function and tensor every
+    call (no recompiles).
     """
     _, create_block_mask = _flex()
     heads = n_heads if pattern.per_head else None
