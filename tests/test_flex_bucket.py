@@ -14,6 +14,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from flex_stand_in import dense_flex
 from variants import base_config
 
 from rlformer.attention import flex_bucket, lsh, routing
@@ -320,25 +321,6 @@ def test_compiled_cpu_forward_uses_the_band_and_does_not_recompile(chunk, n_buck
         if call == 0:
             graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs
-
-
-def dense_flex(q, k, v, score_mod=None, block_mask=None, scale=None, return_aux=None, return_lse=False):
-    """A differentiable dense stand-in for flex_attention (mask_mod and score_mod evaluated on the whole grid
-    with broadcast indices): the autograd of the flex path's own pieces (gathers, unit keys, round combination)
-    on CPU, where FlexAttention has no backward."""
-    from types import SimpleNamespace
-    b, h, tq, tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    bi, hi = torch.arange(b)[:, None, None, None], torch.arange(h)[None, :, None, None]
-    qi, ki = torch.arange(tq)[None, None, :, None], torch.arange(tk)[None, None, None, :]
-    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
-    if score_mod is not None:
-        scores = score_mod(scores, bi, hi, qi, ki)
-    scores = scores.masked_fill(~block_mask.mask_mod(bi, hi, qi, ki).expand_as(scores), float("-inf"))
-    lse = torch.logsumexp(scores, -1)
-    out = torch.softmax(scores, -1) @ v
-    if return_aux is not None:
-        return out, SimpleNamespace(lse=lse)
-    return (out, lse) if return_lse else out
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -7,7 +7,6 @@ projections and span parameters) for both span-gradient modes, fp32 and bf16, ma
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from rlformer.attention.flex import flex_available
 from rlformer.attention.flex_span import (band_block_mask, flex_adaptive_span, flex_with_lse, span_bounds,
                                           span_mask_mod, span_score_mod, span_z_grad, with_mask_mod)
 from rlformer.context import AttentionContext
+from flex_stand_in import dense_flex
 from variants import base_config
 
 torch.set_num_threads(1)
@@ -147,26 +147,6 @@ def test_analytic_span_gradient_equals_reference_autograd(dynamic, integer_z, b,
     assert dz.shape == z.shape
     torch.testing.assert_close(dz, dz_ref, rtol=0, atol=1e-11)
     assert s == 1 or dz_ref.abs().max() > 1e-3                        # the probe does move the spans (S > 1)
-
-
-def dense_flex(q, k, v, score_mod=None, block_mask=None, scale=None, return_lse=False, return_aux=None):
-    """A differentiable dense stand-in for flex_attention (score_mod and mask_mod evaluated on the whole grid
-    with broadcast index tensors; autograd reaches the tensors they capture): it runs the autograd plumbing of
-    ``flex_adaptive_span`` on CPU. Empty rows give out = 0 and lse = -inf, as FlexAttention does."""
-    b, h, tq, tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    bi, hi = torch.arange(b)[:, None, None, None], torch.arange(h)[None, :, None, None]
-    qi, ki = torch.arange(tq)[None, None, :, None], torch.arange(tk)[None, None, None, :]
-    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
-    if score_mod is not None:
-        scores = score_mod(scores, bi, hi, qi, ki)
-    if block_mask is not None:
-        scores = scores.masked_fill(~block_mask.mask_mod(bi, hi, qi, ki).expand_as(scores), float("-inf"))
-    lse = torch.logsumexp(scores, -1)
-    probs = torch.where(torch.isfinite(lse)[..., None], torch.exp(scores - lse[..., None]), 0.0)
-    out = probs @ v
-    if return_aux is not None:
-        return out, SimpleNamespace(lse=lse)
-    return (out, lse) if return_lse else out
 
 
 @pytest.mark.parametrize("z_grad", ["analytic", "captured"])
