@@ -140,9 +140,7 @@ def span_bounds(z: Tensor, ramp: int, max_span: int) -> tuple[int | Tensor, int 
     computed on the device instead, so the captured band follows the spans at every replay (not the widest
     band S: the work of a replay stays proportional to the learned spans, as the paper intends)."""
     zd = z.detach()
-    if capturing(zd):
-        if not zd.numel():
-            return 0, 1
+    if capturing(zd) and zd.numel():
         lo = zd.min().floor().clamp(min=0).long()
         return lo, (zd.max() + ramp).ceil().clamp(1, max(1, max_span)).long()
     z_min, z_max = (float(zd.min()), float(zd.max())) if zd.numel() else (0.0, 0.0)
