@@ -118,8 +118,9 @@ def evaluated_block_mask(mask_mod, n_heads: Optional[int], tq: int, tk: int, dev
     (no mask_mod inside the kernel), some -> a partial one, none -> skipped. Positions past tq / tk count as
     masked, so edge blocks are partial. Same block sets as ``create_block_mask`` (tested), without compiling
     it (a compiled ``create_block_mask`` is one more Inductor compile per pattern and shape, before the
-    kernel's own). Cost: one pass of the rule over tq x tk (x heads) scores, a few hundred kernel launches
-    at 64k, once per cached pattern.
+    kernel's own). Cost: one pass of the rule over tq x tk (x heads) scores, once per cached pattern, in
+    max(1, budget / (heads x 128 x tk)) query blocks per band (BigBird's 8-head rule at 16k: 0.48 s on an H100,
+    ``scripts/probe_first_step.py``).
     """
     from torch.nn.attention.flex_attention import BlockMask
     h = n_heads or 1
