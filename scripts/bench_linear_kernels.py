@@ -1,13 +1,14 @@
 """What the Triton kernels of causal linear attention cost, against the aten chunk form they replace.
 
-    python scripts/bench_linear_kernels.py --length 16384 65536 --features 64 128 --segments 0 256 512 1024
+    python scripts/bench_linear_kernels.py --length 16384 65536 --features 64 256 512 --segments 0 1024
 
 On random bf16 features phi_q, phi_k (1, heads, T, M) (positive, as Performer's) and values (1, heads, T, d_head),
 times forward and forward+backward of ``linear_kernels`` (``--segments``: tokens per segment; 0 = the default
 ``segment_length``) and of ``random_features``' compiled aten chunk form (``_group_forward`` / ``_group_backward``
-under ``compiled.fused``, the whole sequence as one group), M = 64 (Performer's default) and 128 (RFA's sin and cos
-of 64), and bare causal SDPA on (1, heads, T, d_head) for scale. CUDA events, medians of ``--reps`` after
-``--warmup``, two rounds; peak extra memory of one forward+backward.
+under ``compiled.fused``, the whole sequence as one group) for feature widths ``--features``, and bare causal SDPA
+on (1, heads, T, d_head) for scale. CUDA events, medians of ``--reps`` after ``--warmup``, two rounds; peak extra
+memory of one forward+backward. M = 256 / 512 are the attention benchmark's Performer / RFA settings (256
+features; RFA's sin and cos), with its chunk 128 for the aten form.
 """
 from __future__ import annotations
 
@@ -34,11 +35,11 @@ def _measure(fn, warmup: int, reps: int) -> list:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--length", type=int, nargs="+", default=[16384, 65536])
-    p.add_argument("--features", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--features", type=int, nargs="+", default=[64, 256, 512])
     p.add_argument("--segments", type=int, nargs="+", default=[0])
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--d-head", type=int, default=64)
-    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--chunk", type=int, default=128, help="the aten chunk form's chunk (the kernels use theirs)")
     p.add_argument("--no-aten", action="store_true", help="skip the aten chunk form")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=20)
@@ -70,14 +71,15 @@ def main(argv=None) -> dict:
             dout = torch.randn(1, h, t, dh, device=dev, dtype=dt)
             for seg in args.segments:
                 def fwd(seg=seg):
-                    lk.forward(phi_q, phi_k, v, s0[..., :dh], s0[..., dh], c, floor, dt, segment=seg or None)
+                    lk.forward(phi_q, phi_k, v, s0[..., :dh], s0[..., dh], floor, dt, segment=seg or None)
 
                 def fwd_bwd(seg=seg):
                     fwd(seg)
-                    lk.backward(phi_q, phi_k, v, s0[..., :dh], s0[..., dh], c, floor, dout, None, None,
+                    lk.backward(phi_q, phi_k, v, s0[..., :dh], s0[..., dh], floor, dout, None, None,
                                 segment=seg or None)
 
-                name = f"kernels, segment {seg or lk.segment_length(t, h, c, dev)}"
+                nm = lk._blocks(m)[1]
+                name = f"kernels, segment {seg or lk.segment_length(t, h * nm, lk.CHUNK, dev)}"
                 record({"T": t, "M": m, "case": name, "fwd": _measure(fwd, args.warmup, args.reps),
                         "fwd_bwd": _measure(fwd_bwd, args.warmup, args.reps)})
             if not args.no_aten:

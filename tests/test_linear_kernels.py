@@ -40,6 +40,8 @@ def _case(t, m, d, signed, seed=0):
 
 @pytest.mark.parametrize("t, m, d, chunk, segment, signed", [
     (200, 20, 16, 16, 48, False),      # ragged T, 5 segments (the last partial), M not a power of two
+    (150, 150, 16, 16, 64, False),     # three feature blocks of 64 (the last partial) adding their shares
+    (100, 96, 24, 32, 64, True),       # two feature blocks with normalizers under the floor
     (64, 16, 16, 16, None, False),     # one segment
     (96, 32, 24, 16, 32, True),        # signed features: some normalizers under the floor
     (130, 16, 16, 32, 64, False),      # ragged last chunk inside the last segment
@@ -56,10 +58,10 @@ def test_kernels_match_the_aten_chunk_form(t, m, d, chunk, segment, signed):
 
     dev = [x.float().to(DEVICE) for x in (q, k, v, s0, dout, g_end)]
     q32, k32, v32, s32, do32, ge32 = dev
-    out, s_end, z_end = lk.forward(q32, k32, v32, s32[..., :d], s32[..., d], chunk, floor, torch.float32,
+    out, s_end, z_end = lk.forward(q32, k32, v32, s32[..., :d], s32[..., d], floor, torch.float32, chunk=chunk,
                                    segment=segment)
-    dq, dk, dv, ds0, dz0 = lk.backward(q32, k32, v32, s32[..., :d], s32[..., d], chunk, floor, do32,
-                                       ge32[..., :d], ge32[..., d], segment=segment)
+    dq, dk, dv, ds0, dz0 = lk.backward(q32, k32, v32, s32[..., :d], s32[..., d], floor, do32, ge32[..., :d],
+                                       ge32[..., d], chunk=chunk, segment=segment)
     pairs = [(out, ref), (s_end, ref_end[..., :d]), (z_end, ref_end[..., d]), (dq, dq_r), (dk, dk_r),
              (dv, dv_r[..., :d]), (ds0, ds_r[..., :d]), (dz0, ds_r[..., d])]
     for got, want in pairs:
@@ -71,21 +73,21 @@ def test_no_end_gradient_is_a_zero_one():
     args = [x.float().to(DEVICE) for x in (q, k, v)]
     s = s0.float().to(DEVICE)
     do = dout.float().to(DEVICE)
-    a = lk.backward(*args, s[..., :16], s[..., 16], 16, 1e-6, do, None, None, segment=32)
+    a = lk.backward(*args, s[..., :16], s[..., 16], 1e-6, do, None, None, chunk=16, segment=32)
     zero = torch.zeros_like(s)
-    b = lk.backward(*args, s[..., :16], s[..., 16], 16, 1e-6, do, zero[..., :16], zero[..., 16], segment=32)
+    b = lk.backward(*args, s[..., :16], s[..., 16], 1e-6, do, zero[..., :16], zero[..., 16], chunk=16, segment=32)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["performer", "rfa"])
-@pytest.mark.parametrize("padded", [False, True])
-def test_attend_through_kernels_equals_aten(monkeypatch, name, padded):
+@pytest.mark.parametrize("padded, n_features", [(False, 24), (True, 24), (True, 80)])   # 80: 2 / 3 feature blocks
+def test_attend_through_kernels_equals_aten(monkeypatch, name, padded, n_features):
     """``attend`` of a causal layer (features and their weights' gradients, padding as key weights, three recompute
     groups with the sums carried between them, a carried state) gives the same outputs, end state and gradients
     through the kernels as through the aten chunk form."""
     cfg = base_config(attention=name, n_heads=2, causal=True)
-    cfg.random_features = rlformer.RandomFeatureConfig(n_features=24, chunk_size=16, recompute_group=48)
+    cfg.random_features = rlformer.RandomFeatureConfig(n_features=n_features, chunk_size=16, recompute_group=48)
     torch.manual_seed(0)
     att = (rf.PerformerAttention if name == "performer" else rf.RFAAttention)(cfg, layer=0).to(DEVICE)
     g = torch.Generator().manual_seed(1)

@@ -51,16 +51,31 @@ def available(x: Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
+    def _mm(a, b, IEEE: tl.constexpr):
+        """a @ b accumulated in float32; full float32 products for float32 inputs (IEEE), tensor cores otherwise."""
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _rows(ptr, sb, sh, st, bb, hh, t64, cols, ok, width):
+        """Rows t of a (B, H, T, width) tensor (unit last stride) at columns ``cols``; zeros outside."""
+        return tl.load(ptr + bb * sb + hh * sh + t64[:, None] * st + cols[None, :],
+                       mask=ok[:, None] & (cols[None, :] < width), other=0.0)
+
+    @triton.jit
     def _segment_sums_kernel(a_ptr, sab, sah, sat, b_ptr, sbb, sbh, sbt, r_ptr, c_ptr, s_ptr, z_ptr,
                              T, H, SEG, NSEG, M, D,
                              HAS_R: tl.constexpr, HAS_C: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
                              BM: tl.constexpr, BD: tl.constexpr):
-        """s[bh, g] = sum_t a_t (b_t r_t)^T and z[bh, g] = sum_t a_t c_t (c = 1 without HAS_C) over segment g."""
+        """s[bh, g] = sum_t a_t (b_t r_t)^T and z[bh, g] = sum_t a_t c_t (c = 1 without HAS_C) over segment g,
+        features m0 .. m0 + BM of a (program axis 2)."""
         g = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
+        m0 = tl.program_id(2) * BM
         bb, hh = bh // H, bh % H
         rows = tl.arange(0, C)
-        mi = tl.arange(0, BM)
+        mi = m0 + tl.arange(0, BM)
         di = tl.arange(0, BD)
         acc = tl.zeros((BM, BD), dtype=tl.float32)
         accz = tl.zeros((BM,), dtype=tl.float32)
@@ -70,17 +85,12 @@ if triton is not None:
             t = c0 + rows
             ok = t < end
             t64 = t.to(tl.int64)
-            a = tl.load(a_ptr + bb * sab + hh * sah + t64[:, None] * sat + mi[None, :],
-                        mask=ok[:, None] & (mi[None, :] < M), other=0.0)
-            x = tl.load(b_ptr + bb * sbb + hh * sbh + t64[:, None] * sbt + di[None, :],
-                        mask=ok[:, None] & (di[None, :] < D), other=0.0)
+            a = _rows(a_ptr, sab, sah, sat, bb, hh, t64, mi, ok, M)
+            x = _rows(b_ptr, sbb, sbh, sbt, bb, hh, t64, di, ok, D)
             if HAS_R:
                 rr = tl.load(r_ptr + bh * T + t, mask=ok, other=0.0)
-                x = (x.to(tl.float32) * rr[:, None]).to(a.dtype)
-            if IEEE:
-                acc += tl.dot(tl.trans(a), x.to(a.dtype), input_precision="ieee")
-            else:
-                acc += tl.dot(tl.trans(a), x.to(a.dtype))
+                x = x.to(tl.float32) * rr[:, None]
+            acc += _mm(tl.trans(a), x.to(a.dtype), IEEE)
             if HAS_C:
                 cc = tl.load(c_ptr + bh * T + t, mask=ok, other=0.0)
                 accz += tl.sum(a.to(tl.float32) * cc[:, None], axis=0)
@@ -94,14 +104,17 @@ if triton is not None:
     def _forward_kernel(q_ptr, sqb, sqh, sqt, k_ptr, skb, skh, skt, v_ptr, svb, svh, svt, s_ptr, z_ptr,
                         o_ptr, sob, soh, sot, do_ptr, sdb, sdh, sdt, r_ptr, g_ptr,
                         T, H, SEG, NSEG, M, D, floor,
-                        DELTA: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
+                        SPLIT: tl.constexpr, DELTA: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
                         BM: tl.constexpr, BD: tl.constexpr):
-        """Outputs of segment g from its starting state (s, z); DELTA: r and g of the gradient instead."""
+        """Segment g from its starting state (s, z). One feature block (SPLIT False): the outputs, or with DELTA
+        r and g of the gradient. Features split over program axis 2 (SPLIT): this block's share of the numerator
+        and normalizer, added atomically into o (B * H, T, D) and r (B * H, T) float32 (zeroed)."""
         g = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
+        m0 = tl.program_id(2) * BM
         bb, hh = bh // H, bh % H
         rows = tl.arange(0, C)
-        mi = tl.arange(0, BM)
+        mi = m0 + tl.arange(0, BM)
         di = tl.arange(0, BD)
         st = (bh * NSEG + g) * M
         state = tl.load(s_ptr + (st + mi[:, None]) * D + di[None, :], mask=(mi[:, None] < M) & (di[None, :] < D),
@@ -113,54 +126,46 @@ if triton is not None:
             t = c0 + rows
             ok = t < end
             t64 = t.to(tl.int64)
-            q = tl.load(q_ptr + bb * sqb + hh * sqh + t64[:, None] * sqt + mi[None, :],
-                        mask=ok[:, None] & (mi[None, :] < M), other=0.0)
-            k = tl.load(k_ptr + bb * skb + hh * skh + t64[:, None] * skt + mi[None, :],
-                        mask=ok[:, None] & (mi[None, :] < M), other=0.0)
-            v = tl.load(v_ptr + bb * svb + hh * svh + t64[:, None] * svt + di[None, :],
-                        mask=ok[:, None] & (di[None, :] < D), other=0.0).to(q.dtype)
-            if IEEE:
-                p = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                p = tl.dot(q, tl.trans(k))
-            p = tl.where(rows[:, None] >= rows[None, :], p, 0.0)
-            if IEEE:
-                num = tl.dot(p.to(q.dtype), v, input_precision="ieee")
-                num += tl.dot(q, state.to(q.dtype), input_precision="ieee")
-            else:
-                num = tl.dot(p.to(q.dtype), v)
-                num += tl.dot(q, state.to(q.dtype))
+            q = _rows(q_ptr, sqb, sqh, sqt, bb, hh, t64, mi, ok, M)
+            k = _rows(k_ptr, skb, skh, skt, bb, hh, t64, mi, ok, M)
+            v = _rows(v_ptr, svb, svh, svt, bb, hh, t64, di, ok, D).to(q.dtype)
+            p = tl.where(rows[:, None] >= rows[None, :], _mm(q, tl.trans(k), IEEE), 0.0)
+            num = _mm(p.to(q.dtype), v, IEEE) + _mm(q, state.to(q.dtype), IEEE)
             den = tl.sum(p, axis=1) + tl.sum(q.to(tl.float32) * z[None, :], axis=1)
-            dc = tl.maximum(den, floor)
-            if DELTA:
-                dout = tl.load(do_ptr + bb * sdb + hh * sdh + t64[:, None] * sdt + di[None, :],
-                               mask=ok[:, None] & (di[None, :] < D), other=0.0).to(tl.float32)
-                r = 1.0 / dc
-                gd = tl.where(den >= floor, -tl.sum(dout * num, axis=1) * r * r, 0.0)
-                tl.store(r_ptr + bh * T + t, r, mask=ok)
-                tl.store(g_ptr + bh * T + t, gd, mask=ok)
+            if SPLIT:
+                tl.atomic_add(o_ptr + (bh * T + t64)[:, None] * D + di[None, :], num,
+                              mask=ok[:, None] & (di[None, :] < D))
+                tl.atomic_add(r_ptr + bh * T + t, den, mask=ok)
             else:
-                out = num / dc[:, None]
-                tl.store(o_ptr + bb * sob + hh * soh + t64[:, None] * sot + di[None, :],
-                         out.to(o_ptr.dtype.element_ty), mask=ok[:, None] & (di[None, :] < D))
-            if IEEE:
-                state += tl.dot(tl.trans(k), v, input_precision="ieee")
-            else:
-                state += tl.dot(tl.trans(k), v)
+                dc = tl.maximum(den, floor)
+                if DELTA:
+                    dout = _rows(do_ptr, sdb, sdh, sdt, bb, hh, t64, di, ok, D).to(tl.float32)
+                    r = 1.0 / dc
+                    gd = tl.where(den >= floor, -tl.sum(dout * num, axis=1) * r * r, 0.0)
+                    tl.store(r_ptr + bh * T + t, r, mask=ok)
+                    tl.store(g_ptr + bh * T + t, gd, mask=ok)
+                else:
+                    out = num / dc[:, None]
+                    tl.store(o_ptr + bb * sob + hh * soh + t64[:, None] * sot + di[None, :],
+                             out.to(o_ptr.dtype.element_ty), mask=ok[:, None] & (di[None, :] < D))
+            state += _mm(tl.trans(k), v, IEEE)
             z += tl.sum(k.to(tl.float32), axis=0)
 
     @triton.jit
     def _backward_kernel(q_ptr, sqb, sqh, sqt, k_ptr, skb, skh, skt, v_ptr, svb, svh, svt,
                          do_ptr, sdb, sdh, sdt, r_ptr, g_ptr, s_ptr, z_ptr, ds_ptr, dz_ptr,
                          dq_ptr, dk_ptr, dv_ptr, T, H, SEG, NSEG, M, D,
-                         IEEE: tl.constexpr, C: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
-        """dq, dk, dv of segment g from its starting state (s, z) and the state's gradient at its end (ds, dz).
-        dq / dk: (B * H, T, M) and dv: (B * H, T, D), contiguous."""
+                         SPLIT: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
+                         BD: tl.constexpr):
+        """dq, dk (this program's feature block) and dv of segment g from its starting state (s, z) and the state's
+        gradient at its end (ds, dz); with SPLIT each feature block adds its share of dv atomically (dv zeroed).
+        dq / dk: (B * H, T, M) and dv: (B * H, T, D) float32, contiguous."""
         g = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
+        m0 = tl.program_id(2) * BM
         bb, hh = bh // H, bh % H
         rows = tl.arange(0, C)
-        mi = tl.arange(0, BM)
+        mi = m0 + tl.arange(0, BM)
         di = tl.arange(0, BD)
         st = (bh * NSEG + g) * M
         smask = (mi[:, None] < M) & (di[None, :] < D)
@@ -174,77 +179,44 @@ if triton is not None:
             t = c0 + rows
             ok = t < end
             t64 = t.to(tl.int64)
-            mrow = ok[:, None] & (mi[None, :] < M)
-            drow = ok[:, None] & (di[None, :] < D)
-            k = tl.load(k_ptr + bb * skb + hh * skh + t64[:, None] * skt + mi[None, :], mask=mrow, other=0.0)
-            v = tl.load(v_ptr + bb * svb + hh * svh + t64[:, None] * svt + di[None, :], mask=drow,
-                        other=0.0).to(k.dtype)
+            k = _rows(k_ptr, skb, skh, skt, bb, hh, t64, mi, ok, M)
+            v = _rows(v_ptr, svb, svh, svt, bb, hh, t64, di, ok, D).to(k.dtype)
             r = tl.load(r_ptr + bh * T + t, mask=ok, other=0.0)
             gd = tl.load(g_ptr + bh * T + t, mask=ok, other=0.0)
-            gn = (tl.load(do_ptr + bb * sdb + hh * sdh + t64[:, None] * sdt + di[None, :], mask=drow,
-                          other=0.0).to(tl.float32) * r[:, None]).to(k.dtype)
-            if IEEE:
-                dp = tl.dot(gn, tl.trans(v), input_precision="ieee") + gd[:, None]
-            else:
-                dp = tl.dot(gn, tl.trans(v)) + gd[:, None]
-            dp = tl.where(causal, dp, 0.0)
-            if IEEE:
-                dq = tl.dot(dp.to(k.dtype), k, input_precision="ieee")
-                dq += tl.dot(gn, tl.trans(state.to(k.dtype)), input_precision="ieee")
-            else:
-                dq = tl.dot(dp.to(k.dtype), k)
-                dq += tl.dot(gn, tl.trans(state.to(k.dtype)))
+            gn = (_rows(do_ptr, sdb, sdh, sdt, bb, hh, t64, di, ok, D).to(tl.float32) * r[:, None]).to(k.dtype)
+            dp = tl.where(causal, _mm(gn, tl.trans(v), IEEE) + gd[:, None], 0.0)
+            dq = _mm(dp.to(k.dtype), k, IEEE) + _mm(gn, tl.trans(state.to(k.dtype)), IEEE)
             dq += gd[:, None] * z[None, :]
-            tl.store(dq_ptr + (bh * T + t64)[:, None] * M + mi[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mrow)
-            if IEEE:
-                state += tl.dot(tl.trans(k), v, input_precision="ieee")
-            else:
-                state += tl.dot(tl.trans(k), v)
+            tl.store(dq_ptr + (bh * T + t64)[:, None] * M + mi[None, :], dq.to(dq_ptr.dtype.element_ty),
+                     mask=ok[:, None] & (mi[None, :] < M))
+            state += _mm(tl.trans(k), v, IEEE)
             z += tl.sum(k.to(tl.float32), axis=0)
         # backward over the chunks: dk, dv
         dstate = tl.load(ds_ptr + (st + mi[:, None]) * D + di[None, :], mask=smask, other=0.0)
         dz = tl.load(dz_ptr + st + mi, mask=mi < M, other=0.0)
         n_chunks = tl.cdiv(end - start, C)
         for j in range(0, n_chunks):
-            c0 = start + (n_chunks - 1 - j) * C
-            t = c0 + rows
+            t = start + (n_chunks - 1 - j) * C + rows
             ok = t < end
             t64 = t.to(tl.int64)
-            mrow = ok[:, None] & (mi[None, :] < M)
-            drow = ok[:, None] & (di[None, :] < D)
-            q = tl.load(q_ptr + bb * sqb + hh * sqh + t64[:, None] * sqt + mi[None, :], mask=mrow, other=0.0)
-            k = tl.load(k_ptr + bb * skb + hh * skh + t64[:, None] * skt + mi[None, :], mask=mrow, other=0.0)
-            v = tl.load(v_ptr + bb * svb + hh * svh + t64[:, None] * svt + di[None, :], mask=drow,
-                        other=0.0).to(k.dtype)
+            q = _rows(q_ptr, sqb, sqh, sqt, bb, hh, t64, mi, ok, M)
+            k = _rows(k_ptr, skb, skh, skt, bb, hh, t64, mi, ok, M)
+            v = _rows(v_ptr, svb, svh, svt, bb, hh, t64, di, ok, D).to(k.dtype)
             r = tl.load(r_ptr + bh * T + t, mask=ok, other=0.0)
             gd = tl.load(g_ptr + bh * T + t, mask=ok, other=0.0)
-            gn = (tl.load(do_ptr + bb * sdb + hh * sdh + t64[:, None] * sdt + di[None, :], mask=drow,
-                          other=0.0).to(tl.float32) * r[:, None]).to(k.dtype)
-            if IEEE:
-                p = tl.dot(q, tl.trans(k), input_precision="ieee")
-                dp = tl.dot(gn, tl.trans(v), input_precision="ieee") + gd[:, None]
+            gn = (_rows(do_ptr, sdb, sdh, sdt, bb, hh, t64, di, ok, D).to(tl.float32) * r[:, None]).to(k.dtype)
+            p = tl.where(causal, _mm(q, tl.trans(k), IEEE), 0.0).to(k.dtype)
+            dp = tl.where(causal, _mm(gn, tl.trans(v), IEEE) + gd[:, None], 0.0).to(k.dtype)
+            dk = _mm(tl.trans(dp), q, IEEE) + _mm(v, tl.trans(dstate.to(k.dtype)), IEEE) + dz[None, :]
+            dv = _mm(tl.trans(p), gn, IEEE) + _mm(k, dstate.to(k.dtype), IEEE)
+            tl.store(dk_ptr + (bh * T + t64)[:, None] * M + mi[None, :], dk.to(dk_ptr.dtype.element_ty),
+                     mask=ok[:, None] & (mi[None, :] < M))
+            dv_at = dv_ptr + (bh * T + t64)[:, None] * D + di[None, :]
+            if SPLIT:
+                tl.atomic_add(dv_at, dv, mask=ok[:, None] & (di[None, :] < D))
             else:
-                p = tl.dot(q, tl.trans(k))
-                dp = tl.dot(gn, tl.trans(v)) + gd[:, None]
-            p = tl.where(causal, p, 0.0).to(k.dtype)
-            dp = tl.where(causal, dp, 0.0).to(k.dtype)
-            if IEEE:
-                dk = tl.dot(tl.trans(dp), q, input_precision="ieee")
-                dk += tl.dot(v, tl.trans(dstate.to(k.dtype)), input_precision="ieee")
-                dv = tl.dot(tl.trans(p), gn, input_precision="ieee")
-                dv += tl.dot(k, dstate.to(k.dtype), input_precision="ieee")
-            else:
-                dk = tl.dot(tl.trans(dp), q)
-                dk += tl.dot(v, tl.trans(dstate.to(k.dtype)))
-                dv = tl.dot(tl.trans(p), gn)
-                dv += tl.dot(k, dstate.to(k.dtype))
-            dk += dz[None, :]
-            tl.store(dk_ptr + (bh * T + t64)[:, None] * M + mi[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mrow)
-            tl.store(dv_ptr + (bh * T + t64)[:, None] * D + di[None, :], dv.to(dv_ptr.dtype.element_ty), mask=drow)
-            if IEEE:
-                dstate += tl.dot(tl.trans(q), gn, input_precision="ieee")
-            else:
-                dstate += tl.dot(tl.trans(q), gn)
+                tl.store(dv_at, dv, mask=ok[:, None] & (di[None, :] < D))
+            dstate += _mm(tl.trans(q), gn, IEEE)
             dz += tl.sum(q.to(tl.float32) * gd[:, None], axis=0)
 
 
@@ -265,8 +237,22 @@ def _kernel(k, x: Tensor):
     return k
 
 
+CHUNK = 64
+"""Tokens per chunk of the kernels (a tile: a power of two >= 16). The chunk form's result does not depend on it, so
+``random_features.chunk_size`` (the aten form's chunk) does not set it."""
+BLOCK_M = 64
+"""Features per program: wider feature maps (Performer's 256, RFA's sin and cos) run one program per block of
+features, which add their shares of the numerator, normalizer and dv atomically (float32)."""
+
+
 def _pow2(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
+
+
+def _blocks(m: int) -> tuple[int, int]:
+    """(features per program, number of feature blocks)."""
+    bm = min(BLOCK_M, _pow2(m))
+    return bm, -(-m // bm)
 
 
 def _strides(x: Tensor) -> tuple[int, int, int]:
@@ -277,20 +263,19 @@ def _unit_last(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def segment_length(t: int, bh: int, chunk: int, device: torch.device) -> int:
-    """Tokens per segment (whole chunks): about two programs per SM over B * H * segments (CUDA), 1024 tokens on
-    the CPU."""
+def segment_length(t: int, programs: int, chunk: int, device: torch.device) -> int:
+    """Tokens per segment (whole chunks): about two programs per SM over ``programs`` (B * H * feature blocks)
+    times the segments on CUDA; 1024 tokens on the CPU."""
     n_chunks = -(-t // chunk)
     if device.type != "cuda":
         return chunk * max(1, min(n_chunks, 1024 // chunk))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    per = max(1, -(-n_chunks * bh // (2 * sms)))
+    per = max(1, -(-n_chunks * programs // (2 * sms)))
     return chunk * per
 
 
-def _config(m: int, d: int) -> dict:
-    width = max(m, d)
-    return {"num_warps": 4 if width <= 64 else 8, "num_stages": 2}
+def _config(d: int) -> dict:
+    return {"num_warps": 4 if d <= 64 else 8, "num_stages": 2}
 
 
 def segment_sums(a: Tensor, b: Tensor, seg: int, chunk: int, r: Optional[Tensor] = None,
@@ -301,14 +286,13 @@ def segment_sums(a: Tensor, b: Tensor, seg: int, chunk: int, r: Optional[Tensor]
     d = b.shape[-1]
     a, b = _unit_last(a), _unit_last(b)
     nseg = -(-t // seg)
+    bm, nm = _blocks(m)
     s = torch.empty(bsz, h, nseg, m, d, dtype=torch.float32, device=a.device)
     z = torch.empty(bsz, h, nseg, m, dtype=torch.float32, device=a.device)
-    dummy = z
-    _kernel(_segment_sums_kernel, a)[(nseg, bsz * h)](
-        a, *_strides(a), b, *_strides(b), dummy if r is None else r.contiguous(),
-        dummy if c is None else c.contiguous(),
+    _kernel(_segment_sums_kernel, a)[(nseg, bsz * h, nm)](
+        a, *_strides(a), b, *_strides(b), z if r is None else r.contiguous(), z if c is None else c.contiguous(),
         s, z, t, h, seg, nseg, m, d, HAS_R=r is not None, HAS_C=c is not None, IEEE=a.dtype == torch.float32,
-        C=chunk, BM=_pow2(m), BD=_pow2(d), **_config(m, d))
+        C=chunk, BM=bm, BD=_pow2(d), **_config(d))
     return s, z
 
 
@@ -319,46 +303,75 @@ def _prefix(s: Tensor, z: Tensor, s0: Tensor, z0: Tensor) -> tuple[Tensor, Tenso
         s0 + cs[:, :, -1], z0 + cz[:, :, -1]
 
 
-def forward(phi_q: Tensor, phi_k: Tensor, v: Tensor, s0: Tensor, z0: Tensor, chunk: int, floor: float,
-            out_dtype: torch.dtype, segment: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(out (B, H, T, D) in ``out_dtype``, S_end (B, H, M, D), z_end (B, H, M)) of causal linear attention from
-    the carried sums s0 (B, H, M, D) / z0 (B, H, M) (float32). phi_q, phi_k (B, H, T, M) and v (B, H, T, D): unit
-    stride in their last dim; the matmuls take phi's dtype (v is cast to it). ``segment``: tokens per segment
-    (whole chunks; default ``segment_length``)."""
+def _states(phi_q: Tensor, phi_k: Tensor, v: Tensor, s0: Tensor, z0: Tensor, chunk: int, segment: Optional[int]):
+    """(inputs with unit last strides, segment length, segment starting S and z, end S and z, launch constants)."""
     bsz, h, t, m = phi_q.shape
     d = v.shape[-1]
-    seg = segment or segment_length(t, bsz * h, chunk, phi_q.device)
+    bm, nm = _blocks(m)
+    seg = segment or segment_length(t, bsz * h * nm, chunk, phi_q.device)
+    if seg % chunk:
+        raise ValueError(f"segment={seg} must be a multiple of the kernel chunk {chunk}")
+    phi_q, phi_k, v = _unit_last(phi_q), _unit_last(phi_k), _unit_last(v)
     s, z = segment_sums(phi_k, v, seg, chunk)
     s_start, z_start, s_end, z_end = _prefix(s, z, s0.float(), z0.float())
-    del s, z
-    phi_q, phi_k, v = _unit_last(phi_q), _unit_last(phi_k), _unit_last(v)
-    out = torch.empty(bsz, h, t, d, dtype=out_dtype, device=v.device)
-    _kernel(_forward_kernel, phi_q)[(s_start.shape[2], bsz * h)](
-        phi_q, *_strides(phi_q), phi_k, *_strides(phi_k), v, *_strides(v), s_start, z_start,
-        out, *_strides(out), out, 0, 0, 0, z_start, z_start, t, h, seg, s_start.shape[2], m, d, floor,
-        DELTA=False, IEEE=phi_q.dtype == torch.float32, C=chunk, BM=_pow2(m), BD=_pow2(d), **_config(m, d))
+    consts = dict(IEEE=phi_q.dtype == torch.float32, C=chunk, BM=bm, BD=_pow2(d), **_config(d))
+    grid = (s_start.shape[2], bsz * h, nm)
+    return (phi_q, phi_k, v), seg, s_start, z_start, s_end, z_end, consts, grid
+
+
+def forward(phi_q: Tensor, phi_k: Tensor, v: Tensor, s0: Tensor, z0: Tensor, floor: float, out_dtype: torch.dtype,
+            chunk: int = CHUNK, segment: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(out (B, H, T, D) in ``out_dtype``, S_end (B, H, M, D), z_end (B, H, M)) of causal linear attention from
+    the carried sums s0 (B, H, M, D) / z0 (B, H, M) (float32). phi_q, phi_k (B, H, T, M) and v (B, H, T, D); the
+    matmuls take phi's dtype (v is cast to it). ``segment``: tokens per segment (whole chunks; default
+    ``segment_length``)."""
+    bsz, h, t, m = phi_q.shape
+    d = v.shape[-1]
+    (phi_q, phi_k, v), seg, s_start, z_start, s_end, z_end, consts, grid = _states(phi_q, phi_k, v, s0, z0, chunk,
+                                                                                   segment)
+    args = (phi_q, *_strides(phi_q), phi_k, *_strides(phi_k), v, *_strides(v), s_start, z_start)
+    if grid[2] == 1:
+        out = torch.empty(bsz, h, t, d, dtype=out_dtype, device=v.device)
+        _kernel(_forward_kernel, phi_q)[grid](*args, out, *_strides(out), out, 0, 0, 0, z_start, z_start,
+                                               t, h, seg, grid[0], m, d, floor, SPLIT=False, DELTA=False, **consts)
+    else:
+        num, den = _split_num_den(args, phi_q, bsz, h, t, m, d, seg, grid, floor, consts)
+        out = (num / den.clamp(min=floor)[..., None]).view(bsz, h, t, d).to(out_dtype)
     return out, s_end, z_end
 
 
-def backward(phi_q: Tensor, phi_k: Tensor, v: Tensor, s0: Tensor, z0: Tensor, chunk: int, floor: float,
-             dout: Tensor, ds_end: Optional[Tensor], dz_end: Optional[Tensor], segment: Optional[int] = None):
+def _split_num_den(args, phi_q, bsz, h, t, m, d, seg, grid, floor, consts):
+    """Numerator (B * H, T, D) and normalizer (B * H, T), float32, summed over the feature blocks' programs."""
+    num = torch.zeros(bsz * h, t, d, dtype=torch.float32, device=phi_q.device)
+    den = torch.zeros(bsz * h, t, dtype=torch.float32, device=phi_q.device)
+    _kernel(_forward_kernel, phi_q)[grid](*args, num, 0, 0, 0, num, 0, 0, 0, den, den, t, h, seg, grid[0], m, d,
+                                          floor, SPLIT=True, DELTA=False, **consts)
+    return num, den
+
+
+def backward(phi_q: Tensor, phi_k: Tensor, v: Tensor, s0: Tensor, z0: Tensor, floor: float, dout: Tensor,
+             ds_end: Optional[Tensor], dz_end: Optional[Tensor], chunk: int = CHUNK, segment: Optional[int] = None):
     """Gradients of ``forward`` for dL/dout ``dout`` (B, H, T, D) and dL/d(S_end, z_end) (or None): (d phi_q,
     d phi_k in phi's dtype, dv (B, H, T, D) float32, ds0 (B, H, M, D), dz0 (B, H, M) float32). Recomputes the
     forward's segment states and normalizers; keeps nothing per chunk."""
     bsz, h, t, m = phi_q.shape
     d = v.shape[-1]
-    seg = segment or segment_length(t, bsz * h, chunk, phi_q.device)
-    phi_q, phi_k, v, dout = (_unit_last(x) for x in (phi_q, phi_k, v, dout))
-    s, z = segment_sums(phi_k, v, seg, chunk)
-    s_start, z_start, _, _ = _prefix(s, z, s0.float(), z0.float())
-    del s, z
-    nseg = s_start.shape[2]
-    common = dict(IEEE=phi_q.dtype == torch.float32, C=chunk, BM=_pow2(m), BD=_pow2(d), **_config(m, d))
-    r = torch.empty(bsz, h, t, dtype=torch.float32, device=v.device)
-    g = torch.empty_like(r)
-    _kernel(_forward_kernel, phi_q)[(nseg, bsz * h)](
-        phi_q, *_strides(phi_q), phi_k, *_strides(phi_k), v, *_strides(v), s_start, z_start,
-        dout, 0, 0, 0, dout, *_strides(dout), r, g, t, h, seg, nseg, m, d, floor, DELTA=True, **common)
+    (phi_q, phi_k, v), seg, s_start, z_start, _, _, consts, grid = _states(phi_q, phi_k, v, s0, z0, chunk, segment)
+    dout = _unit_last(dout)
+    nseg = grid[0]
+    args = (phi_q, *_strides(phi_q), phi_k, *_strides(phi_k), v, *_strides(v), s_start, z_start)
+    if grid[2] == 1:
+        r = torch.empty(bsz, h, t, dtype=torch.float32, device=v.device)
+        g = torch.empty_like(r)
+        _kernel(_forward_kernel, phi_q)[grid](*args, dout, 0, 0, 0, dout, *_strides(dout), r, g, t, h, seg, nseg,
+                                              m, d, floor, SPLIT=False, DELTA=True, **consts)
+    else:
+        num, den = _split_num_den(args, phi_q, bsz, h, t, m, d, seg, grid, floor, consts)
+        r = 1.0 / den.clamp(min=floor)
+        delta = torch.linalg.vecdot(dout.reshape(bsz * h, t, d).float(), num)
+        g = torch.where(den >= floor, -delta * r * r, 0.0).view(bsz, h, t)
+        r = r.view(bsz, h, t)
+        del num, den, delta
     # gradient of the state at each segment's end: what the later segments (and the end state) send back
     gs, gz = segment_sums(phi_q, dout, seg, chunk, r=r, c=g)
     ds_end = torch.zeros(bsz, h, m, d, dtype=torch.float32, device=v.device) if ds_end is None else ds_end.float()
@@ -372,8 +385,9 @@ def backward(phi_q: Tensor, phi_k: Tensor, v: Tensor, s0: Tensor, z0: Tensor, ch
     del gs, gz, later_s, later_z
     dq = torch.empty(bsz, h, t, m, dtype=phi_q.dtype, device=v.device)
     dk = torch.empty_like(dq)
-    dv = torch.empty(bsz, h, t, d, dtype=torch.float32, device=v.device)
-    _kernel(_backward_kernel, phi_q)[(nseg, bsz * h)](
+    split = grid[2] > 1
+    dv = (torch.zeros if split else torch.empty)(bsz, h, t, d, dtype=torch.float32, device=v.device)
+    _kernel(_backward_kernel, phi_q)[grid](
         phi_q, *_strides(phi_q), phi_k, *_strides(phi_k), v, *_strides(v), dout, *_strides(dout), r, g,
-        s_start, z_start, seg_ds, seg_dz, dq, dk, dv, t, h, seg, nseg, m, d, **common)
+        s_start, z_start, seg_ds, seg_dz, dq, dk, dv, t, h, seg, nseg, m, d, SPLIT=split, **consts)
     return dq, dk, dv, ds0, dz0

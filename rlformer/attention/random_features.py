@@ -361,7 +361,7 @@ def _kernel_backward_group(spec, chunk: int, floor: float, mm: torch.dtype, need
     dh = vg.shape[-1]
     phi_q, phi_k = fused(_kernel_features, qg)(spec, mm, qg, kg, wg, wq, wk)
     dphi_q, dphi_k, dv, ds_v, ds_z = linear_kernels.backward(
-        phi_q, phi_k, vg, s_start[..., :dh], s_start[..., dh], chunk, floor, g_out,
+        phi_q, phi_k, vg, s_start[..., :dh], s_start[..., dh], floor, g_out,
         None if g_s is None else g_s[..., :dh], None if g_s is None else g_s[..., dh])
     del phi_q, phi_k
     dq, dk, dwq, dwk = fused(_kernel_feature_grads, qg)(spec, mm, need, qg, kg, wg, wq, wk, dphi_q, dphi_k)
@@ -402,8 +402,8 @@ class _LinearAttention(torch.autograd.Function):
                 starts.append(s)
                 if kernels:
                     phi_q, phi_k = step(spec, mm, q[:, :, a:e], k[:, :, a:e], _sliced(weight, a, e), wq, wk)
-                    o, s_v, s_z = linear_kernels.forward(phi_q, phi_k, v[:, :, a:e], s[..., :dh], s[..., dh], chunk,
-                                                         floor, v.dtype)
+                    o, s_v, s_z = linear_kernels.forward(phi_q, phi_k, v[:, :, a:e], s[..., :dh], s[..., dh], floor,
+                                                         v.dtype)
                     s = torch.cat([s_v, s_z[..., None]], -1).to(s0.dtype)
                 else:
                     o, s = step(spec, chunk, floor, mm, s, q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
