@@ -185,3 +185,30 @@ def test_kernel_count_does_not_grow_with_length_in_one_pass(name):
     assert four - two == 2 * (three - two) > 0
     # gated RFA: the decay matrices; both: ALIGN pads and the exact bias columns of the exponents
     assert one <= {"performer": 130, "rfa": 240}[name], one
+
+
+@pytest.mark.parametrize("name", ["performer", "rfa"])
+def test_padded_start_without_state_has_the_recurrence_gradients(monkeypatch, name):
+    """Queries with no weighted key before them and no carried sums (a padded start) have normalizer 0 and output
+    num / floor = 0 whatever the inputs, so they send no gradient. With Performer's floor (the dtype's smallest
+    normal number) 1 / floor is ~1e38 (float32) / 1e308 (float64): kept in the chunk sums, later chunks' key
+    gradients cancelled it against itself and came out off by 1e-2 (an H100 float32 run and CPU float64 alike).
+    A floor of 1e-30 keeps the autograd reference itself finite (1 / floor * v overflows float64 at its tiny)."""
+    att = _module(name, False, 8, chunk=4)
+    monkeypatch.setattr(att, "den_floor", lambda dtype: 1e-30)
+    g = torch.Generator().manual_seed(5)
+    b, h, t, dh = 2, 4, 29, 8
+    q, k, v = (torch.randn(b, h, t, dh, generator=g, dtype=F64).requires_grad_() for _ in range(3))
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[1, :5] = False
+    idx = torch.arange(t)
+    ctx = AttentionContext(causal=True, q_index=idx, k_index=idx, q_pos=idx[None].expand(b, t), key_valid=valid)
+    out, _ = att.attend(q, k, v, ctx)
+    ref, _ = att.reference(q, k, v, ctx)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    probe = torch.randn(out.shape, generator=g, dtype=F64)
+    inputs = [q, k, v] + att.feature_params()
+    grads = torch.autograd.grad((out * probe).sum(), inputs)
+    grads_ref = torch.autograd.grad((ref * probe).sum(), inputs)
+    for a, r in zip(grads, grads_ref):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9)

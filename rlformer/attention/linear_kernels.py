@@ -12,6 +12,9 @@ GPU, and write no per-chunk tensor to memory:
        num = P V_c + Q_c S,  den = P 1 + Q_c z,  out = num / max(den, floor),  S += K_c^T V_c,  z += K_c^T 1.
    In its "delta" mode (used by backward, which keeps no output) it writes instead the two per-token factors of
    the gradient: r = 1 / max(den, floor) and g = -(dout . out) r [den >= floor] (the normalizer's gradient).
+   A query with den = 0 exactly (no key with a nonzero weight before it and no carried sums: a padded start) gets
+   r = 0: its output num / floor is 0 whatever the inputs (every term carries a zero key weight), so its exact
+   gradient is 0, while 1 / floor (1e38 for Performer's floor) times unweighted values overflows float32.
 3. ``backward``: with dY = [dout r, g] the gradient of [num, den], the segment runs its chunks forward for
        dQ_c = tril(dY_c [V_c, 1]^T) K_c + dY_c [S, z]^T
    and backward (from the gradient of the state at its end, a reverse prefix of step 1's sums) for
@@ -140,7 +143,7 @@ if triton is not None:
                 dc = tl.maximum(den, floor)
                 if DELTA:
                     dout = _rows(do_ptr, sdb, sdh, sdt, bb, hh, t64, di, ok, D).to(tl.float32)
-                    r = 1.0 / dc
+                    r = tl.where(den == 0.0, 0.0, 1.0 / dc)
                     gd = tl.where(den >= floor, -tl.sum(dout * num, axis=1) * r * r, 0.0)
                     tl.store(r_ptr + bh * T + t, r, mask=ok)
                     tl.store(g_ptr + bh * T + t, gd, mask=ok)
@@ -367,7 +370,7 @@ def backward(phi_q: Tensor, phi_k: Tensor, v: Tensor, s0: Tensor, z0: Tensor, fl
                                               m, d, floor, SPLIT=False, DELTA=True, **consts)
     else:
         num, den = _split_num_den(args, phi_q, bsz, h, t, m, d, seg, grid, floor, consts)
-        r = 1.0 / den.clamp(min=floor)
+        r = torch.where(den == 0, 0.0, 1.0 / den.clamp(min=floor))
         delta = torch.linalg.vecdot(dout.reshape(bsz * h, t, d).float(), num)
         g = torch.where(den >= floor, -delta * r * r, 0.0).view(bsz, h, t)
         r = r.view(bsz, h, t)

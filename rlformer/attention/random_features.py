@@ -180,7 +180,7 @@ def _chunk_backward(q, k, v1, lg, s0, floor, dout, ds_end):
     y = r.pop("y")
     den = y[..., dh:dh + 1]
     dc = den.clamp(min=floor)
-    dnum = dout / dc
+    dnum = (dout / dc).masked_fill_(den == 0, 0.0)       # den = 0: no weighted key, out = 0 whatever the inputs
     dden = -(dnum * y[..., :dh]).sum(-1, keepdim=True) / dc * (den >= floor)
     dy = _pad_cols(torch.cat([dnum, dden], -1), y.shape[-1]).to(mm)                # dL/dY
     del y, dnum, dden, dc, den
