@@ -40,6 +40,8 @@ def main(argv=None) -> dict:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--d-head", type=int, default=64)
     p.add_argument("--chunk", type=int, default=128, help="the aten chunk form's chunk (the kernels use theirs)")
+    p.add_argument("--block-m", type=int, nargs="+", default=[lk.BLOCK_M],
+                   help="features per program (linear_kernels.BLOCK_M) to try")
     p.add_argument("--no-aten", action="store_true", help="skip the aten chunk form")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=20)
@@ -69,7 +71,9 @@ def main(argv=None) -> dict:
             v = torch.randn(1, h, t, dh, device=dev, dtype=dt).requires_grad_()
             s0 = torch.zeros(1, h, m, dh + 1, device=dev)
             dout = torch.randn(1, h, t, dh, device=dev, dtype=dt)
-            for seg in args.segments:
+            for seg, bm in [(s, b) for s in args.segments for b in args.block_m]:
+                lk.BLOCK_M = bm
+
                 def fwd(seg=seg):
                     lk.forward(phi_q, phi_k, v, s0[..., :dh], s0[..., dh], floor, dt, segment=seg or None)
 
@@ -79,7 +83,7 @@ def main(argv=None) -> dict:
                                 segment=seg or None)
 
                 nm = lk._blocks(m)[1]
-                name = f"kernels, segment {seg or lk.segment_length(t, h * nm, lk.CHUNK, dev)}"
+                name = f"kernels, BLOCK_M {bm}, segment {seg or lk.segment_length(t, h * nm, lk.CHUNK, dev)}"
                 record({"T": t, "M": m, "case": name, "fwd": _measure(fwd, args.warmup, args.reps),
                         "fwd_bwd": _measure(fwd_bwd, args.warmup, args.reps)})
             if not args.no_aten:

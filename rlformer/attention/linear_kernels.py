@@ -277,8 +277,8 @@ def segment_length(t: int, programs: int, chunk: int, device: torch.device) -> i
     return chunk * per
 
 
-def _config(d: int) -> dict:
-    return {"num_warps": 4 if d <= 64 else 8, "num_stages": 2}
+def _config(bm: int, d: int) -> dict:
+    return {"num_warps": 4 if max(bm, d) <= 64 else 8, "num_stages": 2}
 
 
 def segment_sums(a: Tensor, b: Tensor, seg: int, chunk: int, r: Optional[Tensor] = None,
@@ -295,7 +295,7 @@ def segment_sums(a: Tensor, b: Tensor, seg: int, chunk: int, r: Optional[Tensor]
     _kernel(_segment_sums_kernel, a)[(nseg, bsz * h, nm)](
         a, *_strides(a), b, *_strides(b), z if r is None else r.contiguous(), z if c is None else c.contiguous(),
         s, z, t, h, seg, nseg, m, d, HAS_R=r is not None, HAS_C=c is not None, IEEE=a.dtype == torch.float32,
-        C=chunk, BM=bm, BD=_pow2(d), **_config(d))
+        C=chunk, BM=bm, BD=_pow2(d), **_config(bm, d))
     return s, z
 
 
@@ -317,7 +317,7 @@ def _states(phi_q: Tensor, phi_k: Tensor, v: Tensor, s0: Tensor, z0: Tensor, chu
     phi_q, phi_k, v = _unit_last(phi_q), _unit_last(phi_k), _unit_last(v)
     s, z = segment_sums(phi_k, v, seg, chunk)
     s_start, z_start, s_end, z_end = _prefix(s, z, s0.float(), z0.float())
-    consts = dict(IEEE=phi_q.dtype == torch.float32, C=chunk, BM=bm, BD=_pow2(d), **_config(d))
+    consts = dict(IEEE=phi_q.dtype == torch.float32, C=chunk, BM=bm, BD=_pow2(d), **_config(bm, d))
     grid = (s_start.shape[2], bsz * h, nm)
     return (phi_q, phi_k, v), seg, s_start, z_start, s_end, z_end, consts, grid
 
