@@ -5,16 +5,10 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import os
-
 import pytest
 import torch
 
 torch.set_num_threads(1)
-if not torch.cuda.is_available():
-    # Without a GPU, Triton kernels can only run under Triton's interpreter (numpy on the CPU); it must be chosen
-    # before triton is first imported. The kernel tests then check the kernels' code in CI.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"  # in CI the repo is a fresh clone with shared/ beside it

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rlformer.attention import linear_kernels
 from rlformer.attention.base import Attention, merge_heads
 from rlformer.attention.compiled import fused
 from rlformer.attention.lsh import Float32Buffers, layer_generator
@@ -309,12 +308,6 @@ def _backward_group(spec, chunk: int, floor: float, mm: torch.dtype, need: tuple
     if need[3]:
         dw = torch.linalg.vecdot(dv1[..., :-1], vg.to(mm)) + dv1[..., -1]
         dw = dw.sum(1, keepdim=True) if wg.shape[1] == 1 else dw
-    (dq, dwq), (dk, dwk) = _feature_grads(spec, need, qg, kg, wq, wk, phi_q, xq, phi_k, xk, dphi_q, dphi_k)
-    return dq, dk, dv, dw, dlg if need[4] else None, ds, dwq, dwk
-
-
-def _feature_grads(spec, need: tuple, qg, kg, wq, wk, phi_q, xq, phi_k, xk, dphi_q, dphi_k):
-    """((dq, dW_q), (dk, dW_k)) from the features' gradients (None where ``need`` says no)."""
     grads = []
     for x, phi, dphi, xa, w, need_x, need_w, query in ((qg, phi_q, dphi_q, xq, wq, need[0], need[5], True),
                                                       (kg, phi_k, dphi_k, xk, wk, need[1], need[6], False)):
@@ -324,49 +317,8 @@ def _feature_grads(spec, need: tuple, qg, kg, wq, wk, phi_q, xq, phi_k, xk, dphi
         cls, consts = spec
         dx, dw_f = cls.features_backward(consts, x, xa, w, phi, dphi, query, need_x, need_w)
         grads.append((None if dx is None else dx.to(x.dtype), dw_f))
-    return grads
-
-
-def _kernel_features(spec, mm: torch.dtype, qg: Tensor, kg: Tensor, wg: Optional[Tensor], wq: Optional[Tensor],
-                     wk: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """(phi(q), phi(k) * key weight) of one stretch for ``linear_kernels`` (the key weight scales [v, 1] in the
-    aten form, the same product). Pure tensor code (``compiled.fused``)."""
-    phi_q, _, phi_k, _ = _features_of_group(spec, mm, qg, kg, wq, wk)
-    if wg is not None:
-        phi_k = phi_k * wg[..., None].to(mm)
-    return phi_q, phi_k
-
-
-def _kernel_feature_grads(spec, mm: torch.dtype, need: tuple, qg: Tensor, kg: Tensor, wg: Optional[Tensor],
-                          wq: Optional[Tensor], wk: Optional[Tensor], dphi_q: Tensor, dphi_k: Tensor):
-    """(dq, dk, dW_q, dW_k) from the kernels' feature gradients, recomputing the features. Pure tensor code."""
-    phi_q, xq, phi_k, xk = _features_of_group(spec, mm, qg, kg, wq, wk)
-    if wg is not None:
-        dphi_k = dphi_k * wg[..., None].to(dphi_k.dtype)
-    (dq, dwq), (dk, dwk) = _feature_grads(spec, need, qg, kg, wq, wk, phi_q, xq, phi_k, xk, dphi_q, dphi_k)
-    return dq, dk, dwq, dwk
-
-
-def _uses_kernels(q: Tensor, lg: Optional[Tensor], weight_grad: bool, mm: torch.dtype) -> bool:
-    """Whether ``_LinearAttention`` runs ``linear_kernels`` (CUDA, no gate, no key-weight gradient, 16/32-bit)."""
-    return lg is None and not weight_grad and mm in (torch.bfloat16, torch.float16, torch.float32) \
-        and linear_kernels.available(q)
-
-
-def _kernel_backward_group(spec, chunk: int, floor: float, mm: torch.dtype, need: tuple, s_start: Tensor,
-                           qg: Tensor, kg: Tensor, vg: Tensor, wg: Optional[Tensor], wq: Optional[Tensor],
-                           wk: Optional[Tensor], g_out: Tensor, g_s: Optional[Tensor]):
-    """``_backward_group`` through ``linear_kernels`` (no gate, no key-weight gradient): features recomputed
-    (compiled), the kernels' gradients, the features' backward (compiled). Same returns."""
-    dh = vg.shape[-1]
-    phi_q, phi_k = fused(_kernel_features, qg)(spec, mm, qg, kg, wg, wq, wk)
-    dphi_q, dphi_k, dv, ds_v, ds_z = linear_kernels.backward(
-        phi_q, phi_k, vg, s_start[..., :dh], s_start[..., dh], floor, g_out,
-        None if g_s is None else g_s[..., :dh], None if g_s is None else g_s[..., dh])
-    del phi_q, phi_k
-    dq, dk, dwq, dwk = fused(_kernel_feature_grads, qg)(spec, mm, need, qg, kg, wg, wq, wk, dphi_q, dphi_k)
-    ds = torch.cat([ds_v, ds_z[..., None]], -1).to(s_start.dtype)
-    return dq, dk, dv.to(vg.dtype) if need[2] else None, None, None, ds, dwq, dwk
+    (dq, dwq), (dk, dwk) = grads
+    return dq, dk, dv, dw, dlg if need[4] else None, ds, dwq, dwk
 
 
 class _LinearAttention(torch.autograd.Function):
@@ -392,27 +344,19 @@ class _LinearAttention(torch.autograd.Function):
     def forward(ctx, spec, bounds, chunk, floor, s0, q, k, v, weight, lg, wq, wk):
         mm = _matmul_dtype(v.dtype, s0.dtype)
         out = v.new_empty(v.shape) if len(bounds) > 1 else None
-        kernels = _uses_kernels(q, lg, ctx.needs_input_grad[8], mm)
-        step = fused(_kernel_features if kernels else _forward_group, q)
+        step = fused(_forward_group, q)
         starts = []
         s = s0
-        dh = v.shape[-1]
         with _fp32_matmuls(mm):
             for a, e in bounds:
                 starts.append(s)
-                if kernels:
-                    phi_q, phi_k = step(spec, mm, q[:, :, a:e], k[:, :, a:e], _sliced(weight, a, e), wq, wk)
-                    o, s_v, s_z = linear_kernels.forward(phi_q, phi_k, v[:, :, a:e], s[..., :dh], s[..., dh], floor,
-                                                         v.dtype)
-                    s = torch.cat([s_v, s_z[..., None]], -1).to(s0.dtype)
-                else:
-                    o, s = step(spec, chunk, floor, mm, s, q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
-                                _sliced(weight, a, e), _sliced(lg, a, e), wq, wk)
+                o, s = step(spec, chunk, floor, mm, s, q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
+                            _sliced(weight, a, e), _sliced(lg, a, e), wq, wk)
                 if out is None:
                     out = o
                 else:
                     out[:, :, a:e] = o
-        ctx.spec, ctx.bounds, ctx.chunk, ctx.floor, ctx.kernels = spec, bounds, chunk, floor, kernels
+        ctx.spec, ctx.bounds, ctx.chunk, ctx.floor = spec, bounds, chunk, floor
         ctx.save_for_backward(torch.stack(starts), q, k, v, weight, lg, wq, wk)
         return out, s
 
@@ -426,18 +370,14 @@ class _LinearAttention(torch.autograd.Function):
         dq_all, dk_all, dv_all, dw_all, dlg_all = (torch.empty_like(x) if want else None
                                                    for x, want in zip((q, k, v, weight, lg), need))
         dwq = dwk = None
+        step = fused(_backward_group, q)
         g_s = g_end
         with _fp32_matmuls(mm):
             for i in reversed(range(len(ctx.bounds))):
                 a, e = ctx.bounds[i]
-                if ctx.kernels:
-                    dq, dk, dv, dw, dlg, g_s, dwq_g, dwk_g = _kernel_backward_group(
-                        ctx.spec, ctx.chunk, ctx.floor, mm, need, starts[i], q[:, :, a:e], k[:, :, a:e],
-                        v[:, :, a:e], _sliced(weight, a, e), wq, wk, g_out[:, :, a:e], g_s)
-                else:
-                    dq, dk, dv, dw, dlg, g_s, dwq_g, dwk_g = fused(_backward_group, q)(
-                        ctx.spec, ctx.chunk, ctx.floor, mm, need, starts[i], q[:, :, a:e], k[:, :, a:e],
-                        v[:, :, a:e], _sliced(weight, a, e), _sliced(lg, a, e), wq, wk, g_out[:, :, a:e], g_s)
+                dq, dk, dv, dw, dlg, g_s, dwq_g, dwk_g = step(
+                    ctx.spec, ctx.chunk, ctx.floor, mm, need, starts[i], q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
+                    _sliced(weight, a, e), _sliced(lg, a, e), wq, wk, g_out[:, :, a:e], g_s)
                 for dst, g in ((dq_all, dq), (dk_all, dk), (dv_all, dv)):
                     if dst is not None:
                         dst[:, :, a:e] = g
