@@ -14,6 +14,16 @@ from rlformer.config import EncoderConfig
 from rlformer.registry import register
 
 
+def _merge_with_rows(out, rows, rows_out):
+    """``merge_heads(out)`` (B, T, H dh) with the rows ``rows`` taken from ``rows_out`` (B, H, G, dh) instead: one
+    new tensor (the merge's copy), not a patched copy of ``out`` first."""
+    b, h, t, dh = out.shape
+    merged = out.new_empty(b, t, h * dh)
+    merged.view(b, t, h, dh).copy_(out.transpose(1, 2))
+    merged[:, rows] = merge_heads(rows_out)
+    return merged
+
+
 def _check_globals(name: str, cfg: EncoderConfig) -> None:
     bad = [p for p in cfg.global_local.global_positions if p < 0]
     if bad:
@@ -79,38 +89,61 @@ class LongformerAttention(PatternAttention):
 
         return Pattern(rule, ("longformer", w, d, n_dil, glob, m), per_head=n_dil > 0)
 
-    def _global_rows(self, x, kv, ctx):
-        """Segment rows with global attention, their (queries, keys, values) from Q_g, K_g, V_g and their
-        context; None when there are none (or global projections are off)."""
+    def _global_queries(self, x, ctx):
+        """(rows, Q_g(x) at the rows (B, H, G, dh), the context of those rows), or None when there are no
+        global rows in the segment (or global projections are off)."""
         rows = [g for g in sorted(set(self.cfg.global_local.global_positions)) if g < x.shape[1]]
         if not rows or not self.cfg.global_local.global_projections:
             return None
         # built on the device from runs (no host-to-device copy: the step can be captured in a CUDA graph)
         rows_t = torch.cat([torch.arange(lo, hi + 1, device=x.device) for lo, hi in runs(tuple(rows))])
         q = split_heads(self.q_global(x[:, rows_t]), self.n_heads)
+        return rows_t, q, replace(ctx, q_index=ctx.q_index[rows_t], q_pos=ctx.q_pos[:, rows_t])
+
+    def _global_rows_dense(self, x, kv, ctx, mask_fn):
+        """(rows, their outputs (B, H, G, dh)) with K_g, V_g formed: softmax(Q_g K_g^T) V_g over the allowed keys,
+        position hooks applied (the reference, and the fast path under rotary or score positions)."""
+        rows, q, sub = self._global_queries(x, ctx)
         k, v = (split_heads(t, self.n_heads) for t in self.kv_global(kv).chunk(2, dim=-1))
-        sub = replace(ctx, q_index=ctx.q_index[rows_t], q_pos=ctx.q_pos[:, rows_t])
         if self.position is not None and "rotary" in self.position.hooks:
             q, k = self.position.rotate(q, k, sub.q_index, sub.k_index)
-        return rows_t, q, k, v, sub
-
-    def _attend_global(self, out, x, kv, ctx, mask_fn):
-        found = self._global_rows(x, kv, ctx)
-        if found is None:
-            return out
-        rows, q, k, v, sub = found
         dropout = self.dropout if self.training else 0.0
-        rows_out = dense_attention(q, k, v, mask_fn(sub), self.scale, self.score_position, sub.q_index, sub.k_index,
-                                   dropout, self.training)
-        return out.index_copy(2, rows, rows_out)
+        return rows, dense_attention(q, k, v, mask_fn(sub), self.scale, self.score_position, sub.q_index,
+                                     sub.k_index, dropout, self.training)
+
+    def _global_rows_absorbed(self, x, kv, ctx):
+        """(rows, their outputs) without forming K_g, V_g = kv W^T + b ((B, Tk, D) each, kept for backward):
+        per head h, q . (W_k^h x_j + b_k^h) = (q W_k^h) . x_j + q . b_k^h and
+        sum_j p_j (W_v^h x_j + b_v^h) = W_v^h (sum_j p_j x_j) + b_v^h sum_j p_j, so only the (B, H, G, Tk) scores
+        and probabilities exist: O(G Tk) per head instead of O(Tk D). Exact; no position hooks on the keys."""
+        rows, q, sub = self._global_queries(x, ctx)
+        h, dh = self.n_heads, self.d_head
+        d = h * dh
+        w, bias = self.kv_global.weight.to(q.dtype), self.kv_global.bias.to(q.dtype)
+        wk, wv, bk, bv = w[:d].view(h, dh, -1), w[d:].view(h, dh, -1), bias[:d].view(h, dh), bias[d:].view(h, dh)
+        scores = torch.einsum("bhgc,btc->bhgt", torch.einsum("bhgd,hdc->bhgc", q, wk), kv)
+        scores = (scores + torch.einsum("bhgd,hd->bhg", q, bk)[..., None]) * self.scale
+        allowed = sub.allowed()
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
+        if self.dropout > 0 and self.training:
+            probs = F.dropout(probs, self.dropout)
+        out = torch.einsum("bhgc,hdc->bhgd", torch.einsum("bhgt,btc->bhgc", probs, kv), wv)
+        return rows, out + probs.sum(-1, keepdim=True) * bv[None, :, None, :]
 
     def forward(self, x, kv, ctx):
         q, k, v = self.project(x, kv)
         if self.position is not None and "rotary" in self.position.hooks:
             q, k = self.position.rotate(q, k, ctx.q_index, ctx.k_index)
         out = self.attend_pattern(q, k, v, ctx, self.pattern(ctx, k.shape[2]))
-        out = self._attend_global(out, x, kv, ctx, lambda sub: sub.allowed())
-        return self.out_proj(merge_heads(out)), {}
+        if self._global_queries(x, ctx) is None:
+            return self.out_proj(merge_heads(out)), {}
+        if self.position is not None and self.position.hooks & {"rotary", "score", "value"}:
+            rows, rows_out = self._global_rows_dense(x, kv, ctx, lambda sub: sub.allowed())
+        else:
+            rows, rows_out = self._global_rows_absorbed(x, kv, ctx)
+        return self.out_proj(_merge_with_rows(out, rows, rows_out)), {}
 
     def reference_forward(self, x, kv, ctx):
         """Naive Longformer: loop-built masks, dense scores, the global rows from Q_g, K_g, V_g."""
@@ -122,7 +155,9 @@ class LongformerAttention(PatternAttention):
         def every_key(sub):
             return loop_mask(lambda h, i, j: True, sub.q_index, sub.k_index, 1, sub.causal, sub.key_valid)
 
-        out = self._attend_global(out, x, kv, ctx, every_key)
+        if self._global_queries(x, ctx) is not None:
+            rows, rows_out = self._global_rows_dense(x, kv, ctx, every_key)
+            out = out.index_copy(2, rows, rows_out)
         return self.out_proj(merge_heads(out))
 
     def reference_rule(self, ctx, tk):
