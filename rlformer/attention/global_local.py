@@ -46,8 +46,10 @@ class LongformerAttention(PatternAttention):
     causal adds j <= i (the paper's autoregressive setting: w preceding keys). As in the paper, the rows
     of the global queries use their own projections Q_g, K_g, V_g (``global_local.global_projections``;
     False = reuse the layer's Q_s, K_s, V_s): y_i = softmax(Q_g(x_i) K_g(X)^T / sqrt(d)) V_g(X) over every
-    allowed key, computed densely for the |G| global rows only (O(|G| N) memory); all other rows use
-    Q_s, K_s, V_s with the pattern above. A window covering the sequence and no globals gives full attention.
+    allowed key, computed densely for the |G| global rows only, K_g and V_g folded into the queries and into
+    the probability-weighted sum of X (O(|G| N) memory per head, never the (N, d) K_g, V_g; they are formed only
+    when rotary or score positions act on the keys); all other rows use Q_s, K_s, V_s with the pattern above.
+    A window covering the sequence and no globals gives full attention.
     """
 
     def __init__(self, cfg, layer, position):
