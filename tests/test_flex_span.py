@@ -87,21 +87,6 @@ def test_flex_span_forward_equals_reference(dynamic, padding, b, h, t, m, s, r, 
     torch.testing.assert_close(out, reference(q, k, v, z, key_valid, 0.5, r, s), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-def test_flex_span_forward_with_full_blocks_equals_reference(dynamic):
-    """Long spans without padding: most of the band is full blocks (no mask_mod in the kernel); the output is
-    still the reference's."""
-    from rlformer.attention.flex_span import band_block_mask, span_full_below
-    q, k, v, z, _ = inputs(1, 3, 160, 24, 120, dynamic, padding=None, seed=3)
-    z = 60 + z / 2                                                           # spans 60 .. 120
-    full_hi = span_full_below(z, 8, 120)
-    bm = band_block_mask(160, 184, 24, 0, span_bounds(z, 8, 120)[1], "cpu", 8, full_hi)
-    assert int(bm.full_kv_num_blocks.sum()) > int(bm.kv_num_blocks.sum())  # more full blocks than partial
-    with torch.no_grad():
-        out = flex_adaptive_span(q, k, v, None, 0.5, z, 8, 120, flex=eager_flex(), block=8)
-    torch.testing.assert_close(out, reference(q, k, v, z, None, 0.5, 8, 120), rtol=0, atol=1e-12)
-
-
 def test_flex_span_forward_with_integer_spans_and_float32():
     """Integer spans put keys exactly at m = 0 (u = 0) and m = 1 (u = 1); float32 inputs keep float32 spans."""
     q, k, v, z, key_valid = inputs(2, 3, 45, 9, 20, False, integer_z=True)
@@ -141,48 +126,6 @@ def test_band_block_mask_covers_every_pair_the_reference_weights(dynamic, b, h, 
         # block-banded: no listed pair is further than whole blocks around the band 0 <= x < W
         far = -(-w // block) * block + 2 * block
         assert not (band & ((dist <= -2 * block) | (dist >= far))).any()
-
-
-def listed_pairs(num, idx, tq, tk, block):
-    """(Tq, Tk) bool: the pairs inside the key blocks listed by (num (1, 1, nQ), idx (1, 1, nQ, nK))."""
-    out = torch.zeros(-(-tq // block) * block, idx.shape[-1] * block, dtype=torch.bool)
-    for a in range(num.shape[-1]):
-        for c in idx[0, 0, a, :int(num[0, 0, a])].tolist():
-            out[a * block:(a + 1) * block, c * block:(c + 1) * block] = True
-    return out[:tq, :tk]
-
-
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-@pytest.mark.parametrize("b,h,t,m,s,r,block", SHAPES + [(1, 4, 300, 100, 64, 16, 16), (1, 2, 129, 0, 200, 32, 32),
-                                                   (1, 3, 200, 20, 160, 8, 8)])
-def test_full_blocks_hold_only_pairs_every_span_weights(dynamic, b, h, t, m, s, r, block):
-    """With ``span_full_below`` the band's blocks split into partial and full ones (same union); every pair of a
-    full block has m_z > 0 for every head, batch row and query (the kernel skips the mask_mod there), and the
-    tensor-bound split (CUDA graph capture) lists the same blocks."""
-    from rlformer.attention.flex_span import band_blocks, span_full_below, split_full_blocks
-    for seed, integer_z in ((0, False), (1, True), (2, False)):
-        _, _, _, z, _ = inputs(b, h, t, m, s, dynamic, integer_z=integer_z, seed=seed)
-        tk = t + m
-        dist = (torch.arange(t)[:, None] + m - torch.arange(tk)[None, :]).double()
-        zz = z[:, None, None] if z.dim() == 1 else z[..., None]
-        weighted_all = ((r + zz - dist > 0) & (dist >= 0) & (dist < s)).reshape(-1, t, tk).all(0)
-        _, w = span_bounds(z, r, s)
-        full_hi = span_full_below(z, r, s)
-        plain = covered_pairs(band_block_mask(t, tk, m, 0, w, "cpu", block), t, tk, block)
-        split = band_block_mask(t, tk, m, 0, w, "cpu", block, full_hi)
-        partial = listed_pairs(split.kv_num_blocks, split.kv_indices, t, tk, block)
-        full = torch.zeros_like(plain)
-        if split.full_kv_num_blocks is not None:
-            full = listed_pairs(split.full_kv_num_blocks, split.full_kv_indices, t, tk, block)
-        assert torch.equal(partial | full, plain) and not (partial & full).any()
-        assert not (full & ~weighted_all).any()
-        if full_hi >= 3 * block and t >= 3 * block:
-            assert full.any()                                   # the interior of the band is skipped
-        num, idx = band_blocks(t, tk, m, 0, -(-w // block) * block, block)
-        want = split_full_blocks(num, idx, t, tk, m, full_hi, block)
-        got = split_full_blocks(num, idx, t, tk, m, torch.tensor(full_hi), block)
-        for a, g in zip(want, got):
-            assert torch.equal(a, g)
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])

@@ -73,63 +73,23 @@ def band_blocks(tq: int, tk: int, n_mem: int, lo: int | Tensor, hi: int | Tensor
     return num.to(torch.int32)[None, None], idx.to(torch.int32)[None, None]
 
 
-def split_full_blocks(num: Tensor, idx: Tensor, tq: int, tk: int, n_mem: int, full_hi: int | Tensor,
-                      block: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(partial num, partial idx, full num, full idx) of a band (``band_blocks``): the listed key blocks whose
-    every pair has 0 <= x < ``full_hi`` and no position past tq / tk become full blocks, where FlexAttention
-    skips the mask_mod (the score_mod still runs). Device tensor ops only (capturable); ``full_hi`` may be a
-    0-dim tensor."""
-    nq, nk = idx.shape[-2:]
-    qb = torch.arange(nq, device=idx.device)
-    c = idx[0, 0].long()                                                     # (nQ, nK) key blocks
-    k_last = c * block + block - 1
-    x_min = (n_mem + qb * block)[:, None] - k_last                           # nearest pair of the block
-    x_max = (n_mem + (qb + 1) * block - 1)[:, None] - c * block              # farthest pair
-    pos = torch.arange(nk, device=idx.device)[None, :]
-    listed = pos < num[0, 0].long()[:, None]
-    full = listed & (x_min >= 0) & (x_max < full_hi) & (k_last < tk) & ((qb + 1) * block <= tq)[:, None]
-
-    def compact(sel):
-        order = torch.argsort(torch.where(sel, pos, pos + nk), dim=-1)      # selected blocks first, in order
-        return sel.sum(-1).to(torch.int32)[None, None], c.gather(-1, order).to(torch.int32)[None, None]
-
-    return (*compact(listed & ~full), *compact(full))
-
-
 def band_block_mask(tq: int, tk: int, n_mem: int, lo: int | Tensor, hi: int | Tensor, device: torch.device,
-                    block: int = BLOCK, full_hi: Optional[int | Tensor] = None):
-    """BlockMask (no mask_mod) of ``band_blocks``; attach the exact mask with ``with_mask_mod``. ``full_hi``: the
-    blocks whose every pair has 0 <= x < full_hi are full (``split_full_blocks``), the others partial; None: all
-    partial. Integer bounds: cached, ``lo``/``hi`` rounded outwards and ``full_hi`` inwards to the block size so
-    spans that move a little reuse it. Tensor bounds (``span_bounds`` while a CUDA graph is captured): built on
-    the device on every call, so a replayed graph follows the spans' current values."""
+                    block: int = BLOCK):
+    """BlockMask (no mask_mod) of ``band_blocks``; attach the exact mask with ``with_mask_mod``. Integer bounds:
+    cached, ``lo``/``hi`` rounded outwards to the block size so spans that move a little reuse it. Tensor
+    bounds (``span_bounds`` while a CUDA graph is captured): built on the device on every call, so a replayed
+    graph follows the spans' current values."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    def build(lo=lo, hi=hi, full_hi=full_hi):
+    def build(lo=lo, hi=hi):
         num, idx = band_blocks(tq, tk, n_mem, lo, hi, block, device)
-        if full_hi is None:
-            return BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=block, seq_lengths=(tq, tk))
-        num, idx, full_num, full_idx = split_full_blocks(num, idx, tq, tk, n_mem, full_hi, block)
-        return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block, seq_lengths=(tq, tk))
+        return BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=block, seq_lengths=(tq, tk))
 
-    if isinstance(lo, Tensor) or isinstance(hi, Tensor) or isinstance(full_hi, Tensor):
+    if isinstance(lo, Tensor) or isinstance(hi, Tensor):
         return build()
     lo = max(0, lo) // block * block
     hi = -(-hi // block) * block
-    full_hi = None if full_hi is None else max(0, full_hi) // block * block
-    return _cached(("span_band", tq, tk, n_mem, lo, hi, full_hi, block, str(device)),
-                   lambda: build(lo, hi, full_hi))
-
-
-def span_full_below(z: Tensor, ramp: int, max_span: int) -> int | Tensor:
-    """Distances x < min(S, floor(min z + R)) have m_z(x) > 0 for every span (d = z + R - x > 0): blocks
-    entirely below it need no mask_mod (without padding). An int, or a 0-dim tensor while capturing."""
-    zd = z.detach()
-    if not zd.numel():
-        return 0
-    if capturing(zd):
-        return (zd.min() + ramp).floor().clamp(0, max_span).long()
-    return max(0, min(max_span, math.floor(float(zd.min()) + ramp)))
+    return _cached(("span_band", tq, tk, n_mem, lo, hi, block, str(device)), lambda: build(lo, hi))
 
 
 def _z32(z: Tensor) -> Tensor:
@@ -258,8 +218,7 @@ def flex_adaptive_span(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tens
     valid = None if key_valid is None else key_valid.to(device=q.device, dtype=torch.bool)
     z_det = _z32(z.detach())
     _, w = span_bounds(z_det, ramp, max_span)
-    full_hi = None if valid is not None else span_full_below(z_det, ramp, max_span)   # padding: mask everywhere
-    bm = with_mask_mod(band_block_mask(tq, tk, n_mem, 0, w, q.device, block, full_hi),
+    bm = with_mask_mod(band_block_mask(tq, tk, n_mem, 0, w, q.device, block),
                        span_mask_mod(z_det, valid, n_mem, ramp, max_span))
     analytic = z_grad == "analytic" or not (torch.is_grad_enabled() and z.requires_grad)
     score_mod = span_score_mod(z_det if analytic else _z32(z), n_mem, ramp)
