@@ -1,0 +1,101 @@
+"""What the adaptive-span FlexAttention call costs, and which part of its rule costs it.
+
+    python scripts/bench_flex_span.py --length 16384 65536
+
+On random bf16 q, k, v of shape (1, heads, T, d_head) (8 heads, d_head 64) with static spans z = ``--span`` per head,
+ramp R = ``--ramp``, S = ``--max-span`` (the attention benchmark's layer: S = 1024, z = S / 2, R = 32), times the
+forward and forward+backward of one compiled ``flex_attention`` call over the span band (``band_block_mask``,
+0 <= x < W) with, in turn: the span mask_mod and score_mod (the layer's call), the mask_mod only, the score_mod
+only, neither (the block band alone); then ``flex_adaptive_span`` itself with spans that require grad (main call
+plus the analytic span-gradient pass), and bare causal SDPA for scale. CUDA events, medians of ``--reps`` after
+``--warmup``, two rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_attention  # noqa: E402  (same directory)
+from rlformer.attention.flex import _flex, flex_with_lse, with_mask_mod  # noqa: E402
+from rlformer.attention.flex_span import (band_block_mask, flex_adaptive_span, span_bounds,  # noqa: E402
+                                          span_mask_mod, span_score_mod)
+
+
+def _time(fn, warmup: int, reps: int) -> float:
+    return bench_attention.measure(fn, torch.device("cuda"), warmup, reps)["ms"]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--length", type=int, nargs="+", default=[16384, 65536])
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--d-head", type=int, default=64)
+    p.add_argument("--span", type=float, default=512.0)
+    p.add_argument("--ramp", type=int, default=32)
+    p.add_argument("--max-span", type=int, default=1024)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    flex, _ = _flex()
+    scale = args.d_head ** -0.5
+    results = {}
+    for t in args.length:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, args.heads, t, args.d_head, device=dev, dtype=dt, requires_grad=True)
+                   for _ in range(3))
+        z = torch.full((args.heads,), args.span, device=dev)
+        _, w = span_bounds(z, args.ramp, args.max_span)
+        band = band_block_mask(t, t, 0, 0, w, dev)
+        mm, sm = span_mask_mod(z, None, 0, args.ramp, args.max_span), span_score_mod(z, 0, args.ramp)
+        cases = {"mask_mod + score_mod (the layer's call)": (mm, sm), "mask_mod only": (mm, None),
+                 "score_mod only": (None, sm), "block band alone": (None, None)}
+        row = {}
+
+        def report(name, r):
+            row[name] = r
+            print(f"T={t} {name}: " + ", ".join(f"{key} {'/'.join(f'{x:.3f}' for x in val)} ms"
+                                                for key, val in r.items()), flush=True)
+
+        for name, (mask_mod, score_mod) in cases.items():
+            bm = band if mask_mod is None else with_mask_mod(band, mask_mod)
+
+            def fwd(bm=bm, score_mod=score_mod):
+                with torch.no_grad():
+                    flex_with_lse(flex, q, k, v, score_mod=score_mod, block_mask=bm, scale=scale)
+
+            def fwd_bwd(bm=bm, score_mod=score_mod):
+                out, lse = flex_with_lse(flex, q, k, v, score_mod=score_mod, block_mask=bm, scale=scale)
+                out.float().sum().backward()
+
+            report(name, {"fwd": [_time(fwd, args.warmup, args.reps) for _ in range(2)],
+                          "fwd_bwd": [_time(fwd_bwd, args.warmup, args.reps) for _ in range(2)]})
+        zg = z.clone().requires_grad_()
+
+        def layer_call():
+            flex_adaptive_span(q, k, v, None, scale, zg, args.ramp, args.max_span).float().sum().backward()
+
+        report("flex_adaptive_span, spans with grad (+ ramp pass)",
+               {"fwd_bwd": [_time(layer_call, args.warmup, args.reps) for _ in range(2)]})
+
+        def sdpa():
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).float().sum().backward()
+
+        report("sdpa causal", {"fwd_bwd": [_time(sdpa, args.warmup, args.reps) for _ in range(2)]})
+        results[t] = row
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "results": results}, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
