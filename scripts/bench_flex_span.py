@@ -5,8 +5,8 @@
 On random bf16 q, k, v of shape (1, heads, T, d_head) (8 heads, d_head 64) with static spans z = ``--span`` per head,
 ramp R = ``--ramp``, S = ``--max-span`` (the attention benchmark's layer: S = 1024, z = S / 2, R = 32), times the
 forward and forward+backward of one compiled ``flex_attention`` call over the span band (``band_block_mask``,
-0 <= x < W) with, in turn: the span mask_mod and score_mod (the layer's call), the mask_mod only, the score_mod
-only, neither (the block band alone); then ``flex_adaptive_span`` itself with spans that require grad (main call
+0 <= x < W) with, in turn: the span mask_mod and the score_mod computing log m per score, or reading it from the
+(H, S) table (the layer's call for static spans), the mask_mod only, the score_mod only, neither (the block band alone); then ``flex_adaptive_span`` itself with spans that require grad (main call
 plus the analytic span-gradient pass), and bare causal SDPA for scale. CUDA events, medians of ``--reps`` after
 ``--warmup``, two rounds.
 """
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention  # noqa: E402  (same directory)
 from rlformer.attention.flex import _flex, flex_with_lse, with_mask_mod  # noqa: E402
 from rlformer.attention.flex_span import (band_block_mask, flex_adaptive_span, span_bounds,  # noqa: E402
-                                          span_mask_mod, span_score_mod)
+                                          span_log_table, span_mask_mod, span_score_mod, span_table_score_mod)
 
 
 def _time(fn, warmup: int, reps: int) -> float:
@@ -55,7 +55,10 @@ def main(argv=None) -> dict:
         _, w = span_bounds(z, args.ramp, args.max_span)
         band = band_block_mask(t, t, 0, 0, w, dev)
         mm, sm = span_mask_mod(z, None, 0, args.ramp, args.max_span), span_score_mod(z, 0, args.ramp)
-        cases = {"mask_mod + score_mod (the layer's call)": (mm, sm), "mask_mod only": (mm, None),
+        table = span_table_score_mod(span_log_table(z, args.ramp, args.max_span), 0)
+        cases = {"mask_mod + score_mod computing log m": (mm, sm),
+                 "mask_mod + score_mod reading the log m table (the layer's call)": (mm, table),
+                 "mask_mod only": (mm, None),
                  "score_mod only": (None, sm), "block band alone": (None, None)}
         row = {}
 

@@ -11,7 +11,8 @@ distances 0 <= x < W, W = min(S, ceil(R + max z)) rounded up to the block size, 
 CUDA graph is captured, W is computed from z on the device and the band rebuilt there on every replay),
 a mask_mod that keeps exactly the pairs of the dense reference (causal, x < S, m > 0, valid keys or the
 own key), and a score_mod that adds log(clamp(u, 1e-30, 1)), u = (R + z - x) / R (finite: the pairs
-with u <= 0 are removed by the mask_mod, never by the score). z is read from a captured float32
+with u <= 0 are removed by the mask_mod, never by the score); for static spans it reads that term from an
+(H, S) table made once per call (``span_log_table``) instead of computing a log per score. z is read from a captured float32
 tensor: (H,) static spans, or (B, H, Tq) per-query dynamic spans (sec. 2.3).
 
 Span gradient (``z_grad``):
@@ -133,6 +134,25 @@ def span_score_mod(z: Tensor, n_mem: int, ramp: int) -> Callable:
     return score_mod
 
 
+def span_log_table(z: Tensor, ramp: int, max_span: int) -> Tensor:
+    """(H, S) table of log m_z(x) = log clamp((R + z_h - x) / R, LOG_FLOOR, 1), x = 0 .. S - 1, for static (H,)
+    spans: the same float math as ``span_score_mod``, done once per call instead of once per score."""
+    x = torch.arange(max(1, max_span), device=z.device, dtype=z.dtype)
+    return torch.log(torch.clamp(((z[:, None] + ramp) - x[None, :]) / ramp, LOG_FLOOR, 1.0))
+
+
+def span_table_score_mod(table: Tensor, n_mem: int) -> Callable:
+    """score + table[h, x] (``span_log_table``; x clamped into the table, the mask_mod removes x outside [0, S)).
+    Inside the kernel a table read replaces span_score_mod's divide, clamp and log: the log (libdevice, not a
+    hardware approximation) made the band's forward ~4.5x slower (``scripts/bench_flex_span.py``)."""
+    last = table.shape[1] - 1
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + table[h, torch.clamp(q_idx + n_mem - kv_idx, 0, last)]
+
+    return score_mod
+
+
 def span_bounds(z: Tensor, ramp: int, max_span: int) -> tuple[int | Tensor, int | Tensor]:
     """(lowest distance on any ramp, W): the ramp is floor(min z) <= x <= R + max z; W = min(S, ceil(R + max z)).
 
@@ -221,7 +241,10 @@ def flex_adaptive_span(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tens
     bm = with_mask_mod(band_block_mask(tq, tk, n_mem, 0, w, q.device, block),
                        span_mask_mod(z_det, valid, n_mem, ramp, max_span))
     analytic = z_grad == "analytic" or not (torch.is_grad_enabled() and z.requires_grad)
-    score_mod = span_score_mod(z_det if analytic else _z32(z), n_mem, ramp)
+    if analytic and z.dim() == 1:      # static spans, no gradient through the score_mod: a table of log m
+        score_mod = span_table_score_mod(span_log_table(z_det, ramp, max_span), n_mem)
+    else:
+        score_mod = span_score_mod(z_det if analytic else _z32(z), n_mem, ramp)
     needs_z = analytic and torch.is_grad_enabled() and z.requires_grad
     if not needs_z:
         return flex(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale)
