@@ -5,10 +5,10 @@
 On random bf16 q, k, v of shape (1, heads, T, d_head) (8 heads, d_head 64) with static spans z = ``--span`` per head,
 ramp R = ``--ramp``, S = ``--max-span`` (the attention benchmark's layer: S = 1024, z = S / 2, R = 32), times the
 forward and forward+backward of one compiled ``flex_attention`` call over the span band (``band_block_mask``,
-0 <= x < W) with, in turn: the span mask_mod and the score_mod computing log m per score, or reading it from the
-(H, S) table (the layer's call for static spans), the mask_mod only, the score_mod only, neither (the block band alone); then ``flex_adaptive_span`` itself with spans that require grad (main call
-plus the analytic span-gradient pass), and bare causal SDPA for scale. CUDA events, medians of ``--reps`` after
-``--warmup``, two rounds.
+0 <= x < W) with, in turn: the span mask_mod and a score_mod that computes log m per score or reads it from the
+(H, S) table (the layer's call for static spans), the mask_mod only, the score_mod only, neither (the block band
+alone); then ``flex_adaptive_span`` itself with spans that require grad (main call plus the analytic span-gradient
+pass), and bare causal SDPA for scale. CUDA events, medians of ``--reps`` after ``--warmup``, two rounds.
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ CUDA graph is captured, W is computed from z on the device and the band rebuilt 
 a mask_mod that keeps exactly the pairs of the dense reference (causal, x < S, m > 0, valid keys or the
 own key), and a score_mod that adds log(clamp(u, 1e-30, 1)), u = (R + z - x) / R (finite: the pairs
 with u <= 0 are removed by the mask_mod, never by the score); for static spans it reads that term from an
-(H, S) table made once per call (``span_log_table``) instead of computing a log per score. z is read from a captured float32
-tensor: (H,) static spans, or (B, H, Tq) per-query dynamic spans (sec. 2.3).
+(H, S) table made once per call (``span_log_table``) instead of computing a log per score. z is read from a
+captured float32 tensor: (H,) static spans, or (B, H, Tq) per-query dynamic spans (sec. 2.3).
 
 Span gradient (``z_grad``):
 - ``"analytic"`` (default): flex gets z detached; the gradient comes from one more banded flex
