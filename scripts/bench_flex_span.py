@@ -41,6 +41,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-span", type=int, default=1024)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--table-options", type=json.loads, nargs="*", default=[],
+                   help='kernel_options (JSON) to try with the table score_mod, e.g. \'{"num_stages": 2}\'')
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -67,19 +69,26 @@ def main(argv=None) -> dict:
             print(f"T={t} {name}: " + ", ".join(f"{key} {'/'.join(f'{x:.3f}' for x in val)} ms"
                                                 for key, val in r.items()), flush=True)
 
-        for name, (mask_mod, score_mod) in cases.items():
+        runs = [(name, mods, None) for name, mods in cases.items()]
+        runs += [(f"mask_mod + table score_mod, kernel_options {o}", (mm, table), o) for o in args.table_options]
+        for name, (mask_mod, score_mod), options in runs:
             bm = band if mask_mod is None else with_mask_mod(band, mask_mod)
+            extra = {} if options is None else {"kernel_options": options}
 
-            def fwd(bm=bm, score_mod=score_mod):
+            def fwd(bm=bm, score_mod=score_mod, extra=extra):
                 with torch.no_grad():
-                    flex_with_lse(flex, q, k, v, score_mod=score_mod, block_mask=bm, scale=scale)
+                    flex_with_lse(flex, q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, **extra)
 
-            def fwd_bwd(bm=bm, score_mod=score_mod):
-                out, lse = flex_with_lse(flex, q, k, v, score_mod=score_mod, block_mask=bm, scale=scale)
+            def fwd_bwd(bm=bm, score_mod=score_mod, extra=extra):
+                out, lse = flex_with_lse(flex, q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, **extra)
                 out.float().sum().backward()
 
-            report(name, {"fwd": [_time(fwd, args.warmup, args.reps) for _ in range(2)],
-                          "fwd_bwd": [_time(fwd_bwd, args.warmup, args.reps) for _ in range(2)]})
+            try:
+                report(name, {"fwd": [_time(fwd, args.warmup, args.reps) for _ in range(2)],
+                              "fwd_bwd": [_time(fwd_bwd, args.warmup, args.reps) for _ in range(2)]})
+            except Exception as exc:                       # a config that does not compile: say so, go on
+                row[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+                print(f"T={t} {name}: error {row[name]['error']}", flush=True)
         zg = z.clone().requires_grad_()
 
         def layer_call():
