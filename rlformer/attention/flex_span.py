@@ -153,6 +153,13 @@ def span_table_score_mod(table: Tensor, n_mem: int) -> Callable:
     return score_mod
 
 
+TABLE_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64}
+"""FlexAttention forward tiles of the table score_mod's call on CUDA: with the default tiles its kernel needed 245760 B
+of shared memory (H100 limit 232448: "No valid triton configs"); 64 x 64 compiles and gave the fastest
+forward+backward of four configs at 16k (``scripts/bench_flex_span.py --table-options``: 1.48-1.64 ms vs 1.99-2.03
+with the per-score log)."""
+
+
 def span_bounds(z: Tensor, ramp: int, max_span: int) -> tuple[int | Tensor, int | Tensor]:
     """(lowest distance on any ramp, W): the ramp is floor(min z) <= x <= R + max z; W = min(S, ceil(R + max z)).
 
@@ -246,8 +253,9 @@ def flex_adaptive_span(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tens
     else:
         score_mod = span_score_mod(z_det if analytic else _z32(z), n_mem, ramp)
     needs_z = analytic and torch.is_grad_enabled() and z.requires_grad
+    extra = {"kernel_options": TABLE_KERNEL_OPTIONS} if q.is_cuda and analytic and z.dim() == 1 else {}
     if not needs_z:
-        return flex(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale)
-    out, lse = flex_with_lse(flex, q, k, v, score_mod=score_mod, block_mask=bm, scale=scale)
+        return flex(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, **extra)
+    out, lse = flex_with_lse(flex, q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, **extra)
     return _SpanGrad.apply(out, z, lse.detach(), q.detach(), k.detach(), v.detach(), valid, scale, ramp, max_span,
                            flex, block)
