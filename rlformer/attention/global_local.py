@@ -123,7 +123,9 @@ class LongformerAttention(PatternAttention):
         d = h * dh
         w, bias = self.kv_global.weight.to(q.dtype), self.kv_global.bias.to(q.dtype)
         wk, wv, bk, bv = w[:d].view(h, dh, -1), w[d:].view(h, dh, -1), bias[:d].view(h, dh), bias[d:].view(h, dh)
-        scores = torch.einsum("bhgc,btc->bhgt", torch.einsum("bhgd,hdc->bhgc", q, wk), kv)
+        b, g = q.shape[0], q.shape[2]
+        u = torch.einsum("bhgd,hdc->bhgc", q, wk).reshape(b, h * g, -1)
+        scores = (u @ kv.transpose(1, 2)).view(b, h, g, -1)         # bmm on kv's transpose: no copy of kv kept
         scores = (scores + torch.einsum("bhgd,hd->bhg", q, bk)[..., None]) * self.scale
         allowed = sub.allowed()
         if allowed is not None:
@@ -131,7 +133,8 @@ class LongformerAttention(PatternAttention):
         probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
         if self.dropout > 0 and self.training:
             probs = F.dropout(probs, self.dropout)
-        out = torch.einsum("bhgc,hdc->bhgd", torch.einsum("bhgt,btc->bhgc", probs, kv), wv)
+        summed = (probs.reshape(b, h * g, -1) @ kv).view(b, h, g, -1)  # sum_j p_j x_j
+        out = torch.einsum("bhgc,hdc->bhgd", summed, wv)
         return rows, out + probs.sum(-1, keepdim=True) * bv[None, :, None, :]
 
     def forward(self, x, kv, ctx):
