@@ -149,6 +149,19 @@ def test_score_positions_follow_the_reference(case, position):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # reference softmax is float32
 
 
+@pytest.mark.parametrize("case", ["etc", "longformer"])
+def test_rotary_follows_the_reference_in_global_local_layers(case):
+    """Rotary on the layers with a global stage: ETC's global tokens read the local keys before rotation (its fast
+    path reuses the layer's projection for them), Longformer's global rows take the formed K_g path."""
+    causal = case != "etc"
+    cfg = config(case, causal, **CASES[case])
+    cfg.position = "rope"
+    attn = module(cfg, 0, "rope")
+    fast, ref = run_both(attn, 11, context(11, 0, causal, True), layer_input=True)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # reference softmax is float32
+
+
 def mask_of(case, t, causal, n_mem=0, layer=0, pad=False, **family):
     """Dense mask of CASES[case], or of variant ``case`` with ``family`` settings."""
     cfg = config(variant(case), causal, **(family or CASES[case]))

@@ -307,11 +307,15 @@ class ETCAttention(PatternAttention):
         radius = self.cfg.global_local.window
         return lambda h, i, j: j < 0 or j in range(i - radius, i + radius + 1)
 
-    def global_states(self, kv, key_valid):
-        """u = x_g + W_o Attn(g2g + g2l): (B, n_g, D). Dense: n_g queries, O(n_g N) memory."""
-        b = kv.shape[0]
-        g = self.global_tokens[None].expand(b, -1, -1).to(kv.dtype)
-        q, k, v = self.project(g, torch.cat([g, kv], 1))
+    def global_states(self, k, v, key_valid):
+        """u = x_g + W_o Attn(g2g + g2l): (B, n_g, D), n_g queries over [x_g; x_l] W_k, W_v. The local keys and
+        values k, v (B, H, N, dh) are the layer's own projections of x_l (before any rotary): only the n_g global
+        tokens are projected here (projecting [x_g; x_l] again kept a second (B, N, D) input and (B, N, 2D)
+        output for backward)."""
+        b = k.shape[0]
+        g = self.global_tokens[None].expand(b, -1, -1).to(k.dtype)
+        q, gk, gv = self.project(g, g)
+        k, v = torch.cat([gk, k], 2), torch.cat([gv, v], 2)
         mask = None
         if key_valid is not None:
             ones = key_valid.new_ones(b, g.shape[1])
@@ -319,9 +323,10 @@ class ETCAttention(PatternAttention):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return g + self.out_proj(merge_heads(out))
 
-    def extended(self, q, k, v, kv, ctx):
-        """Keys/values [u; local] with key indices [-n_g .. -1; ctx.k_index] and validity."""
-        u = self.global_states(kv, ctx.key_valid)
+    def extended(self, k, v, k_plain, ctx):
+        """Keys/values [u; local] with key indices [-n_g .. -1; ctx.k_index] and validity; ``k_plain``: the local
+        keys before rotary (what the global tokens read)."""
+        u = self.global_states(k_plain, v, ctx.key_valid)
         gk, gv = self.kv_proj(u).chunk(2, dim=-1)
         n_g = u.shape[1]
         k = torch.cat([split_heads(gk, self.n_heads), k], 2)
@@ -334,9 +339,10 @@ class ETCAttention(PatternAttention):
 
     def forward(self, x, kv, ctx):
         q, k, v = self.project(x, kv)
+        k_plain = k
         if self.position is not None and "rotary" in self.position.hooks:
             q, k = self.position.rotate(q, k, ctx.q_index, ctx.k_index)
-        k, v, k_index, valid, n_g = self.extended(q, k, v, kv, ctx)
+        k, v, k_index, valid, n_g = self.extended(k, v, k_plain, ctx)
         out = self.attend_pattern(q, k, v, ctx, self.pattern(ctx, k.shape[2]), k_index, valid, n_g)
         return self.out_proj(merge_heads(out)), {}
 
