@@ -128,17 +128,21 @@ def span_score_mod(z: Tensor, n_mem: int, ramp: int) -> Callable:
     span = _span_of(z)
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        u = ((span(b, h, q_idx) + ramp) - (q_idx + n_mem - kv_idx)) / ramp
-        return score + torch.log(torch.clamp(u, LOG_FLOOR, 1.0))
+        return score + _log_m(span(b, h, q_idx), q_idx + n_mem - kv_idx, ramp)
 
     return score_mod
+
+
+def _log_m(z, x, ramp: int):
+    """log m_z(x) = log clamp((R + z - x) / R, LOG_FLOOR, 1): the score term of the soft mask."""
+    return torch.log(torch.clamp(((z + ramp) - x) / ramp, LOG_FLOOR, 1.0))
 
 
 def span_log_table(z: Tensor, ramp: int, max_span: int) -> Tensor:
     """(H, S) table of log m_z(x) = log clamp((R + z_h - x) / R, LOG_FLOOR, 1), x = 0 .. S - 1, for static (H,)
     spans: the same float math as ``span_score_mod``, done once per call instead of once per score."""
     x = torch.arange(max(1, max_span), device=z.device, dtype=z.dtype)
-    return torch.log(torch.clamp(((z[:, None] + ramp) - x[None, :]) / ramp, LOG_FLOOR, 1.0))
+    return _log_m(z[:, None], x[None, :], ramp)
 
 
 def span_table_score_mod(table: Tensor, n_mem: int) -> Callable:
@@ -248,12 +252,13 @@ def flex_adaptive_span(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tens
     bm = with_mask_mod(band_block_mask(tq, tk, n_mem, 0, w, q.device, block),
                        span_mask_mod(z_det, valid, n_mem, ramp, max_span))
     analytic = z_grad == "analytic" or not (torch.is_grad_enabled() and z.requires_grad)
-    if analytic and z.dim() == 1:      # static spans, no gradient through the score_mod: a table of log m
+    table = analytic and z.dim() == 1        # static spans, no gradient through the score_mod: a table of log m
+    if table:
         score_mod = span_table_score_mod(span_log_table(z_det, ramp, max_span), n_mem)
     else:
         score_mod = span_score_mod(z_det if analytic else _z32(z), n_mem, ramp)
     needs_z = analytic and torch.is_grad_enabled() and z.requires_grad
-    extra = {"kernel_options": TABLE_KERNEL_OPTIONS} if q.is_cuda and analytic and z.dim() == 1 else {}
+    extra = {"kernel_options": TABLE_KERNEL_OPTIONS} if table and q.is_cuda else {}
     if not needs_z:
         return flex(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, **extra)
     out, lse = flex_with_lse(flex, q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, **extra)

@@ -102,23 +102,24 @@ class LongformerAttention(PatternAttention):
         q = split_heads(self.q_global(x[:, rows_t]), self.n_heads)
         return rows_t, q, replace(ctx, q_index=ctx.q_index[rows_t], q_pos=ctx.q_pos[:, rows_t])
 
-    def _global_rows_dense(self, x, kv, ctx, mask_fn):
-        """(rows, their outputs (B, H, G, dh)) with K_g, V_g formed: softmax(Q_g K_g^T) V_g over the allowed keys,
-        position hooks applied (the reference, and the fast path under rotary or score positions)."""
-        rows, q, sub = self._global_queries(x, ctx)
+    def _global_rows_dense(self, found, kv, mask_fn):
+        """Outputs (B, H, G, dh) of the global rows ``found`` (``_global_queries``) with K_g, V_g formed:
+        softmax(Q_g K_g^T) V_g over the allowed keys, position hooks applied (the reference, and the fast path
+        under rotary or score positions)."""
+        _, q, sub = found
         k, v = (split_heads(t, self.n_heads) for t in self.kv_global(kv).chunk(2, dim=-1))
         if self.position is not None and "rotary" in self.position.hooks:
             q, k = self.position.rotate(q, k, sub.q_index, sub.k_index)
         dropout = self.dropout if self.training else 0.0
-        return rows, dense_attention(q, k, v, mask_fn(sub), self.scale, self.score_position, sub.q_index,
-                                     sub.k_index, dropout, self.training)
+        return dense_attention(q, k, v, mask_fn(sub), self.scale, self.score_position, sub.q_index, sub.k_index,
+                               dropout, self.training)
 
-    def _global_rows_absorbed(self, x, kv, ctx):
-        """(rows, their outputs) without forming K_g, V_g = kv W^T + b ((B, Tk, D) each, kept for backward):
-        per head h, q . (W_k^h x_j + b_k^h) = (q W_k^h) . x_j + q . b_k^h and
+    def _global_rows_absorbed(self, found, kv):
+        """Outputs of the global rows ``found`` without forming K_g, V_g = kv W^T + b ((B, Tk, D) each, kept for
+        backward): per head h, q . (W_k^h x_j + b_k^h) = (q W_k^h) . x_j + q . b_k^h and
         sum_j p_j (W_v^h x_j + b_v^h) = W_v^h (sum_j p_j x_j) + b_v^h sum_j p_j, so only the (B, H, G, Tk) scores
         and probabilities exist: O(G Tk) per head instead of O(Tk D). Exact; no position hooks on the keys."""
-        rows, q, sub = self._global_queries(x, ctx)
+        _, q, sub = found
         h, dh = self.n_heads, self.d_head
         d = h * dh
         w, bias = self.kv_global.weight.to(q.dtype), self.kv_global.bias.to(q.dtype)
@@ -135,20 +136,21 @@ class LongformerAttention(PatternAttention):
             probs = F.dropout(probs, self.dropout)
         summed = (probs.reshape(b, h * g, -1) @ kv).view(b, h, g, -1)  # sum_j p_j x_j
         out = torch.einsum("bhgc,hdc->bhgd", summed, wv)
-        return rows, out + probs.sum(-1, keepdim=True) * bv[None, :, None, :]
+        return out + probs.sum(-1, keepdim=True) * bv[None, :, None, :]
 
     def forward(self, x, kv, ctx):
         q, k, v = self.project(x, kv)
         if self.position is not None and "rotary" in self.position.hooks:
             q, k = self.position.rotate(q, k, ctx.q_index, ctx.k_index)
         out = self.attend_pattern(q, k, v, ctx, self.pattern(ctx, k.shape[2]))
-        if self._global_queries(x, ctx) is None:
+        found = self._global_queries(x, ctx)
+        if found is None:
             return self.out_proj(merge_heads(out)), {}
         if self.position is not None and self.position.hooks & {"rotary", "score", "value"}:
-            rows, rows_out = self._global_rows_dense(x, kv, ctx, lambda sub: sub.allowed())
+            rows_out = self._global_rows_dense(found, kv, lambda sub: sub.allowed())
         else:
-            rows, rows_out = self._global_rows_absorbed(x, kv, ctx)
-        return self.out_proj(_merge_with_rows(out, rows, rows_out)), {}
+            rows_out = self._global_rows_absorbed(found, kv)
+        return self.out_proj(_merge_with_rows(out, found[0], rows_out)), {}
 
     def reference_forward(self, x, kv, ctx):
         """Naive Longformer: loop-built masks, dense scores, the global rows from Q_g, K_g, V_g."""
@@ -160,9 +162,9 @@ class LongformerAttention(PatternAttention):
         def every_key(sub):
             return loop_mask(lambda h, i, j: True, sub.q_index, sub.k_index, 1, sub.causal, sub.key_valid)
 
-        if self._global_queries(x, ctx) is not None:
-            rows, rows_out = self._global_rows_dense(x, kv, ctx, every_key)
-            out = out.index_copy(2, rows, rows_out)
+        found = self._global_queries(x, ctx)
+        if found is not None:
+            out = out.index_copy(2, found[0], self._global_rows_dense(found, kv, every_key))
         return self.out_proj(merge_heads(out))
 
     def reference_rule(self, ctx, tk):
