@@ -266,6 +266,18 @@ def measure(step: Callable[[], None], device: torch.device, warmup: int, reps: i
     return {"ms": statistics.median(times), "peak_mib": peak}
 
 
+def cuda_ms_rounds(step: Callable[[], None], warmup: int, reps: int, rounds: int = 2) -> list[float]:
+    """``measure``'s median ms of ``step`` on CUDA, once per round (the kernel benchmarks' two-round figures)."""
+    return [measure(step, torch.device("cuda"), warmup, reps)["ms"] for _ in range(rounds)]
+
+
+def write_cuda_results(path: str, args, results) -> None:
+    """The kernel benchmarks' JSON: their arguments, the GPU, torch's version and the results."""
+    with open(path, "w") as f:
+        json.dump({"args": vars(args), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "results": results}, f, indent=1)
+
+
 def graphed(step: Callable[[], None], device: torch.device, warmup: int) -> tuple[Callable[[], None], float]:
     """``step`` captured once as a CUDA graph, and the peak extra memory of the captured step (MiB).
 

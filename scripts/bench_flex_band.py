@@ -12,7 +12,6 @@ unsorted (1, heads, L, d_head) for scale. CUDA events, medians of ``--reps`` aft
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,10 +23,6 @@ from rlformer.attention.flex import _flex, flex_with_lse, with_mask_mod
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention  # noqa: E402  (same directory)
 
-
-def _time(fn, warmup: int, reps: int) -> float:
-    """Median ms of ``fn`` (CUDA events), as the attention benchmark measures."""
-    return bench_attention.measure(fn, torch.device("cuda"), warmup, reps)["ms"]
 
 
 def main(argv=None) -> dict:
@@ -74,8 +69,8 @@ def main(argv=None) -> dict:
                 out, lse = flex_with_lse(flex, q, k, v, score_mod=sm, block_mask=bm, scale=args.d_head ** -0.5)
                 (out.float().sum() + lse.sum()).backward()
 
-            row[name] = {"fwd_ms": [_time(fwd, args.warmup, args.reps) for _ in range(2)],
-                         "fwd_bwd_ms": [_time(fwd_bwd, args.warmup, args.reps) for _ in range(2)]}
+            row[name] = {"fwd_ms": bench_attention.cuda_ms_rounds(fwd, args.warmup, args.reps),
+                         "fwd_bwd_ms": bench_attention.cuda_ms_rounds(fwd_bwd, args.warmup, args.reps)}
             print(f"T={t} {name}: fwd {row[name]['fwd_ms'][0]:.3f}/{row[name]['fwd_ms'][1]:.3f} ms, fwd+bwd "
                   f"{row[name]['fwd_bwd_ms'][0]:.3f}/{row[name]['fwd_bwd_ms'][1]:.3f} ms", flush=True)
         qs, ks, vs = (torch.randn(1, args.heads, t, args.d_head, device=dev, dtype=dt, requires_grad=True)
@@ -84,14 +79,12 @@ def main(argv=None) -> dict:
         def sdpa():
             torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True).float().sum().backward()
 
-        row["sdpa causal (unsorted, heads only)"] = {"fwd_bwd_ms": [_time(sdpa, args.warmup, args.reps)
-                                                                    for _ in range(2)]}
+        row["sdpa causal (unsorted, heads only)"] = {
+            "fwd_bwd_ms": bench_attention.cuda_ms_rounds(sdpa, args.warmup, args.reps)}
         print(f"T={t} sdpa causal: fwd+bwd {row['sdpa causal (unsorted, heads only)']['fwd_bwd_ms']}", flush=True)
         results[t] = row
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "results": results}, f, indent=1)
+        bench_attention.write_cuda_results(args.out, args, results)
     return results
 
 

@@ -27,9 +27,6 @@ from rlformer.attention.flex_span import (band_block_mask, flex_adaptive_span, s
                                           span_log_table, span_mask_mod, span_score_mod, span_table_score_mod)
 
 
-def _time(fn, warmup: int, reps: int) -> float:
-    return bench_attention.measure(fn, torch.device("cuda"), warmup, reps)["ms"]
-
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,8 +81,8 @@ def main(argv=None) -> dict:
                 out.float().sum().backward()
 
             try:
-                report(name, {"fwd": [_time(fwd, args.warmup, args.reps) for _ in range(2)],
-                              "fwd_bwd": [_time(fwd_bwd, args.warmup, args.reps) for _ in range(2)]})
+                report(name, {"fwd": bench_attention.cuda_ms_rounds(fwd, args.warmup, args.reps),
+                              "fwd_bwd": bench_attention.cuda_ms_rounds(fwd_bwd, args.warmup, args.reps)})
             except Exception as exc:                       # a config that does not compile: say so, go on
                 row[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
                 print(f"T={t} {name}: error {row[name]['error']}", flush=True)
@@ -95,17 +92,15 @@ def main(argv=None) -> dict:
             flex_adaptive_span(q, k, v, None, scale, zg, args.ramp, args.max_span).float().sum().backward()
 
         report("flex_adaptive_span, spans with grad (+ ramp pass)",
-               {"fwd_bwd": [_time(layer_call, args.warmup, args.reps) for _ in range(2)]})
+               {"fwd_bwd": bench_attention.cuda_ms_rounds(layer_call, args.warmup, args.reps)})
 
         def sdpa():
             torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).float().sum().backward()
 
-        report("sdpa causal", {"fwd_bwd": [_time(sdpa, args.warmup, args.reps) for _ in range(2)]})
+        report("sdpa causal", {"fwd_bwd": bench_attention.cuda_ms_rounds(sdpa, args.warmup, args.reps)})
         results[t] = row
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "results": results}, f, indent=1)
+        bench_attention.write_cuda_results(args.out, args, results)
     return results
 
 
