@@ -327,6 +327,9 @@ def test_flex_mask_mod_is_the_dense_mask(case):
     if pattern.key_order is not None:                        # Flex sees the keys in this order
         assert sorted(pattern.key_order.tolist()) == list(range(k_index.shape[0]))
         dense = dense[..., pattern.key_order]
+    if pattern.query_order is not None:                      # and the queries in this one
+        assert sorted(pattern.query_order.tolist()) == list(range(t))
+        dense = dense[..., pattern.query_order, :]
     assert torch.equal(flex, dense.expand_as(flex))
     assert dense.sum() < dense.numel()                       # it is a real restriction
 
@@ -676,6 +679,32 @@ def test_compiled_block_masks_on_cpu():
         dense = F.pad(dense, (0, 256 - 205, 0, 256 - 200)).expand(2, H, 256, 256)
         blocks = dense.unflatten(2, (2, 128)).unflatten(4, (2, 128)).any(-1).any(-2)
         assert torch.equal(bm.to_dense().bool().expand_as(blocks), blocks), case
+
+
+def test_local2d_rectangle_order_makes_the_block_mask_sparse():
+    """A 128 x 128 image, 16 x 16 rectangles with 16-cell flanges (the benchmark's local2d), causal: in raster
+    order a 128-query block (one image row) touches ~32 key blocks, none of them whole; in rectangle order
+    (``tile_order``) a block is half a rectangle and needs at most the 6 rectangles around it (12 key blocks),
+    the 3 above it whole. Same pairs either way (test_flex_mask_mod_is_the_dense_mask)."""
+    import dataclasses as dc
+
+    from rlformer.attention.flex import evaluated_block_mask
+    from rlformer.attention.local import tile_order
+    t = 128 * 128
+    attn = module(config("local2d", True, local=dict(grid=(128, 128), query_shape=(16, 16),
+                                                      memory_flange=(16, 16))), 1)
+    ctx = context(t, 0, True, b=1)
+    order = attn.pattern(ctx, t).query_order
+    assert torch.equal(order, tile_order(128, 128, 16, 16))
+    assert order[:20].tolist() == list(range(16)) + [128, 129, 130, 131]
+    counts = {}
+    for name, strip in (("tiles", lambda p: p), ("raster", lambda p: dc.replace(p, key_order=None, query_order=None))):
+        pattern = strip(attn.pattern(ctx, t))
+        mod = flex_mask_mod(pattern, 0, 0, True, None, torch.device("cpu"))
+        partial, full = block_sets(evaluated_block_mask(mod, None, t, t, torch.device("cpu")))
+        counts[name] = (partial.sum(-1).max().item(), full.sum(-1).max().item())
+    assert counts["tiles"][0] + counts["tiles"][1] <= 12 and counts["tiles"][1] >= 6, counts
+    assert counts["raster"][0] >= 24 and counts["raster"][1] == 0, counts
 
 
 def block_sets(bm) -> tuple[torch.Tensor, torch.Tensor]:

@@ -178,16 +178,20 @@ def block_mask_for(pattern: Pattern, batch: int, n_heads: int, tq: int, tk: int,
 
 def alibi_score_mod(slopes: Tensor, n_mem: int, k_offset: int, pattern: Optional[Pattern] = None):
     """score - m_h |i - j| as a FlexAttention score_mod (cached per slopes tensor and offsets; with the
-    pattern's ``key_order``, kv_idx is mapped back through it)."""
-    order_key = None if pattern is None or pattern.key_order is None else pattern.key
+    pattern's ``key_order`` / ``query_order``, kv_idx / q_idx are mapped back through them)."""
+    ordered = pattern is not None and (pattern.key_order is not None or pattern.query_order is not None)
+    order_key = pattern.key if ordered else None
 
     def build():
         table = slopes.detach().to(torch.float32)
-        order = None if order_key is None else pattern.key_order.to(device=slopes.device, dtype=torch.int32)
+        order, q_order = ((None, None) if order_key is None else
+                          (None if o is None else o.to(device=slopes.device, dtype=torch.int32)
+                           for o in (pattern.key_order, pattern.query_order)))
 
         def score_mod(score, b, h, q_idx, kv_idx):
             kv = kv_idx if order is None else order[kv_idx]
-            return score - table[h] * (q_idx + n_mem - (kv - k_offset)).abs()
+            q = q_idx if q_order is None else q_order[q_idx]
+            return score - table[h] * (q + n_mem - (kv - k_offset)).abs()
 
         return score_mod, slopes                     # keep ``slopes`` alive so its id stays unique
 
@@ -205,4 +209,10 @@ def flex_pattern_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, n_
     if pattern.key_order is not None:           # keys in the pattern's block-sparse order (see Pattern)
         order = _cached(("order", pattern.key, str(q.device)), lambda: pattern.key_order.to(q.device))
         k, v = k.index_select(2, order), v.index_select(2, order)
-    return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    if pattern.query_order is None:
+        return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    # queries in the pattern's order too; the output goes back through the inverse permutation
+    q_order, back = _cached(("query_order", pattern.key, str(q.device)),
+                            lambda: (pattern.query_order.to(q.device), torch.argsort(pattern.query_order).to(q.device)))
+    out = flex(q.index_select(2, q_order), k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    return out.index_select(2, back)

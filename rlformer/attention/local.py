@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import math
 
+import torch
+from torch import Tensor
+
 from rlformer.attention.masks import Pattern, PatternAttention, block_of
 from rlformer.config import EncoderConfig
 from rlformer.registry import register
@@ -64,6 +67,15 @@ def grid_shape(cfg: EncoderConfig, t: int) -> tuple[int, int]:
     return rows, cols
 
 
+def tile_order(rows: int, cols: int, lh: int, lw: int) -> Tensor:
+    """Raster positions of an (rows, cols) image listed rectangle by rectangle ((lh, lw) rectangles in raster
+    order, cells in raster order inside each; edge rectangles are smaller): a (rows * cols,) long permutation."""
+    r, c = torch.arange(rows)[:, None], torch.arange(cols)[None, :]
+    n_rect_cols = -(-cols // lw)
+    rank = ((r // lh) * n_rect_cols + c // lw) * (lh * lw) + (r % lh) * lw + c % lw
+    return torch.argsort(rank.flatten())
+
+
 @register("attention", "local2d")
 class Local2DAttention(PatternAttention):
     """Image Transformer 2D local attention (Parmar et al. 2018, sec. 3.2, Fig. 2 right).
@@ -78,6 +90,11 @@ class Local2DAttention(PatternAttention):
     causal: additionally raster index r'*W + c' <= r*W + c (the paper's masked decoder). Grids not
     divisible by the rectangle are fine (the last rectangles are smaller). The grid is the segment
     itself, so an XL memory prefix has no place in it: ``supports_memory = False``.
+
+    On the FlexAttention path queries and keys are taken in rectangle order (``tile_order``: rectangle by
+    rectangle, raster order inside each), as the paper's implementation does: a raster-order query block is a
+    strip of one image row that needs every rectangle of the rows above it, a rectangle-order block needs
+    only the few rectangles around its own, most of them whole (dense) key blocks.
     """
 
     supports_memory = False
@@ -109,7 +126,8 @@ class Local2DAttention(PatternAttention):
             top, left = block_of(r0, lh) * lh, block_of(c0, lw) * lw
             return (r1 >= top - fh) & (r1 < top + lh) & (c1 >= left - fw) & (c1 < left + lw + fw)
 
-        return Pattern(rule, ("local2d", rows, cols, lh, lw, fh, fw))
+        order = tile_order(rows, cols, lh, lw)
+        return Pattern(rule, ("local2d", rows, cols, lh, lw, fh, fw, "tiles"), key_order=order, query_order=order)
 
     def reference_rule(self, ctx, tk):
         rows, cols, lh, lw, fh, fw = self._shape(ctx, tk)

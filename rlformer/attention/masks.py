@@ -51,6 +51,11 @@ class Pattern:
     attention is unchanged while keys that a pattern picks from all over the sequence (Sparse
     Transformer's summary columns) become contiguous and the BlockMask block-sparse. Part of ``key``.
     The dense path ignores it (a dense mask costs the same in any order)."""
+    query_order: Optional[Tensor] = None
+    """FlexAttention only: a permutation of the query positions (long, (Tq,)), for patterns whose query groups are
+    not contiguous runs of the sequence (local2d's rectangles of a raster-order image). The Flex path gathers the
+    queries in this order, its mask_mod maps a permuted query back through the table, and the output is put back
+    in sequence order. Part of ``key``; the dense path ignores it."""
 
     def bind(self, device: torch.device) -> Rule:
         tables = {name: t.to(device) for name, t in self.tables.items()}
@@ -84,14 +89,16 @@ def flex_mask_mod(pattern: Pattern, n_mem: int, k_offset: int, causal: bool, key
     q_idx / kv_idx are positions in the q / k tensors: the query index is n_mem + q_idx and the key
     index kv_idx - k_offset (k_offset extra keys with negative indices come first). With a
     ``pattern.key_order`` the k tensor is permuted: its kv_idx-th key is key_order[kv_idx] of the
-    unpermuted keys (``key_valid`` stays unpermuted).
+    unpermuted keys (``key_valid`` stays unpermuted); likewise q with ``pattern.query_order``.
     """
     rule = pattern.bind(device)
-    order = None if pattern.key_order is None else pattern.key_order.to(device=device, dtype=torch.int32)
+    order, q_order = (None if o is None else o.to(device=device, dtype=torch.int32)
+                      for o in (pattern.key_order, pattern.query_order))
 
     def mask_mod(b, h, q_idx, kv_idx):
         kv = kv_idx if order is None else order[kv_idx]
-        i, j = q_idx + n_mem, kv - k_offset
+        q = q_idx if q_order is None else q_order[q_idx]
+        i, j = q + n_mem, kv - k_offset
         valid = None if key_valid is None else key_valid[b, kv]
         return combine(rule(h, i, j), i, j, causal, valid)
 
