@@ -1,0 +1,153 @@
+"""Where one attention layer's peak memory goes, on CUDA: the allocations alive at the step's peak and the
+tensors autograd saves for backward, grouped by the line of rlformer code that made them.
+
+    python scripts/probe_layer_memory.py --variants full longformer lsh --lengths 16384 --out probe.json
+
+The layer and its step are the attention benchmark's (``bench_attention.rlformer_step``: one layer, forward +
+backward, batch 1 x 8 heads x d_head 64, bf16). After ``--warmup`` steps (compiles), one step runs under
+``torch.cuda.memory._record_memory_history`` (Python frames); its allocation trace is replayed to find the
+moment of the peak (allocated bytes above what was allocated before the step, the benchmark's peak memory)
+and the blocks alive then. Blocks made inside autograd's engine (backward of aten ops) have no Python frame and
+are listed as ``backward (no Python frame)`` with their size. A second step runs under
+``saved_tensors_hooks``: every tensor saved for backward, counted once per storage, labelled with the
+innermost rlformer frame that saved it. CUDA only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention import rlformer_step  # noqa: E402
+
+MIB = 2 ** 20
+
+
+def _label(frames) -> str:
+    """The innermost frame in rlformer/ or scripts/ ('file:line function'), else the innermost Python frame."""
+    ours = [f for f in frames if "/rlformer/" in f["filename"] or "/scripts/" in f["filename"]]
+    pick = ours[0] if ours else (frames[0] if frames else None)
+    if pick is None:
+        return "backward (no Python frame)"
+    return f"{os.path.basename(pick['filename'])}:{pick['line']} {pick['name']}"
+
+
+def live_at_peak(trace: list[dict]) -> tuple[int, dict]:
+    """(peak bytes above the start, {label: [bytes, blocks]}) from a device trace of one step."""
+    live: dict[int, tuple[int, list]] = {}
+    cur = peak = 0
+    at_peak: dict[int, tuple[int, list]] = {}
+    for ev in trace:
+        action, addr, size = ev["action"], ev["addr"], ev["size"]
+        if action == "alloc":
+            live[addr] = (size, ev.get("frames", []))
+            cur += size
+            if cur > peak:
+                peak, at_peak = cur, dict(live)
+        elif action == "free_requested":
+            cur -= size                       # a block allocated before the step counts as a negative change
+            live.pop(addr, None)
+    groups: dict[str, list] = defaultdict(lambda: [0, 0])
+    for size, frames in at_peak.values():
+        g = groups[_label(frames)]
+        g[0] += size
+        g[1] += 1
+    return peak, dict(groups)
+
+
+def saved_tensors(step) -> tuple[int, dict]:
+    """(bytes, {label: [bytes, count, shapes]}) of the tensors saved for backward during one step."""
+    seen: set[int] = set()
+    groups: dict[str, list] = defaultdict(lambda: [0, 0, set()])
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if t.is_cuda and ptr not in seen and not isinstance(t, torch.nn.Parameter):
+            seen.add(ptr)
+            stack = [{"filename": f.filename, "line": f.lineno, "name": f.name}
+                     for f in reversed(traceback.extract_stack()[:-1])]
+            g = groups[_label(stack)]
+            g[0] += t.untyped_storage().nbytes()
+            g[1] += 1
+            g[2].add(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}")
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    torch.cuda.synchronize()
+    total = sum(g[0] for g in groups.values())
+    return total, {k: [v[0], v[1], sorted(v[2])[:4]] for k, v in groups.items()}
+
+
+def probe(name: str, t: int, args) -> dict:
+    device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
+    step = rlformer_step(name, t, args, device, dtype)
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, context="all", stacks="python")
+    step()
+    torch.cuda.synchronize()
+    measured = (torch.cuda.max_memory_allocated() - base) / MIB
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    trace = [ev for ev in snap["device_traces"][torch.cuda.current_device()]
+             if ev["action"] in ("alloc", "free_requested")]
+    peak, groups = live_at_peak(trace)
+    saved, saved_groups = saved_tensors(step)
+    return {"variant": name, "T": t, "peak_mib": round(measured, 1), "trace_peak_mib": round(peak / MIB, 1),
+            "live_at_peak": {k: [round(v[0] / MIB, 2), v[1]] for k, v in sorted(groups.items(), key=lambda kv: -kv[1][0])},
+            "saved_mib": round(saved / MIB, 1),
+            "saved": {k: [round(v[0] / MIB, 2), v[1], v[2]]
+                      for k, v in sorted(saved_groups.items(), key=lambda kv: -kv[1][0])}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="+", default=["full", "longformer"])
+    ap.add_argument("--lengths", nargs="+", type=int, default=[16384])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--d-head", type=int, default=64)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--set", nargs="*", default=None, help="section.field=value overrides of the benchmark config")
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--out", default="probe_layer_memory.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("probe_layer_memory.py measures CUDA allocations; run it on a machine with a GPU")
+    results = []
+    for t in args.lengths:
+        for name in args.variants:
+            try:
+                res = probe(name, t, args)
+            except Exception as exc:  # noqa: BLE001 - report and go on with the next variant
+                res = {"variant": name, "T": t, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            results.append(res)
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+            if "error" in res:
+                print(f"## {name} T={t}: {res['error']}", flush=True)
+                continue
+            print(f"## {name} T={t}: peak {res['peak_mib']} MiB (trace {res['trace_peak_mib']}), "
+                  f"saved {res['saved_mib']} MiB", flush=True)
+            print("  live at peak (MiB, blocks):")
+            for k, v in list(res["live_at_peak"].items())[:args.top]:
+                print(f"    {v[0]:9.2f} {v[1]:4d}  {k}")
+            print("  saved for backward (MiB, tensors, shapes):")
+            for k, v in list(res["saved"].items())[:args.top]:
+                print(f"    {v[0]:9.2f} {v[1]:4d}  {k}  {'; '.join(v[2])}")
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
