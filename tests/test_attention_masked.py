@@ -243,6 +243,22 @@ def test_longformer_pattern_by_hand():
     assert module(cfg, 0).window == 1 and module(cfg, 1).window == 3
 
 
+def test_rows_replaced_linear_is_the_linear_of_the_patched_output():
+    """Longformer's output projection with the global rows written in (no merged copy kept): the values of
+    linear(merge_heads(out with rows replaced)) and gradcheck of every input, float64."""
+    from rlformer.attention.base import merge_heads
+    from rlformer.attention.global_local import _RowsReplacedLinear, rows_replaced_linear
+    torch.manual_seed(0)
+    out = torch.randn(2, 3, 7, 4, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([0, 3, 4])
+    rows_out = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    linear = torch.nn.Linear(12, 12).double()
+    want = linear(merge_heads(out.index_copy(2, rows, rows_out)))
+    torch.testing.assert_close(rows_replaced_linear(out, rows, rows_out, linear), want)
+    assert torch.autograd.gradcheck(lambda o, r, w, b: _RowsReplacedLinear.apply(o, rows, r, w, b),
+                                    (out, rows_out, linear.weight, linear.bias))
+
+
 def test_bigbird_pattern_by_hand():
     hand = dict(global_local=dict(block_size=2, window_blocks=1, n_random=1, global_positions=(), seed=7))
     m = mask_of("bigbird", 12, False, **hand)[0]

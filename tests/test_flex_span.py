@@ -197,6 +197,18 @@ def test_dot_difference_in_chunks():
     torch.testing.assert_close(_dot_difference(g, a, b, torch.float32, rows=7), want, rtol=0, atol=1e-5)
 
 
+def test_span_grad_rows_fused_form_equals_the_chunked_one():
+    """The CUDA path's one-expression span gradient (compiled there) equals the CPU path's chunked dots; rows
+    with no ramp key (lse2 = -inf) get 0."""
+    from rlformer.attention.flex_span import _dot_difference, _span_grad_rows
+    g, a, b = (torch.randn(2, 3, 50, 8, dtype=torch.bfloat16) for _ in range(3))
+    lse, lse2 = torch.randn(2, 3, 50), torch.randn(2, 3, 50)
+    lse2[0, 1, :5] = float("-inf")
+    chunked = _span_grad_rows(g, a, b, lse2, lse, 32, torch.float32, _dot_difference(g, a, b, torch.float32, rows=7))
+    torch.testing.assert_close(_span_grad_rows(g, a, b, lse2, lse, 32, torch.float32), chunked, rtol=0, atol=1e-6)
+    assert (chunked[0, 1, :5] == 0).all() and (chunked != 0).sum() > 200
+
+
 def test_flex_path_is_used_only_where_it_should():
     q = torch.zeros(1, 2, 256, 64)
     assert not use_flex_span(q, 0.0, True)                            # CPU: the banded path

@@ -45,6 +45,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from rlformer.attention.compiled import fused, fusion_enabled
 from rlformer.attention.flex import BLOCK, _cached, _flex, capturing, flex_with_lse, with_mask_mod
 LOG_FLOOR = 1e-30
 """m is clamped at this floor before the log (only reached where u > 0 is rounding-small)"""
@@ -207,9 +208,21 @@ def span_z_grad(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tensor], sc
     with torch.no_grad():
         out2, lse2 = flex_with_lse(flex, q.detach(), k.detach(), v.detach(), block_mask=bm, scale=scale)
         acc = torch.promote_types(out.dtype, torch.float32)
-        diff = _dot_difference(grad_out, out2, out, acc)
-        dz = torch.where(torch.isfinite(lse2), torch.exp(lse2.to(acc) - lse.to(acc)) * diff / ramp, 0.0)
+        if grad_out.is_cuda and fusion_enabled():     # one fused reduction kernel, no float32 copies
+            dz = fused(_span_grad_rows, grad_out)(grad_out, out2, out, lse2, lse, ramp, acc)
+        else:
+            dz = _span_grad_rows(grad_out, out2, out, lse2, lse, ramp, acc, _dot_difference(grad_out, out2, out, acc))
     return (dz.sum((0, 2)) if z.dim() == 1 else dz).to(z.dtype)
+
+
+def _span_grad_rows(grad_out: Tensor, out2: Tensor, out: Tensor, lse2: Tensor, lse: Tensor, ramp: int,
+                    acc: torch.dtype, diff: Optional[Tensor] = None) -> Tensor:
+    """dL/dz_i = exp(lse2_i - lse_i) / R * (dO_i . O2_i - dO_i . O_i) in ``acc`` precision (0 where no ramp key);
+    ``diff`` = the two dots when already computed (the CPU path does it in bounded row chunks)."""
+    if diff is None:
+        g = grad_out.to(acc)
+        diff = (g * out2.to(acc)).sum(-1) - (g * out.to(acc)).sum(-1)
+    return torch.where(torch.isfinite(lse2), torch.exp(lse2.to(acc) - lse.to(acc)) * diff / ramp, 0.0)
 
 
 class _SpanGrad(torch.autograd.Function):

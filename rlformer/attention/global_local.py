@@ -14,14 +14,49 @@ from rlformer.config import EncoderConfig
 from rlformer.registry import register
 
 
-def _merge_with_rows(out, rows, rows_out):
-    """``merge_heads(out)`` (B, T, H dh) with the rows ``rows`` taken from ``rows_out`` (B, H, G, dh) instead: one
-    new tensor (the merge's copy), not a patched copy of ``out`` first."""
-    b, h, t, dh = out.shape
-    merged = out.new_empty(b, t, h * dh)
-    merged.view(b, t, h, dh).copy_(out.transpose(1, 2))
-    merged[:, rows] = merge_heads(rows_out)
-    return merged
+class _RowsReplacedLinear(torch.autograd.Function):
+    """y = W merge_heads(out with the rows ``rows`` replaced by ``rows_out``) + b, without forming that merged copy.
+
+    y = W merge_heads(out) + b, then y[rows] += W (rows_out - out[rows]); merge_heads of FlexAttention's output is a
+    view (its layout is (B, T, H, dh)), so only ``out`` (which the attention keeps for its own backward anyway) and
+    the |G| rows are kept for backward, not one more (B, T, D) tensor. Backward: dL/d merged = dy W (zero on the
+    replaced rows for ``out``, those rows for ``rows_out``), dL/dW = dy^T merge_heads(out) + dy[rows]^T (rows_out -
+    out[rows]), dL/db = sum dy."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, out, rows, rows_out, weight, bias):
+        merged = merge_heads(out)
+        delta = merge_heads(rows_out) - merged[:, rows]
+        y = F.linear(merged, weight, bias)
+        y[:, rows] += F.linear(delta, weight)
+        ctx.save_for_backward(out, rows, rows_out, weight)
+        return y
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_y):
+        out, rows, rows_out, weight = ctx.saved_tensors
+        grad_out = grad_rows = grad_w = grad_b = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+            grad_merged = grad_y @ weight.to(grad_y.dtype)
+            grad_rows = split_heads(grad_merged[:, rows], out.shape[1])
+            grad_merged[:, rows] = 0
+            grad_out = split_heads(grad_merged, out.shape[1])
+        if ctx.needs_input_grad[3]:
+            merged = merge_heads(out)
+            delta = merge_heads(rows_out) - merged[:, rows]
+            grad_w = (grad_y.flatten(0, 1).T @ merged.flatten(0, 1)
+                      + grad_y[:, rows].flatten(0, 1).T @ delta.flatten(0, 1)).to(weight.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_b = grad_y.sum((0, 1))
+        return grad_out, None, grad_rows, grad_w, grad_b
+
+
+def rows_replaced_linear(out, rows, rows_out, linear: nn.Linear):
+    """``linear(merge_heads(out'))`` with out' = ``out`` whose rows ``rows`` (T positions) are ``rows_out``
+    (B, H, G, dh): Longformer's global rows written into the output projection (``_RowsReplacedLinear``)."""
+    return _RowsReplacedLinear.apply(out, rows, rows_out, linear.weight, linear.bias)
 
 
 def _check_globals(name: str, cfg: EncoderConfig) -> None:
@@ -150,7 +185,7 @@ class LongformerAttention(PatternAttention):
             rows_out = self._global_rows_dense(found, kv, lambda sub: sub.allowed())
         else:
             rows_out = self._global_rows_absorbed(found, kv)
-        return self.out_proj(_merge_with_rows(out, found[0], rows_out)), {}
+        return rows_replaced_linear(out, found[0], rows_out, self.out_proj), {}
 
     def reference_forward(self, x, kv, ctx):
         """Naive Longformer: loop-built masks, dense scores, the global rows from Q_g, K_g, V_g."""
