@@ -287,10 +287,10 @@ def test_etc_pattern_by_hand():
     cfg = config("etc", False, **CASES["etc"])
     attn = module(cfg)
     ctx = context(8, 0, False)
-    k_index = torch.cat([torch.arange(-3, 0), ctx.k_index])
-    m = dense_mask(attn.pattern(ctx, 11), ctx.q_index, k_index, H, False, None)[0, 0]
-    assert keys(m[4]) == [0, 1, 2, 3 + 2, 3 + 3, 3 + 4, 3 + 5, 3 + 6]   # l2g (3 globals) + l2l radius 2
-    assert keys(m[0]) == [0, 1, 2, 3, 4, 5]
+    k_index = torch.cat([torch.arange(-6, 0), ctx.k_index])             # keys [u (3); x_g (3, unused); local (8)]
+    m = dense_mask(attn.pattern(ctx, 14), ctx.q_index, k_index, H, False, None)[0, 0]
+    assert keys(m[4]) == [0, 1, 2, 6 + 2, 6 + 3, 6 + 4, 6 + 5, 6 + 6]   # l2g (3 globals) + l2l radius 2
+    assert keys(m[0]) == [0, 1, 2, 6, 7, 8]
 
 
 def full_attention(q, k, v, ctx):
@@ -333,7 +333,7 @@ def test_flex_mask_mod_is_the_dense_mask(case):
     cfg = config(variant(case), causal, **CASES[case])
     attn = module(cfg, 1)
     ctx = context(t, n_mem, causal, pad=True)
-    n_extra = cfg.global_local.n_global_tokens if case == "etc" else 0
+    n_extra = 2 * cfg.global_local.n_global_tokens if case == "etc" else 0   # ETC: [u; x_g] keys
     k_index = torch.cat([torch.arange(-n_extra, 0), ctx.k_index])
     valid = torch.cat([torch.ones(2, n_extra, dtype=torch.bool), ctx.key_valid], 1)
     pattern = attn.pattern(ctx, n_extra + n_mem + t)
@@ -753,7 +753,7 @@ def test_evaluated_block_mask_equals_create_block_mask(case):
     cfg = config(variant(case), causal, **fam)
     attn = module(cfg, 1)
     ctx = context(t, n_mem, causal, b=1)
-    n_extra = cfg.global_local.n_global_tokens if case == "etc" else 0
+    n_extra = 2 * cfg.global_local.n_global_tokens if case == "etc" else 0   # ETC: [u; x_g] keys
     tk = n_extra + n_mem + t
     pattern = attn.pattern(ctx, tk)
     mod = flex_mask_mod(pattern, n_mem, n_extra, causal, None, torch.device("cpu"))

@@ -294,6 +294,30 @@ class BigBirdAttention(PatternAttention):
         return rule
 
 
+class _BorrowedKeys(torch.autograd.Function):
+    """softmax(q k^T * scale) v (SDPA, optional boolean mask) for a few queries over keys / values that are views of
+    buffers the caller writes again afterwards, outside the viewed rows (ETC's [u; x_g; x_l] buffers).
+
+    The views are kept without autograd's saved-tensor version check (the buffers' version moves when the u rows are
+    written, not the rows read here), and backward recomputes this small attention (n_g queries) to get the
+    gradients: nothing beyond q is stored, where SDPA would store its own copies' worth of inputs."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        ctx.save_for_backward(q, *(() if mask is None else (mask,)))
+        ctx.k, ctx.v, ctx.scale = k.detach(), v.detach(), scale
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, *mask = ctx.saved_tensors
+        with torch.enable_grad():
+            q, k, v = (t.detach().requires_grad_() for t in (q, ctx.k, ctx.v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[0] if mask else None, scale=ctx.scale)
+            dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+        return dq, dk, dv, None, None
+
+
 @register("attention", "etc")
 class ETCAttention(PatternAttention):
     """ETC global-local attention (Ainslie et al. 2020, sec. 3.1, Fig. 2).
@@ -333,54 +357,48 @@ class ETCAttention(PatternAttention):
                              f">= 0; got n_global_tokens={gl.n_global_tokens}, window={gl.window}")
 
     def pattern(self, ctx, tk):
-        radius = self.cfg.global_local.window
+        radius, n_g = self.cfg.global_local.window, self.cfg.global_local.n_global_tokens
 
-        def rule(h, i, j):
-            return (j < 0) | ((i - j).abs() <= radius)
+        def rule(h, i, j):      # keys [u; x_g; local] at indices [-2 n_g, -n_g), [-n_g, 0), [0, ...)
+            return (j < -n_g) | ((j >= 0) & ((i - j).abs() <= radius))
 
-        return Pattern(rule, ("etc", radius))
+        return Pattern(rule, ("etc", radius, n_g))
 
     def reference_rule(self, ctx, tk):
         radius = self.cfg.global_local.window
         return lambda h, i, j: j < 0 or j in range(i - radius, i + radius + 1)
 
-    def global_states(self, k, v, key_valid):
-        """u = x_g + W_o Attn(g2g + g2l): (B, n_g, D), n_g queries over [x_g; x_l] W_k, W_v. The local keys and
-        values k, v (B, H, N, dh) are the layer's own projections of x_l (before any rotary): only the n_g global
-        tokens are projected here (projecting [x_g; x_l] again kept a second (B, N, D) input and (B, N, 2D)
-        output for backward)."""
-        b = k.shape[0]
-        g = self.global_tokens[None].expand(b, -1, -1).to(k.dtype)
-        q, gk, gv = self.project(g, g)
-        k, v = torch.cat([gk, k], 2), torch.cat([gv, v], 2)
-        mask = None
-        if key_valid is not None:
-            ones = key_valid.new_ones(b, g.shape[1])
-            mask = torch.cat([ones, key_valid], 1)[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return g + self.out_proj(merge_heads(out))
-
-    def extended(self, k, v, k_plain, ctx):
-        """Keys/values [u; local] with key indices [-n_g .. -1; ctx.k_index] and validity; ``k_plain``: the local
-        keys before rotary (what the global tokens read)."""
-        u = self.global_states(k_plain, v, ctx.key_valid)
-        gk, gv = self.kv_proj(u).chunk(2, dim=-1)
-        n_g = u.shape[1]
-        k = torch.cat([split_heads(gk, self.n_heads), k], 2)
-        v = torch.cat([split_heads(gv, self.n_heads), v], 2)
-        k_index = torch.cat([torch.arange(-n_g, 0, device=ctx.k_index.device), ctx.k_index])
-        valid = None
-        if ctx.key_valid is not None:
-            valid = torch.cat([ctx.key_valid.new_ones(ctx.key_valid.shape[0], n_g), ctx.key_valid], 1)
-        return k, v, k_index, valid, n_g
-
     def forward(self, x, kv, ctx):
+        """Both stages on one key buffer and one value buffer per call, laid out [u; x_g; x_l] (B, H, 2 n_g + N, dh):
+        the global stage (g2g + g2l) reads its keys [x_g; x_l] W_k as a view of rows n_g.. (``_BorrowedKeys``:
+        no copy of the local keys of its own), then u's keys are written into rows ..n_g and the l2g + l2l
+        attention runs over the whole buffer with the x_g rows masked out (``pattern``). One (B, H, N, dh) copy of
+        the local keys and one of the values in all, not two. Under rotary the global tokens read the local keys
+        before rotation and the local queries after it, so the global stage gets its own copy there."""
         q, k, v = self.project(x, kv)
         k_plain = k
         if self.position is not None and "rotary" in self.position.hooks:
             q, k = self.position.rotate(q, k, ctx.q_index, ctx.k_index)
-        k, v, k_index, valid, n_g = self.extended(k, v, k_plain, ctx)
-        out = self.attend_pattern(q, k, v, ctx, self.pattern(ctx, k.shape[2]), k_index, valid, n_g)
+        b, h, n, dh = k.shape
+        g = self.global_tokens[None].expand(b, -1, -1).to(k.dtype)
+        n_g = g.shape[1]
+        gq, gk, gv = self.project(g, g)
+        k_buf, v_buf = k.new_empty(b, h, 2 * n_g + n, dh), v.new_empty(b, h, 2 * n_g + n, dh)
+        k_buf[:, :, n_g:2 * n_g], v_buf[:, :, n_g:2 * n_g] = gk, gv
+        k_buf[:, :, 2 * n_g:], v_buf[:, :, 2 * n_g:] = k, v
+        mask = None
+        if ctx.key_valid is not None:
+            mask = torch.cat([ctx.key_valid.new_ones(b, n_g), ctx.key_valid], 1)[:, None, None, :]
+        g_keys = k_buf[:, :, n_g:] if k_plain is k else torch.cat([gk, k_plain], 2)
+        out_g = _BorrowedKeys.apply(gq, g_keys, v_buf[:, :, n_g:], mask, self.scale)
+        u = g + self.out_proj(merge_heads(out_g))                  # the updated global states
+        uk, uv = self.kv_proj(u).chunk(2, dim=-1)
+        k_buf[:, :, :n_g], v_buf[:, :, :n_g] = split_heads(uk, h), split_heads(uv, h)
+        k_index = torch.cat([torch.arange(-2 * n_g, 0, device=ctx.k_index.device), ctx.k_index])
+        valid = None
+        if ctx.key_valid is not None:
+            valid = torch.cat([ctx.key_valid.new_ones(b, 2 * n_g), ctx.key_valid], 1)
+        out = self.attend_pattern(q, k_buf, v_buf, ctx, self.pattern(ctx, k_buf.shape[2]), k_index, valid, 2 * n_g)
         return self.out_proj(merge_heads(out)), {}
 
     def reference_forward(self, x, kv, ctx):
