@@ -10,7 +10,8 @@ moment of the peak (allocated bytes above what was allocated before the step, th
 and the blocks alive then. Blocks made inside autograd's engine (backward of aten ops) have no Python frame and
 are listed as ``backward (no Python frame)`` with their size. A second step runs under
 ``saved_tensors_hooks``: every tensor saved for backward, counted once per storage, labelled with the
-innermost rlformer frame that saved it. CUDA only.
+innermost rlformer frame that saved it. A third runs under a ``TorchDispatchMode`` that lists the aten ops (backward
+ones too) with the memory allocated after each, up to the highest. CUDA only.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _label(frames) -> str:
 
 
 def live_at_peak(trace: list[dict]) -> tuple[int, dict]:
-    """(peak bytes above the start, {label: [bytes, blocks]}) from a device trace of one step."""
+    """(peak bytes above the start, {label: [bytes, blocks, largest block sizes]}) from a device trace of one step."""
     live: dict[int, tuple[int, list]] = {}
     cur = peak = 0
     at_peak: dict[int, tuple[int, list]] = {}
@@ -53,12 +54,13 @@ def live_at_peak(trace: list[dict]) -> tuple[int, dict]:
         elif action == "free_requested":
             cur -= size                       # a block allocated before the step counts as a negative change
             live.pop(addr, None)
-    groups: dict[str, list] = defaultdict(lambda: [0, 0])
+    groups: dict[str, list] = defaultdict(lambda: [0, 0, []])
     for size, frames in at_peak.values():
         g = groups[_label(frames)]
         g[0] += size
         g[1] += 1
-    return peak, dict(groups)
+        g[2].append(size)
+    return peak, {k: [v[0], v[1], sorted(v[2], reverse=True)[:8]] for k, v in groups.items()}
 
 
 def saved_tensors(step) -> tuple[int, dict]:
@@ -85,6 +87,31 @@ def saved_tensors(step) -> tuple[int, dict]:
     return total, {k: [v[0], v[1], sorted(v[2])[:4]] for k, v in groups.items()}
 
 
+def ops_around_peak(step, before: int = 14) -> list[str]:
+    """The aten ops of one step (backward included: the dispatch mode follows autograd's engine) with the memory
+    allocated after each, the ``before`` ops up to the one after which it was highest."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows: list[tuple[str, int, str]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            shapes = ", ".join(f"{tuple(o.shape)}" for o in outs if isinstance(o, torch.Tensor))[:80]
+            self.rows.append((str(func), torch.cuda.memory_allocated(), shapes))
+            return out
+
+    base = torch.cuda.memory_allocated()
+    with Record() as rec:
+        step()
+    torch.cuda.synchronize()
+    top = max(range(len(rec.rows)), key=lambda i: rec.rows[i][1])
+    return [f"{(m - base) / MIB:8.1f} MiB  {name}  -> {shapes}" for name, m, shapes in rec.rows[max(0, top - before):top + 2]]
+
+
 def probe(name: str, t: int, args) -> dict:
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     step = rlformer_step(name, t, args, device, dtype)
@@ -103,11 +130,13 @@ def probe(name: str, t: int, args) -> dict:
              if ev["action"] in ("alloc", "free_requested")]
     peak, groups = live_at_peak(trace)
     saved, saved_groups = saved_tensors(step)
+    ops = ops_around_peak(step)
     return {"variant": name, "T": t, "peak_mib": round(measured, 1), "trace_peak_mib": round(peak / MIB, 1),
-            "live_at_peak": {k: [round(v[0] / MIB, 2), v[1]] for k, v in sorted(groups.items(), key=lambda kv: -kv[1][0])},
+            "live_at_peak": {k: [round(v[0] / MIB, 2), v[1], [round(x / MIB, 2) for x in v[2]]] for k, v in sorted(groups.items(), key=lambda kv: -kv[1][0])},
             "saved_mib": round(saved / MIB, 1),
             "saved": {k: [round(v[0] / MIB, 2), v[1], v[2]]
-                      for k, v in sorted(saved_groups.items(), key=lambda kv: -kv[1][0])}}
+                      for k, v in sorted(saved_groups.items(), key=lambda kv: -kv[1][0])},
+            "ops_to_peak": ops}
 
 
 def main() -> None:
@@ -142,10 +171,13 @@ def main() -> None:
                   f"saved {res['saved_mib']} MiB", flush=True)
             print("  live at peak (MiB, blocks):")
             for k, v in list(res["live_at_peak"].items())[:args.top]:
-                print(f"    {v[0]:9.2f} {v[1]:4d}  {k}")
+                print(f"    {v[0]:9.2f} {v[1]:4d}  {k}  (largest: {', '.join(f'{x:g}' for x in v[2])})")
             print("  saved for backward (MiB, tensors, shapes):")
             for k, v in list(res["saved"].items())[:args.top]:
                 print(f"    {v[0]:9.2f} {v[1]:4d}  {k}  {'; '.join(v[2])}")
+            print("  ops up to the highest allocation after an op (allocated after it, op, outputs):")
+            for row in res["ops_to_peak"]:
+                print(f"    {row}")
             torch.cuda.empty_cache()
 
 

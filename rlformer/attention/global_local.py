@@ -29,7 +29,7 @@ class _RowsReplacedLinear(torch.autograd.Function):
         merged = merge_heads(out)
         delta = merge_heads(rows_out) - merged[:, rows]
         y = F.linear(merged, weight, bias)
-        y[:, rows] += F.linear(delta, weight)
+        y.index_add_(1, rows, F.linear(delta, weight))
         ctx.save_for_backward(out, rows, rows_out, weight)
         return y
 
@@ -41,7 +41,7 @@ class _RowsReplacedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
             grad_merged = grad_y @ weight.to(grad_y.dtype)
             grad_rows = split_heads(grad_merged[:, rows], out.shape[1])
-            grad_merged[:, rows] = 0
+            grad_merged.index_fill_(1, rows, 0)       # (no host scalar: the step can be captured in a CUDA graph)
             grad_out = split_heads(grad_merged, out.shape[1])
         if ctx.needs_input_grad[3]:
             merged = merge_heads(out)
@@ -295,27 +295,45 @@ class BigBirdAttention(PatternAttention):
 
 
 class _BorrowedKeys(torch.autograd.Function):
-    """softmax(q k^T * scale) v (SDPA, optional boolean mask) for a few queries over keys / values that are views of
-    buffers the caller writes again afterwards, outside the viewed rows (ETC's [u; x_g; x_l] buffers).
+    """ETC's global stage, softmax(q [gk; k]^T * scale) [gv; v] (SDPA, optional boolean mask) for the n_g global
+    queries, with the keys / values read from ``buffers`` = ([gk; k], [gv; v]): rows of the layer's key and value
+    buffers (filled outside autograd), not a copy of its own.
 
-    The views are kept without autograd's saved-tensor version check (the buffers' version moves when the u rows are
-    written, not the rows read here), and backward recomputes this small attention (n_g queries) to get the
-    gradients: nothing beyond q is stored, where SDPA would store its own copies' worth of inputs."""
+    The inputs gk, k, gv, v only carry autograd's edges; the buffers are not saved tensors (their version moves when
+    the u rows are written, not the rows read here). Backward recomputes this small attention (n_g queries) and
+    returns the key / value gradients split into the gk / k and gv / v parts as views: nothing beyond q is stored."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale):
+    def forward(ctx, q, gk, k, gv, v, buffers, mask, scale):
+        keys, values = buffers
         ctx.save_for_backward(q, *(() if mask is None else (mask,)))
-        ctx.k, ctx.v, ctx.scale = k.detach(), v.detach(), scale
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        ctx.keys, ctx.values, ctx.scale, ctx.n_g = keys, values, scale, gk.shape[2]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
     @staticmethod
     def backward(ctx, grad):
         q, *mask = ctx.saved_tensors
         with torch.enable_grad():
-            q, k, v = (t.detach().requires_grad_() for t in (q, ctx.k, ctx.v))
+            q, k, v = (t.detach().requires_grad_() for t in (q, ctx.keys, ctx.values))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[0] if mask else None, scale=ctx.scale)
             dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
-        return dq, dk, dv, None, None
+        n = ctx.n_g
+        return dq, dk[:, :, :n], dk[:, :, n:], dv[:, :, :n], dv[:, :, n:], None, None, None
+
+
+class _KeysInBuffer(torch.autograd.Function):
+    """The layer's [u; x_g; x_l] key (or value) buffer, filled outside autograd, as the l2g + l2l attention's input:
+    its gradient goes to u's rows and to the local rows as views (the x_g rows are masked there, no gradient), with
+    no clone of the whole buffer's gradient per write (what in-place writes under autograd would cost)."""
+
+    @staticmethod
+    def forward(ctx, u_rows, local, buffer):
+        ctx.n_u = u_rows.shape[2]
+        return buffer[0].detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[:, :, :ctx.n_u], grad[:, :, 2 * ctx.n_u:], None
 
 
 @register("attention", "etc")
@@ -384,21 +402,24 @@ class ETCAttention(PatternAttention):
         n_g = g.shape[1]
         gq, gk, gv = self.project(g, g)
         k_buf, v_buf = k.new_empty(b, h, 2 * n_g + n, dh), v.new_empty(b, h, 2 * n_g + n, dh)
-        k_buf[:, :, n_g:2 * n_g], v_buf[:, :, n_g:2 * n_g] = gk, gv
-        k_buf[:, :, 2 * n_g:], v_buf[:, :, 2 * n_g:] = k, v
+        with torch.no_grad():                # autograd sees these rows through the two Functions below
+            k_buf[:, :, n_g:2 * n_g], v_buf[:, :, n_g:2 * n_g] = gk, gv
+            k_buf[:, :, 2 * n_g:], v_buf[:, :, 2 * n_g:] = k, v
+            g_keys = k_buf[:, :, n_g:] if k_plain is k else torch.cat([gk, k_plain], 2)
         mask = None
         if ctx.key_valid is not None:
             mask = torch.cat([ctx.key_valid.new_ones(b, n_g), ctx.key_valid], 1)[:, None, None, :]
-        g_keys = k_buf[:, :, n_g:] if k_plain is k else torch.cat([gk, k_plain], 2)
-        out_g = _BorrowedKeys.apply(gq, g_keys, v_buf[:, :, n_g:], mask, self.scale)
+        out_g = _BorrowedKeys.apply(gq, gk, k_plain, gv, v, (g_keys, v_buf[:, :, n_g:]), mask, self.scale)
         u = g + self.out_proj(merge_heads(out_g))                  # the updated global states
-        uk, uv = self.kv_proj(u).chunk(2, dim=-1)
-        k_buf[:, :, :n_g], v_buf[:, :, :n_g] = split_heads(uk, h), split_heads(uv, h)
+        uk, uv = (split_heads(t, h) for t in self.kv_proj(u).chunk(2, dim=-1))
+        with torch.no_grad():
+            k_buf[:, :, :n_g], v_buf[:, :, :n_g] = uk, uv
+        k_all, v_all = _KeysInBuffer.apply(uk, k, (k_buf,)), _KeysInBuffer.apply(uv, v, (v_buf,))
         k_index = torch.cat([torch.arange(-2 * n_g, 0, device=ctx.k_index.device), ctx.k_index])
         valid = None
         if ctx.key_valid is not None:
             valid = torch.cat([ctx.key_valid.new_ones(b, 2 * n_g), ctx.key_valid], 1)
-        out = self.attend_pattern(q, k_buf, v_buf, ctx, self.pattern(ctx, k_buf.shape[2]), k_index, valid, 2 * n_g)
+        out = self.attend_pattern(q, k_all, v_all, ctx, self.pattern(ctx, k_all.shape[2]), k_index, valid, 2 * n_g)
         return self.out_proj(merge_heads(out)), {}
 
     def reference_forward(self, x, kv, ctx):
