@@ -278,8 +278,14 @@ def write_cuda_results(path: str, args, results) -> None:
                    "results": results}, f, indent=1)
 
 
-def graphed(step: Callable[[], None], device: torch.device, warmup: int) -> tuple[Callable[[], None], float]:
+def graphed(step: Callable[[], None], device: torch.device, warmup: int,
+            warm_capture: bool = True) -> tuple[Callable[[], None], float]:
     """``step`` captured once as a CUDA graph, and the peak extra memory of the captured step (MiB).
+
+    Memory is that of a second capture (``warm_capture``): the first capture on the graph capture stream makes that
+    stream's library workspaces (cuBLAS 32 MiB, cuDNN's for SDPA), once per process, in its own pool. Counting them
+    charged the first variant measured in a process (every variant at the first length, and none at later ones)
+    with a one-off cost that depends on which libraries it calls, not with what its step holds.
 
     Replays skip Python and kernel-launch overhead, so their time is the GPU's own time: what a training
     loop that captures its step (as rlformer's DT and PPO do) pays. Variants whose step synchronizes
@@ -292,6 +298,12 @@ def graphed(step: Callable[[], None], device: torch.device, warmup: int) -> tupl
             step()
     torch.cuda.current_stream(device).wait_stream(side)
     torch.cuda.synchronize(device)
+    if warm_capture:        # a first capture, discarded: library workspaces of the capture stream are made here
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            step()
+        torch.cuda.synchronize(device)
+        gc.collect()
+        torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     graph = torch.cuda.CUDAGraph()
@@ -309,7 +321,7 @@ def run_one(make: Callable[[], Callable[[], None]], device, args) -> dict:
         step = make()
         peak = None
         if getattr(args, "cuda_graph", False) and device.type == "cuda":
-            step, peak = graphed(step, device, args.warmup)
+            step, peak = graphed(step, device, args.warmup, not getattr(args, "first_capture", False))
         for _ in range(2):
             result["rounds"].append(measure(step, device, args.warmup, args.reps))
             if peak is not None:           # replays reuse the graph's pool: its capture-time peak is the cost
@@ -410,6 +422,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
                    help="stop starting new measurements after this many seconds (the rest: 'skipped')")
     p.add_argument("--cuda-graph", action="store_true",
                    help="time CUDA-graph replays of each step (GPU time without launch overhead)")
+    p.add_argument("--first-capture", action="store_true",
+                   help="with --cuda-graph: measure memory on the process's first capture (includes the capture "
+                        "stream's one-off library workspaces; sessions 4-8 measured this way)")
     p.add_argument("--isolate", action="store_true",
                    help="one process per variant (implied by --cuda-graph on CUDA: a failed graph capture leaves the "
                         "CUDA context unusable for later captures), results merged into --out")

@@ -125,6 +125,11 @@ def probe(name: str, t: int, args) -> dict:
             step()
     torch.cuda.current_stream(device).wait_stream(side)
     torch.cuda.synchronize()
+    if args.graph:                     # a discarded first capture makes the capture stream's library workspaces
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     torch.cuda.memory._record_memory_history(max_entries=1_000_000, context="all", stacks="python")
