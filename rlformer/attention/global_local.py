@@ -177,14 +177,17 @@ class LongformerAttention(PatternAttention):
         q, k, v = self.project(x, kv)
         if self.position is not None and "rotary" in self.position.hooks:
             q, k = self.position.rotate(q, k, ctx.q_index, ctx.k_index)
-        out = self.attend_pattern(q, k, v, ctx, self.pattern(ctx, k.shape[2]))
+        # the global rows first: autograd runs the backward of later-made nodes first, so the windowed attention's
+        # backward comes before the rows' one, whose (B, N, D) gradient of kv would otherwise wait through it
         found = self._global_queries(x, ctx)
+        rows_out = None
+        if found is not None and self.position is not None and self.position.hooks & {"rotary", "score", "value"}:
+            rows_out = self._global_rows_dense(found, kv, lambda sub: sub.allowed())
+        elif found is not None:
+            rows_out = self._global_rows_absorbed(found, kv)
+        out = self.attend_pattern(q, k, v, ctx, self.pattern(ctx, k.shape[2]))
         if found is None:
             return self.out_proj(merge_heads(out)), {}
-        if self.position is not None and self.position.hooks & {"rotary", "score", "value"}:
-            rows_out = self._global_rows_dense(found, kv, lambda sub: sub.allowed())
-        else:
-            rows_out = self._global_rows_absorbed(found, kv)
         return rows_replaced_linear(out, found[0], rows_out, self.out_proj), {}
 
     def reference_forward(self, x, kv, ctx):
