@@ -303,14 +303,16 @@ class _BorrowedKeys(torch.autograd.Function):
     buffers (filled outside autograd), not a copy of its own.
 
     The inputs gk, k, gv, v only carry autograd's edges; the buffers are not saved tensors (their version moves when
-    the u rows are written, not the rows read here). Backward recomputes this small attention (n_g queries) and
-    returns the key / value gradients split into the gk / k and gv / v parts as views: nothing beyond q is stored."""
+    the u rows are written, not the rows read here). Backward recomputes this small attention (n_g queries). The
+    gradient of k (v) is added in place into ``sink["k"]`` (``sink["v"]``) when the l2g + l2l stage left it there
+    (``_KeysInBuffer``: its own gradient of the same tensor, which autograd holds until this backward has run), so
+    the two (B, H, N, dh) contributions are not kept side by side and summed into a third; otherwise it is returned."""
 
     @staticmethod
-    def forward(ctx, q, gk, k, gv, v, buffers, mask, scale):
+    def forward(ctx, q, gk, k, gv, v, buffers, mask, scale, sink):
         keys, values = buffers
         ctx.save_for_backward(q, *(() if mask is None else (mask,)))
-        ctx.keys, ctx.values, ctx.scale, ctx.n_g = keys, values, scale, gk.shape[2]
+        ctx.keys, ctx.values, ctx.scale, ctx.n_g, ctx.sink = keys, values, scale, gk.shape[2], sink
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
     @staticmethod
@@ -320,23 +322,33 @@ class _BorrowedKeys(torch.autograd.Function):
             q, k, v = (t.detach().requires_grad_() for t in (q, ctx.keys, ctx.values))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[0] if mask else None, scale=ctx.scale)
             dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
-        n = ctx.n_g
-        return dq, dk[:, :, :n], dk[:, :, n:], dv[:, :, :n], dv[:, :, n:], None, None, None
+        n, local = ctx.n_g, {}
+        for name, d in (("k", dk), ("v", dv)):
+            held = ctx.sink.pop(name, None)
+            if held is not None:
+                held.add_(d[:, :, n:])
+            local[name] = d[:, :, n:] if held is None else None
+        return dq, dk[:, :, :n], local["k"], dv[:, :, :n], local["v"], None, None, None, None
 
 
 class _KeysInBuffer(torch.autograd.Function):
     """The layer's [u; x_g; x_l] key (or value) buffer, filled outside autograd, as the l2g + l2l attention's input:
     its gradient goes to u's rows and to the local rows as views (the x_g rows are masked there, no gradient), with
-    no clone of the whole buffer's gradient per write (what in-place writes under autograd would cost)."""
+    no clone of the whole buffer's gradient per write (what in-place writes under autograd would cost). With a
+    ``sink`` and ``name``, the local rows' gradient is also left there for ``_BorrowedKeys`` to add into (the global
+    stage read the same local tensor; its backward always runs after this one, since it needs u's gradient)."""
 
     @staticmethod
-    def forward(ctx, u_rows, local, buffer):
-        ctx.n_u = u_rows.shape[2]
+    def forward(ctx, u_rows, local, buffer, sink, name):
+        ctx.n_u, ctx.sink, ctx.name = u_rows.shape[2], sink, name
         return buffer[0].detach()
 
     @staticmethod
     def backward(ctx, grad):
-        return grad[:, :, :ctx.n_u], grad[:, :, 2 * ctx.n_u:], None
+        local = grad[:, :, 2 * ctx.n_u:]
+        if ctx.name is not None:
+            ctx.sink[ctx.name] = local
+        return grad[:, :, :ctx.n_u], local, None, None, None
 
 
 @register("attention", "etc")
@@ -412,12 +424,14 @@ class ETCAttention(PatternAttention):
         mask = None
         if ctx.key_valid is not None:
             mask = torch.cat([ctx.key_valid.new_ones(b, n_g), ctx.key_valid], 1)[:, None, None, :]
-        out_g = _BorrowedKeys.apply(gq, gk, k_plain, gv, v, (g_keys, v_buf[:, :, n_g:]), mask, self.scale)
+        sink: dict = {}                      # local rows' gradients shared by the two stages (see _BorrowedKeys)
+        out_g = _BorrowedKeys.apply(gq, gk, k_plain, gv, v, (g_keys, v_buf[:, :, n_g:]), mask, self.scale, sink)
         u = g + self.out_proj(merge_heads(out_g))                  # the updated global states
         uk, uv = (split_heads(t, h) for t in self.kv_proj(u).chunk(2, dim=-1))
         with torch.no_grad():
             k_buf[:, :, :n_g], v_buf[:, :, :n_g] = uk, uv
-        k_all, v_all = _KeysInBuffer.apply(uk, k, (k_buf,)), _KeysInBuffer.apply(uv, v, (v_buf,))
+        k_all = _KeysInBuffer.apply(uk, k, (k_buf,), sink, "k" if k_plain is k else None)   # rotary: two tensors
+        v_all = _KeysInBuffer.apply(uv, v, (v_buf,), sink, "v")
         k_index = torch.cat([torch.arange(-2 * n_g, 0, device=ctx.k_index.device), ctx.k_index])
         valid = None
         if ctx.key_valid is not None:
