@@ -297,13 +297,19 @@ class BigBirdAttention(PatternAttention):
         return rule
 
 
+def _alias(t):
+    """A tensor on ``t``'s memory with its own version counter (``detach`` would share ``t``'s)."""
+    with torch.no_grad():
+        return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
 class _BorrowedKeys(torch.autograd.Function):
     """ETC's global stage, softmax(q [gk; k]^T * scale) [gv; v] (SDPA, optional boolean mask) for the n_g global
     queries, with the keys / values read from ``buffers`` = ([gk; k], [gv; v]): rows of the layer's key and value
     buffers (filled outside autograd), not a copy of its own.
 
-    The inputs gk, k, gv, v only carry autograd's edges; the buffers are not saved tensors (their version moves when
-    the u rows are written, not the rows read here). Backward recomputes this small attention (n_g queries). The
+    The inputs gk, k, gv, v only carry autograd's edges; the buffers are saved through aliases (their version moves
+    when the u rows are written, not the rows read here). Backward recomputes this small attention (n_g queries). The
     gradient of k (v) is added in place into ``sink["k"]`` (``sink["v"]``) when the l2g + l2l stage left it there
     (``_KeysInBuffer``: its own gradient of the same tensor, which autograd holds until this backward has run), so
     the two (B, H, N, dh) contributions are not kept side by side and summed into a third; otherwise it is returned."""
@@ -311,15 +317,17 @@ class _BorrowedKeys(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, gk, k, gv, v, buffers, mask, scale, sink):
         keys, values = buffers
-        ctx.save_for_backward(q, *(() if mask is None else (mask,)))
-        ctx.keys, ctx.values, ctx.scale, ctx.n_g, ctx.sink = keys, values, scale, gk.shape[2], sink
+        # saved as aliases with their own version counters: released after backward like any saved tensor, and
+        # not invalidated by the later writes of u's rows into other rows of the same buffers
+        ctx.save_for_backward(q, _alias(keys), _alias(values), *(() if mask is None else (mask,)))
+        ctx.scale, ctx.n_g, ctx.sink = scale, gk.shape[2], sink
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
     @staticmethod
     def backward(ctx, grad):
-        q, *mask = ctx.saved_tensors
+        q, keys, values, *mask = ctx.saved_tensors
         with torch.enable_grad():
-            q, k, v = (t.detach().requires_grad_() for t in (q, ctx.keys, ctx.values))
+            q, k, v = (t.detach().requires_grad_() for t in (q, keys, values))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[0] if mask else None, scale=ctx.scale)
             dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
         n, local = ctx.n_g, {}
