@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import traceback
 from collections import defaultdict
@@ -32,12 +33,20 @@ MIB = 2 ** 20
 
 
 def _label(frames) -> str:
-    """The innermost frame in rlformer/ or scripts/ ('file:line function'), else the innermost Python frame."""
-    ours = [f for f in frames if "/rlformer/" in f["filename"] or "/scripts/" in f["filename"]]
-    pick = ours[0] if ours else (frames[0] if frames else None)
-    if pick is None:
-        return "backward (no Python frame)"
-    return f"{os.path.basename(pick['filename'])}:{pick['line']} {pick['name']}"
+    """The innermost frame in rlformer/ or scripts/ ('file:line function'), else the innermost Python frame; for a
+    block with C++ frames only (``--cpp``), the autograd node in them ('XBackward0'), else the innermost C++ name."""
+    py = [f for f in frames if f["filename"].endswith(".py")]
+    ours = [f for f in py if "/rlformer/" in f["filename"] or "/scripts/" in f["filename"]]
+    pick = ours[0] if ours else (py[0] if py else None)
+    if pick is not None:
+        return f"{os.path.basename(pick['filename'])}:{pick['line']} {pick['name']}"
+    for f in frames:
+        node = re.search(r"(\w+Backward\w*)", f.get("name", ""))
+        if node:
+            return f"backward {node.group(1)}"
+    if frames:
+        return f"backward (C++: {frames[0].get('name', '?')[:80]})"
+    return "backward (no Python frame)"
 
 
 def live_at_peak(trace: list[dict]) -> tuple[int, dict]:
@@ -132,7 +141,8 @@ def probe(name: str, t: int, args) -> dict:
         torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(max_entries=1_000_000, context="all", stacks="python")
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, context="all",
+                                             stacks="all" if args.cpp else "python")
     if args.graph:                                    # the allocations of capturing the step, as the benchmark
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -173,6 +183,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--set", nargs="*", default=None, help="section.field=value overrides of the benchmark config")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--cpp", action="store_true", help="record C++ frames too (slower): backward blocks are then "
+                    "labelled with their autograd node")
     ap.add_argument("--graph", action="store_true", help="the allocations of capturing the step in a CUDA graph (the "
                     "benchmark's --cuda-graph memory); no saved-tensor or op listing then")
     ap.add_argument("--out", default="probe_layer_memory.json")
