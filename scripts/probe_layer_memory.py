@@ -11,8 +11,10 @@ moment of the peak (allocated bytes above what was allocated before the step, th
 and the blocks alive then. Blocks made inside autograd's engine (backward of aten ops) have no Python frame and
 are listed as ``backward (no Python frame)`` with their size. A second step runs under
 ``saved_tensors_hooks``: every tensor saved for backward, counted once per storage, labelled with the
-innermost rlformer frame that saved it. A third runs under a ``TorchDispatchMode`` that lists the aten ops (backward
-ones too) with the memory allocated after each, up to the highest. CUDA only.
+innermost rlformer frame that saved it. ``--cpp`` records C++ frames too, so the backward's blocks are named by
+their autograd node (a block with none is the engine's gradient accumulation). ``--graph``: the allocations of
+capturing the step in a CUDA graph instead (after a discarded first capture, as ``bench_attention --cuda-graph``).
+CUDA only.
 """
 from __future__ import annotations
 
@@ -97,33 +99,6 @@ def saved_tensors(step) -> tuple[int, dict]:
     return total, {k: [v[0], v[1], sorted(v[2])[:4]] for k, v in groups.items()}
 
 
-def ops_around_peak(step, before: int = 14) -> list[str]:
-    """The aten ops of one step (backward included: the dispatch mode follows autograd's engine) with the memory
-    allocated after each, the ``before`` ops up to the one after which it was highest."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        supports_higher_order_operators = True        # flex_attention is a higher-order op: recorded as one op
-
-        def __init__(self):
-            super().__init__()
-            self.rows: list[tuple[str, int, str]] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            shapes = ", ".join(f"{tuple(o.shape)}" for o in outs if isinstance(o, torch.Tensor))[:80]
-            self.rows.append((str(func), torch.cuda.memory_allocated(), shapes))
-            return out
-
-    base = torch.cuda.memory_allocated()
-    with Record() as rec:
-        step()
-    torch.cuda.synchronize()
-    top = max(range(len(rec.rows)), key=lambda i: rec.rows[i][1])
-    return [f"{(m - base) / MIB:8.1f} MiB  {name}  -> {shapes}" for name, m, shapes in rec.rows[max(0, top - before):top + 2]]
-
-
 def probe(name: str, t: int, args) -> dict:
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     step = rlformer_step(name, t, args, device, dtype)
@@ -164,11 +139,8 @@ def probe(name: str, t: int, args) -> dict:
         return res
     saved, saved_groups = saved_tensors(step)
     res["saved_mib"] = round(saved / MIB, 1)
-    res["saved"] = {k: [round(v[0] / MIB, 2), v[1], v[2]] for k, v in sorted(saved_groups.items(), key=lambda kv: -kv[1][0])}
-    try:
-        res["ops_to_peak"] = ops_around_peak(step)
-    except Exception as exc:  # noqa: BLE001 - the op listing is an extra; keep the rest
-        res["ops_to_peak"] = [f"(not available: {type(exc).__name__}: {str(exc)[:200]})"]
+    res["saved"] = {k: [round(v[0] / MIB, 2), v[1], v[2]]
+                    for k, v in sorted(saved_groups.items(), key=lambda kv: -kv[1][0])}
     return res
 
 
@@ -212,9 +184,6 @@ def main() -> None:
             print("  saved for backward (MiB, tensors, shapes):")
             for k, v in list(res.get("saved", {}).items())[:args.top]:
                 print(f"    {v[0]:9.2f} {v[1]:4d}  {k}  {'; '.join(v[2])}")
-            print("  ops up to the highest allocation after an op (allocated after it, op, outputs):")
-            for row in res.get("ops_to_peak", []):
-                print(f"    {row}")
             torch.cuda.empty_cache()
 
 
