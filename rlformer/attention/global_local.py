@@ -436,7 +436,7 @@ class ETCAttention(PatternAttention):
         sink: dict = {}                      # local rows' gradients shared by the two stages (see _BorrowedKeys)
         out_g = _BorrowedKeys.apply(gq, gk, k_plain, gv, v, (g_keys, v_buf[:, :, n_g:]), mask, self.scale, sink)
         u = g + self.out_proj(merge_heads(out_g))                  # the updated global states
-        uk, uv = (split_heads(t, h) for t in self.kv_proj(u).chunk(2, dim=-1))
+        uk, uv = (split_heads(t, h) for t in self.project_kv(u))
         with torch.no_grad():
             k_buf[:, :, :n_g], v_buf[:, :, :n_g] = uk, uv
         k_all = _KeysInBuffer.apply(uk, k, (k_buf,), sink, "k" if k_plain is k else None)   # rotary: two tensors
@@ -461,7 +461,7 @@ class ETCAttention(PatternAttention):
             for key in range(kv.shape[1]):
                 g_mask[row, :, :, n_g + key] = ctx.key_valid is None or bool(ctx.key_valid[row, key])
         u = g + self.out_proj(merge_heads(dense_attention(gq, gk, gv, g_mask, self.scale)))
-        uk, uv = self.kv_proj(u).chunk(2, dim=-1)
+        uk, uv = self.project_kv(u)
         k = torch.cat([split_heads(uk, self.n_heads), k], 2)
         v = torch.cat([split_heads(uv, self.n_heads), v], 2)
         k_index = torch.tensor(list(range(-n_g, 0)) + ctx.k_index.tolist())
