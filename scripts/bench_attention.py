@@ -278,6 +278,25 @@ def write_cuda_results(path: str, args, results) -> None:
                    "results": results}, f, indent=1)
 
 
+def prepare_capture(step: Callable[[], None], device: torch.device, warmup: int, warm_capture: bool) -> None:
+    """What a capture of ``step`` needs first: ``warmup`` steps on a side stream (compiles, cached BlockMasks and
+    autograd's streams), then, with ``warm_capture``, one capture that is discarded (the capture stream's one-off
+    library workspaces are made there, see ``graphed``)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    if warm_capture:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            step()
+        torch.cuda.synchronize(device)
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def graphed(step: Callable[[], None], device: torch.device, warmup: int,
             warm_capture: bool = True) -> tuple[Callable[[], None], float]:
     """``step`` captured once as a CUDA graph, and the peak extra memory of the captured step (MiB).
@@ -291,19 +310,7 @@ def graphed(step: Callable[[], None], device: torch.device, warmup: int,
     loop that captures its step (as rlformer's DT and PPO do) pays. Variants whose step synchronizes
     with the host cannot be captured; the error is recorded.
     """
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(max(1, warmup)):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.synchronize(device)
-    if warm_capture:        # a first capture, discarded: library workspaces of the capture stream are made here
-        with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            step()
-        torch.cuda.synchronize(device)
-        gc.collect()
-        torch.cuda.empty_cache()
+    prepare_capture(step, device, warmup, warm_capture)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     graph = torch.cuda.CUDAGraph()

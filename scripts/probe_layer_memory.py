@@ -29,7 +29,7 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import rlformer_step  # noqa: E402
+from bench_attention import prepare_capture, rlformer_step  # noqa: E402
 
 MIB = 2 ** 20
 
@@ -102,18 +102,7 @@ def saved_tensors(step) -> tuple[int, dict]:
 def probe(name: str, t: int, args) -> dict:
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     step = rlformer_step(name, t, args, device, dtype)
-    side = torch.cuda.Stream(device)                 # warm-up as bench_attention.graphed does (a graph needs it)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(args.warmup):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.synchronize()
-    if args.graph:                     # a discarded first capture makes the capture stream's library workspaces
-        with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            step()
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+    prepare_capture(step, device, args.warmup, warm_capture=args.graph)     # as bench_attention.graphed
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     torch.cuda.memory._record_memory_history(max_entries=1_000_000, context="all",

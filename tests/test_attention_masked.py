@@ -323,6 +323,11 @@ def test_degenerate_settings_are_full_attention(name, family, causal):
         torch.testing.assert_close(attn.attend(q, k, v, ctx)[0], full_attention(q, k, v, ctx))
 
 
+def extra_keys(case, cfg) -> int:
+    """Keys before the sequence in the attention's key tensor: ETC's [u; x_g] rows (2 n_g), none elsewhere."""
+    return 2 * cfg.global_local.n_global_tokens if case == "etc" else 0
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_flex_mask_mod_is_the_dense_mask(case):
     """The mask_mod FlexAttention compiles into a BlockMask, evaluated densely (vmap) on CPU."""
@@ -333,7 +338,7 @@ def test_flex_mask_mod_is_the_dense_mask(case):
     cfg = config(variant(case), causal, **CASES[case])
     attn = module(cfg, 1)
     ctx = context(t, n_mem, causal, pad=True)
-    n_extra = 2 * cfg.global_local.n_global_tokens if case == "etc" else 0   # ETC: [u; x_g] keys
+    n_extra = extra_keys(case, cfg)
     k_index = torch.cat([torch.arange(-n_extra, 0), ctx.k_index])
     valid = torch.cat([torch.ones(2, n_extra, dtype=torch.bool), ctx.key_valid], 1)
     pattern = attn.pattern(ctx, n_extra + n_mem + t)
@@ -753,7 +758,7 @@ def test_evaluated_block_mask_equals_create_block_mask(case):
     cfg = config(variant(case), causal, **fam)
     attn = module(cfg, 1)
     ctx = context(t, n_mem, causal, b=1)
-    n_extra = 2 * cfg.global_local.n_global_tokens if case == "etc" else 0   # ETC: [u; x_g] keys
+    n_extra = extra_keys(case, cfg)
     tk = n_extra + n_mem + t
     pattern = attn.pattern(ctx, tk)
     mod = flex_mask_mod(pattern, n_mem, n_extra, causal, None, torch.device("cpu"))

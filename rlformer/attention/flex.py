@@ -179,14 +179,11 @@ def block_mask_for(pattern: Pattern, batch: int, n_heads: int, tq: int, tk: int,
 def alibi_score_mod(slopes: Tensor, n_mem: int, k_offset: int, pattern: Optional[Pattern] = None):
     """score - m_h |i - j| as a FlexAttention score_mod (cached per slopes tensor and offsets; with the
     pattern's ``key_order`` / ``query_order``, kv_idx / q_idx are mapped back through them)."""
-    ordered = pattern is not None and (pattern.key_order is not None or pattern.query_order is not None)
-    order_key = pattern.key if ordered else None
+    order_key = pattern.key if pattern is not None and pattern.ordered else None
 
     def build():
         table = slopes.detach().to(torch.float32)
-        order, q_order = ((None, None) if order_key is None else
-                          (None if o is None else o.to(device=slopes.device, dtype=torch.int32)
-                           for o in (pattern.key_order, pattern.query_order)))
+        order, q_order = (None, None) if order_key is None else pattern.orders(slopes.device)
 
         def score_mod(score, b, h, q_idx, kv_idx):
             kv = kv_idx if order is None else order[kv_idx]

@@ -430,9 +430,10 @@ class ETCAttention(PatternAttention):
             k_buf[:, :, n_g:2 * n_g], v_buf[:, :, n_g:2 * n_g] = gk, gv
             k_buf[:, :, 2 * n_g:], v_buf[:, :, 2 * n_g:] = k, v
             g_keys = k_buf[:, :, n_g:] if k_plain is k else torch.cat([gk, k_plain], 2)
-        mask = None
+        valid = None                         # validity of the buffer's keys [u; x_g; x_l]
         if ctx.key_valid is not None:
-            mask = torch.cat([ctx.key_valid.new_ones(b, n_g), ctx.key_valid], 1)[:, None, None, :]
+            valid = torch.cat([ctx.key_valid.new_ones(b, 2 * n_g), ctx.key_valid], 1)
+        mask = None if valid is None else valid[:, None, None, n_g:]      # the global stage's [x_g; x_l]
         sink: dict = {}                      # local rows' gradients shared by the two stages (see _BorrowedKeys)
         out_g = _BorrowedKeys.apply(gq, gk, k_plain, gv, v, (g_keys, v_buf[:, :, n_g:]), mask, self.scale, sink)
         u = g + self.out_proj(merge_heads(out_g))                  # the updated global states
@@ -442,9 +443,6 @@ class ETCAttention(PatternAttention):
         k_all = _KeysInBuffer.apply(uk, k, (k_buf,), sink, "k" if k_plain is k else None)   # rotary: two tensors
         v_all = _KeysInBuffer.apply(uv, v, (v_buf,), sink, "v")
         k_index = torch.cat([torch.arange(-2 * n_g, 0, device=ctx.k_index.device), ctx.k_index])
-        valid = None
-        if ctx.key_valid is not None:
-            valid = torch.cat([ctx.key_valid.new_ones(b, 2 * n_g), ctx.key_valid], 1)
         out = self.attend_pattern(q, k_all, v_all, ctx, self.pattern(ctx, k_all.shape[2]), k_index, valid, 2 * n_g)
         return self.out_proj(merge_heads(out)), {}
 

@@ -1,6 +1,7 @@
 """Image Transformer local self-attention, 1D and 2D (Parmar et al. 2018, sec. 3.2)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -67,9 +68,11 @@ def grid_shape(cfg: EncoderConfig, t: int) -> tuple[int, int]:
     return rows, cols
 
 
+@functools.lru_cache(maxsize=32)
 def tile_order(rows: int, cols: int, lh: int, lw: int) -> Tensor:
     """Raster positions of an (rows, cols) image listed rectangle by rectangle ((lh, lw) rectangles in raster
-    order, cells in raster order inside each; edge rectangles are smaller): a (rows * cols,) long permutation."""
+    order, cells in raster order inside each; edge rectangles are smaller): a (rows * cols,) long permutation.
+    Cached (``pattern`` asks for it on every forward); callers must not modify it."""
     r, c = torch.arange(rows)[:, None], torch.arange(cols)[None, :]
     n_rect_cols = -(-cols // lw)
     rank = ((r // lh) * n_rect_cols + c // lw) * (lh * lw) + (r % lh) * lw + c % lw

@@ -57,6 +57,16 @@ class Pattern:
     queries in this order, its mask_mod maps a permuted query back through the table, and the output is put back
     in sequence order. Part of ``key``; the dense path ignores it."""
 
+    @property
+    def ordered(self) -> bool:
+        """Whether the Flex path permutes keys or queries (``key_order`` / ``query_order``)."""
+        return self.key_order is not None or self.query_order is not None
+
+    def orders(self, device: torch.device) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(key_order, query_order) as int32 tables on ``device`` for a mask_mod / score_mod (None where absent)."""
+        return tuple(None if o is None else o.to(device=device, dtype=torch.int32)
+                     for o in (self.key_order, self.query_order))
+
     def bind(self, device: torch.device) -> Rule:
         tables = {name: t.to(device) for name, t in self.tables.items()}
         return lambda h, i, j: self.rule(h, i, j, **tables)
@@ -92,8 +102,7 @@ def flex_mask_mod(pattern: Pattern, n_mem: int, k_offset: int, causal: bool, key
     unpermuted keys (``key_valid`` stays unpermuted); likewise q with ``pattern.query_order``.
     """
     rule = pattern.bind(device)
-    order, q_order = (None if o is None else o.to(device=device, dtype=torch.int32)
-                      for o in (pattern.key_order, pattern.query_order))
+    order, q_order = pattern.orders(device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         kv = kv_idx if order is None else order[kv_idx]
