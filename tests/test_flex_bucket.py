@@ -346,6 +346,86 @@ def test_unit_keys_give_the_normalized_keys_gradients(monkeypatch, causal, n_rou
     assert results[0][1].abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("shared_qk,n_rounds,groups", [(True, 2, 2), (True, 1, 3), (False, 2, 4), (False, 3, 0)])
+def test_head_groups_equal_one_call(monkeypatch, shared_qk, n_rounds, groups):
+    """``head_groups`` (``_HeadGroups``: a graph per group of heads, backward group by group) gives the outputs and
+    q, k, v gradients of one call, float64, the dense stand-in for flex; split_heads storage, padding, dedup.
+    groups=0 with ``GROUP_ROWS`` lowered: the automatic choice (one head per group here)."""
+    monkeypatch.setattr(flex_bucket, "_flex", lambda: (dense_flex, None))
+    monkeypatch.setattr(flex_bucket, "GROUP_ROWS", 64)
+    assert flex_bucket.auto_head_groups(4, n_rounds, 128) == 4
+    g = torch.Generator().manual_seed(11)
+    b, h, t, dh = 2, 4, 45, 8
+    q, k, v = (torch.randn(b, t, h, dh, generator=g, dtype=F64).transpose(1, 2) for _ in range(3))
+    buckets = torch.randint(0, 4, (b, h, n_rounds, t), generator=g)
+    probe = torch.randn(b, h, t, dh, generator=g, dtype=F64)
+    kw = {"causal": True, "self_penalty": True, "key_valid": padding(b, t), "dedup": True, "compile": True}
+    results = []
+    for head_groups in (1, groups):
+        qq, kk, vv = (x.detach().clone().requires_grad_() for x in (q, k, v))
+        keys = None if shared_qk else kk
+        out = flex_bucket_attention(qq, keys, vv, buckets, 4, 3, 0.4, head_groups=head_groups, **kw)
+        assert (out.grad_fn.name() == "_HeadGroupsBackward") == (head_groups != 1)
+        (out * probe).sum().backward()
+        results.append((out.detach(), qq.grad, vv.grad, kk.grad if not shared_qk else torch.zeros(())))
+    for name, a, c in zip(("out", "dq", "dv", "dk"), *results):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-12, msg=name)
+    assert results[1][1].abs().max() > 1e-3 and results[1][1].stride() == q.stride()   # split_heads layout kept
+
+
+def test_lsh_head_groups_on_the_flex_path_match_the_lean_path(monkeypatch):
+    """lsh ``attend`` with ``lsh.head_groups=2`` on the flex path (dense stand-in) vs the CPU lean path: outputs
+    and q, v gradients (shared-QK, two rounds, padding, causal), float64."""
+    monkeypatch.setattr(flex_bucket, "_flex", lambda: (dense_flex, None))
+    monkeypatch.setattr(lsh, "flex_bucket_attention", functools.partial(flex_bucket_attention, compile=True))
+    cfg = base_config(attention="lsh", n_heads=4)
+    cfg.lsh = dataclasses.replace(cfg.lsh, n_buckets=4, n_hashes=2, chunk_size=3, head_groups=2)
+    att = LSHAttention(cfg, layer=0).double()
+    q, _, v, _ = inputs(2, 4, 29, 8, 1, 1, seed=6)
+    probe = torch.randn_like(q)
+    results = []
+    for flex_path in (True, False):
+        monkeypatch.setattr(lsh, "use_flex_bucket", lambda *a, f=flex_path: f)
+        qq, vv = (x.clone().requires_grad_() for x in (q, v))
+        out, _ = att.attend(qq, F.normalize(qq, dim=-1), vv, ctx_for(2, 29, True, padding(2, 29)))
+        (out * probe).sum().backward()
+        results.append((out.detach(), qq.grad, vv.grad))
+    for name, a, c in zip(("out", "dq", "dv"), *results):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-10, msg=name)
+
+
+def test_head_groups_free_each_groups_graph_before_the_next(monkeypatch):
+    """Backward runs the groups one after another, dropping each group's graph (its sorted copies) before the
+    next group's gradients are made: when the k-th group's rows are summed back, the sorted copies of the groups
+    done before it are gone. A second backward through the freed graph raises with a way out."""
+    import weakref
+    monkeypatch.setattr(flex_bucket, "_flex", lambda: (dense_flex, None))
+    made, alive_at_sum = [], []
+    gather, total = flex_bucket.gather_sorted, flex_bucket.sum_sorted
+
+    def tracked_gather(x, rows):
+        y = gather(x, rows)
+        made.append(weakref.ref(y))
+        return y
+
+    def tracked_sum(*a, **k):
+        alive_at_sum.append(sum(r() is not None for r in made))
+        return total(*a, **k)
+
+    monkeypatch.setattr(flex_bucket, "gather_sorted", tracked_gather)
+    monkeypatch.setattr(flex_bucket, "sum_sorted", tracked_sum)
+    q, _, v, buckets = inputs(1, 4, 40, 8, 2, 4, seed=2)
+    q, v = q.requires_grad_(), v.requires_grad_()
+    out = flex_bucket_attention(q, None, v, buckets, 4, 3, 0.4, causal=True, dedup=True, head_groups=4, compile=True)
+    assert len(made) == 8                                  # q and v per group
+    out.sum().backward(retain_graph=True)
+    # per group: q's rows, then v's; group k (in backward order) leaves 4 - k groups' copies alive (its own included)
+    assert alive_at_sum == [8, 8, 6, 6, 4, 4, 2, 2]
+    assert all(r() is None for r in made)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        out.sum().backward()
+
+
 # ------------------------------------------------------------------------- CUDA: compiled kernels
 
 
@@ -413,6 +493,28 @@ def test_cuda_module_attend_matches_cpu_lean_path(name):
     assert flex_bucket.use_flex_bucket(q.cuda().float(), att.dropout, att.training)
     for what, a, r in zip(("out", "dq", "dk", "dv"), run("cuda", torch.float32), ref):
         torch.testing.assert_close(a, r, rtol=0, atol=2e-4 * max(1.0, r.abs().max().item()), msg=what)
+
+
+@cuda
+@pytest.mark.parametrize("shared_qk", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_head_groups_equal_one_call(shared_qk, dtype):
+    """Compiled kernels, Triton row kernels (``sum_rounds`` into head slices): head_groups=4 gives the outputs and
+    gradients of one call (same kernels per head, so equal up to the order of float sums)."""
+    g = torch.Generator().manual_seed(9)
+    b, h, t, dh = 1, 8, 2000, 64
+    q, k, v, probe = (torch.randn(b, t, h, dh, generator=g).transpose(1, 2).to("cuda", dtype) for _ in range(4))
+    buckets = torch.randint(0, 8, (b, h, 2, t), generator=g).cuda()
+    kw = {"causal": True, "self_penalty": True, "dedup": True}
+    results = []
+    for groups in (1, 4):
+        qq, kk, vv = (x.detach().clone().requires_grad_() for x in (q, k, v))
+        out = flex_bucket_attention(qq, None if shared_qk else kk, vv, buckets, 8, 32, 0.125, head_groups=groups, **kw)
+        (out * probe).sum().backward()
+        results.append([x.float() for x in (out, qq.grad, vv.grad) + (() if shared_qk else (kk.grad,))])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, a, c in zip(("out", "dq", "dv", "dk"), *results):
+        torch.testing.assert_close(a, c, rtol=0, atol=tol * max(1.0, c.abs().max().item()), msg=name)
 
 
 @cuda

@@ -45,7 +45,8 @@ from rlformer.attention.chunked import SELF_PENALTY
 from rlformer.attention.compiled import fused
 from rlformer.attention.flex import BLOCK, _cached, _flex, flex_eligible, flex_with_lse, with_mask_mod
 
-__all__ = ["BLOCK", "band_block_mask", "bucket_slots", "flex_bucket_attention", "use_flex_bucket"]
+__all__ = ["BLOCK", "auto_head_groups", "band_block_mask", "bucket_slots", "flex_bucket_attention", "gather_sorted",
+           "sum_sorted", "use_flex_bucket"]
 
 
 def use_flex_bucket(q: Tensor, dropout: float, training: bool) -> bool:
@@ -244,6 +245,38 @@ def _dst(slot: Tensor, length: int) -> Tensor:
     return (torch.arange(b * h * r, device=slot.device) * length).view(b, h, r, 1) + slot
 
 
+def gather_sorted(x: Tensor, rows: Tensor) -> Tensor:
+    """y (B, H * R, L, dh), y[b, h r, s] = x[b, h, rows[b, h, r, s]] (no autograd): the bucket-sorted copy of x
+    (B, H, T, dh) in any storage order ``_rows`` reads. On CUDA one Triton kernel (``row_gather``), else aten."""
+    b, h, r, length = rows.shape
+    if row_gather.available(x):
+        return row_gather.gather_slots(x, rows)
+    src, strides = _rows(x)
+    return _select_rows(src, _row_index(strides, rows)).view(b, h * r, length, x.shape[-1])
+
+
+def sum_sorted(g: Tensor, slot: Tensor, shape, split: bool, out: Tensor | None = None) -> Tensor:
+    """The backward of ``gather_sorted`` (no autograd): dx[b, h, t] = sum_r g[b, h r, slot[b, h, r, t]], (B, H, T,
+    dh) in (B, T, H, dh) storage when ``split`` else (B, H, T, dh); written into ``out`` (a (B, H, T, dh) view with
+    a unit last stride) when given. The inverse permutation per round, summed: no index_add."""
+    if row_gather.available(g):
+        return row_gather.sum_rounds(g, slot, split, out=out)
+    r, length = slot.shape[2], g.shape[2]
+    dst = _dst(slot, length)
+    g = g.contiguous().view(-1, shape[-1])
+    order = dst.permute(2, 0, 3, 1) if split else dst.permute(2, 0, 1, 3)     # (R, B, T, H) or (R, B, H, T)
+    acc = _select_rows(g, order[0])
+    for k in range(1, r):
+        acc += _select_rows(g, order[k])
+    dx = _grad_like(shape, split, acc)
+    return dx if out is None else out.copy_(dx)
+
+
+def _is_split(x: Tensor) -> bool:
+    """Whether x (B, H, T, dh) lies in (B, T, H, dh) storage (split_heads' views)."""
+    return x.stride(2) > x.stride(1)
+
+
 class _Gather(torch.autograd.Function):
     """Bucket-sorted copies of q, k, v: y[b, h r, s] = x[b, h, rows[b, h, r, s]], (B, H * R, L, dh) each.
 
@@ -256,36 +289,17 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows: Tensor, slot: Tensor, *xs: Tensor):
-        b, h, r, length = rows.shape
         ctx.save_for_backward(rows, slot)
-        ctx.meta = [(x.shape, x.stride(2) > x.stride(1)) for x in xs]
-        if row_gather.available(xs[0]):
-            return tuple(row_gather.gather_slots(x, rows) for x in xs)
-        out = []
-        for x in xs:
-            src, strides = _rows(x)
-            out.append(_select_rows(src, _row_index(strides, rows)).view(b, h * r, length, x.shape[-1]))
-        return tuple(out)
+        ctx.meta = [(x.shape, _is_split(x)) for x in xs]
+        return tuple(gather_sorted(x, rows) for x in xs)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
         rows, slot = ctx.saved_tensors
-        r, length = rows.shape[2], rows.shape[3]
         out = [None, None]
         for g, (shape, split) in zip(grads, ctx.meta):
-            if g is None or not ctx.needs_input_grad[len(out)]:
-                out.append(None)
-                continue
-            if row_gather.available(g):
-                out.append(row_gather.sum_rounds(g, slot, split))
-                continue
-            dst = _dst(slot, length)
-            g = g.contiguous().view(-1, shape[-1])
-            order = dst.permute(2, 0, 3, 1) if split else dst.permute(2, 0, 1, 3)     # (R, B, T, H) or (R, B, H, T)
-            acc = _select_rows(g, order[0])
-            for k in range(1, r):
-                acc += _select_rows(g, order[k])
-            out.append(_grad_like(shape, split, acc))
+            want = g is not None and ctx.needs_input_grad[len(out)]
+            out.append(sum_sorted(g, slot, shape, split) if want else None)
         return tuple(out)
 
 
@@ -394,11 +408,21 @@ class _Ungather(torch.autograd.Function):
         return dout.view(b, h * r, length, dh), dlse_g.view(b, h * r, length), None, None
 
 
+GROUP_ROWS = 1 << 16
+"""Sorted rows (heads x rounds x L) per kernel call that ``auto_head_groups`` aims for"""
+
+
+def auto_head_groups(n_heads: int, n_rounds: int, length: int) -> int:
+    """Head groups for ``flex_bucket_attention``'s ``head_groups=0``: about ``GROUP_ROWS`` sorted rows per group (one
+    group while the whole call is that small; at most one head per group)."""
+    return max(1, min(n_heads, -(-n_heads * n_rounds * length // GROUP_ROWS)))
+
+
 def flex_bucket_attention(q: Tensor, k: Tensor | None, v: Tensor, buckets: Tensor, n_buckets: int,
                           chunk_size: int, scale: float, *, causal: bool, before: int = 1, after: int = 0,
                           self_penalty: bool = False, key_valid: Tensor | None = None, window: int | None = None,
-                          dedup: bool = False, compile: bool | None = None) -> Tensor:
-    """``bucket_softmax_attention`` (same arguments and allowed sets) as one FlexAttention call.
+                          dedup: bool = False, compile: bool | None = None, head_groups: int = 1) -> Tensor:
+    """``bucket_softmax_attention`` (same arguments and allowed sets) as one FlexAttention call (per head group).
 
     q, k, v: (B, H, T, dh), any of the storage orders ``_rows`` reads without a copy; ``k=None``: shared-QK
     keys, k = q / |q| (Reformer): the gathered q serves as the keys too, 1 / |q| applied to the scores
@@ -409,34 +433,125 @@ def flex_bucket_attention(q: Tensor, k: Tensor | None, v: Tensor, buckets: Tenso
     implementation (forward only on CPU, small sizes). Time and memory O(R * T * (before + 1 + after) * C).
     The gathers into and out of the sorted order are permutations (``_Gather``, ``_Ungather``): their
     backward passes are gathers with the inverse permutation, no index_add.
+
+    ``head_groups`` (0: ``auto_head_groups``): with G > 1 and gradients wanted, the heads run in G groups, one
+    kernel call each, whose backward passes run one group after another (``_HeadGroups``): the gradients of the
+    sorted copies (R (B, H, T, dh)-sized tensors each for q, k, v and the output) then exist for one group at a
+    time, 1 / G of them; same results.
     """
-    if compile is None:
-        compile = q.device.type == "cuda"
-    if compile:
-        flex, _ = _flex()
-    else:
-        from torch.nn.attention.flex_attention import flex_attention as flex
-    t = q.shape[2]
-    r = buckets.shape[2]
-    tables = bucket_slots(buckets, chunk_size, key_valid, dedup, reach=max(before, after))
-    length = tables["length"]
-    key_scale = None
-    if n_buckets == 1 and r == 1 and length == t:       # sorted order = positions (routing's local heads)
-        gathered = [q, torch.nn.functional.normalize(q, dim=-1) if k is None else k, v]
-    else:
-        rows, slot = tables["rows"], tables["slot"]
-        if k is None:
-            qg, vg = _Gather.apply(rows, slot, q, v)
-            key_scale = unit_key_scale(qg)
-            gathered = [qg, _UnitKeys.apply(qg, key_scale), vg]
-        else:
-            gathered = list(_Gather.apply(rows, slot, q, k, v))
-    mask_mod, score_mod = _mods(tables, before, after, causal, window, self_penalty, key_scale)
-    block_mask = with_mask_mod(band_block_mask(length, chunk_size, before, after, causal, window, q.device), mask_mod)
-    if r == 1:
-        out, lse = flex(*gathered, score_mod=score_mod, block_mask=block_mask, scale=scale), None
-    else:
-        out, lse = flex_with_lse(flex, *gathered, score_mod=score_mod, block_mask=block_mask, scale=scale)
-    if gathered[0] is q:
+    call = _BucketCall(q, k, buckets, n_buckets, chunk_size, scale, causal, before, after, self_penalty, key_valid,
+                       window, dedup, compile)
+    h, r = q.shape[1], buckets.shape[2]
+    groups = auto_head_groups(h, r, call.length) if head_groups == 0 else min(max(1, head_groups), h)
+    wants_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v))
+    if groups > 1 and wants_grad and not call.identity:
+        size = -(-h // groups)
+        return _HeadGroups.apply(call, [slice(a, min(a + size, h)) for a in range(0, h, size)], q, k, v)
+    if call.identity:       # sorted order = positions (routing's local heads)
+        out, _ = call.kernel([q, torch.nn.functional.normalize(q, dim=-1) if k is None else k, v], call.tables())
         return out
-    return _Ungather.apply(out, lse, rows, slot)
+    tables = call.tables()
+    rows, slot = tables["rows"], tables["slot"]
+    gathered = list(_Gather.apply(rows, slot, *(x for x in (q, k, v) if x is not None)))
+    if k is None:
+        gathered.insert(1, None)
+    return _Ungather.apply(*call.kernel(gathered, tables), rows, slot)
+
+
+class _BucketCall:
+    """The settings of one ``flex_bucket_attention`` call: slot tables (all heads or a head slice) and the kernel
+    call on sorted copies."""
+
+    def __init__(self, q, k, buckets, n_buckets, chunk_size, scale, causal, before, after, self_penalty, key_valid,
+                 window, dedup, compile):
+        if compile is None:
+            compile = q.device.type == "cuda"
+        if compile:
+            self.flex, _ = _flex()
+        else:
+            from torch.nn.attention.flex_attention import flex_attention
+            self.flex = flex_attention
+        t = q.shape[2]
+        self.buckets, self.chunk_size, self.scale, self.causal = buckets, chunk_size, scale, causal
+        self.before, self.after, self.self_penalty, self.key_valid = before, after, self_penalty, key_valid
+        self.window, self.dedup, self.shared_qk = window, dedup, k is None
+        self.length = -(-t // BLOCK) * BLOCK
+        self.identity = n_buckets == 1 and buckets.shape[2] == 1 and self.length == t
+
+    def tables(self, heads: slice = slice(None)) -> dict:
+        """``bucket_slots`` of the heads ``heads``."""
+        return bucket_slots(self.buckets[:, heads], self.chunk_size, self.key_valid, self.dedup,
+                            reach=max(self.before, self.after))
+
+    def kernel(self, qkv: list, tables: dict) -> tuple[Tensor, Tensor | None]:
+        """(out, lse) of the kernel on sorted (B, H' R, L, dh) q, k, v (lse None with one round); k None: the
+        shared-QK keys from q (``_UnitKeys``)."""
+        q, k, v = qkv
+        key_scale = None
+        if k is None:
+            key_scale = unit_key_scale(q)
+            k = _UnitKeys.apply(q, key_scale)
+        mask_mod, score_mod = _mods(tables, self.before, self.after, self.causal, self.window, self.self_penalty,
+                                    key_scale)
+        band = band_block_mask(tables["length"], self.chunk_size, self.before, self.after, self.causal, self.window,
+                               q.device)
+        kw = {"score_mod": score_mod, "block_mask": with_mask_mod(band, mask_mod), "scale": self.scale}
+        if self.buckets.shape[2] == 1:
+            return self.flex(q, k, v, **kw), None
+        return flex_with_lse(self.flex, q, k, v, **kw)
+
+
+class _HeadGroups(torch.autograd.Function):
+    """``flex_bucket_attention`` by head groups, each group's backward run to the end before the next one's.
+
+    Forward, per group of heads: the sorted copies of the group's q, (k,) v are made outside autograd and become
+    the leaves of a graph of their own (kernel call and ``_Ungather``, built under ``enable_grad``), whose output
+    is copied into the group's heads of the result; the graph is kept by its output's gradient edge (the output
+    tensor itself is released). Backward, groups in reverse order: ``torch.autograd.grad`` through that graph
+    to the sorted copies, their rows summed back into position order straight into the group's heads of the
+    input gradients (``sum_sorted``), then the group's graph is dropped. So the kernel's gradients exist for one
+    group at a time (with one graph for all heads, all of them exist at once at the backward's peak: 6 of the
+    (B, H, T, dh)-sized blocks at the shared-QK peak with two rounds, 3 with four groups), while the sorted
+    copies the kernel keeps are the same. A second backward through the same graph (``retain_graph=True``) is
+    not possible: each group's graph is freed by the first.
+    """
+
+    @staticmethod
+    def forward(ctx, call: _BucketCall, groups: list, q: Tensor, k: Tensor | None, v: Tensor):
+        b, h, t, dh = q.shape
+        o = torch.empty(b, t, h, dh, dtype=v.dtype, device=v.device).transpose(1, 2)
+        ctx.meta = [(x.shape, _is_split(x)) if x is not None else None for x in (q, k, v)]
+        ctx.groups = []
+        for heads in groups:
+            tables = call.tables(heads)
+            rows, slot = tables["rows"], tables["slot"]
+            sorted_ = [None if x is None else gather_sorted(x[:, heads], rows).requires_grad_(want)
+                       for x, want in zip((q, k, v), ctx.needs_input_grad[2:])]
+            with torch.enable_grad():
+                og = _Ungather.apply(*call.kernel(sorted_, tables), rows, slot)
+            o[:, heads] = og.detach()
+            ctx.groups.append((heads, torch.autograd.graph.get_gradient_edge(og), sorted_, slot))
+            del og
+        return o
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if not ctx.groups:
+            raise RuntimeError("flex_bucket_attention with head_groups > 1 frees each group's graph in its first "
+                               "backward; backward through it a second time (retain_graph=True) is not possible. "
+                               "Use head_groups=1 (e.g. lsh.head_groups=1) for double backward passes.")
+        grads = [None if m is None or not want else
+                 (torch.empty(m[0][0], m[0][2], m[0][1], m[0][3], dtype=grad.dtype, device=grad.device).transpose(1, 2)
+                  if m[1] else torch.empty(m[0], dtype=grad.dtype, device=grad.device))
+                 for m, want in zip(ctx.meta, ctx.needs_input_grad[2:])]
+        while ctx.groups:
+            heads, edge, sorted_, slot = ctx.groups.pop()
+            leaves = [x for x in sorted_ if x is not None and x.requires_grad]
+            got = iter(torch.autograd.grad([edge], leaves, [grad[:, heads]]))
+            for x, dst, m in zip(sorted_, grads, ctx.meta):
+                if x is not None and x.requires_grad:
+                    g = next(got)
+                    if dst is not None:
+                        sum_sorted(g, slot, dst[:, heads].shape, m[1], out=dst[:, heads])
+            del got, leaves, sorted_
+        return (None, None, *grads)

@@ -118,6 +118,9 @@ class LSHAttention(Float32Buffers, Attention):
             raise ValueError(f"lsh.n_hashes={c.n_hashes}: need at least one hash round (Reformer uses 1-8)")
         if c.chunk_size < 1:
             raise ValueError(f"lsh.chunk_size={c.chunk_size}: need a positive chunk length, e.g. 64")
+        if c.head_groups < 0:
+            raise ValueError(f"lsh.head_groups={c.head_groups}: use 0 (automatic), 1 (all heads in one kernel call) "
+                             f"or a number of groups up to n_heads={cfg.n_heads}")
 
     def project(self, x: Tensor, kv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q = split_heads(self.q_proj(x), self.n_heads)
@@ -135,7 +138,7 @@ class LSHAttention(Float32Buffers, Attention):
             # k = q / |q| (shared-QK, ``project``): only q and v are gathered; the kernel uses the gathered q as
             # its keys with 1 / |q| on the scores (``flex_bucket._UnitKeys``; under rotary, equal up to rounding)
             return flex_bucket_attention(q, None, v, buckets, c.n_buckets, c.chunk_size, self.scale, dedup=True,
-                                         **kw), {}
+                                         head_groups=c.head_groups, **kw), {}
         if self.dropout > 0 and self.training:    # dropout needs the probabilities: the materializing path
             out, lse = bucket_attention(q, k, v, buckets, c.n_buckets, c.chunk_size, self.scale, round_buckets=buckets,
                                         dropout=self.dropout, training=self.training, **kw)

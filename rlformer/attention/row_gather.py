@@ -155,13 +155,19 @@ def gather_slots(x: Tensor, rows: Tensor) -> Tensor:
     return out
 
 
-def sum_rounds(g: Tensor, slot: Tensor, split: bool) -> Tensor:
+def sum_rounds(g: Tensor, slot: Tensor, split: bool, out: Optional[Tensor] = None) -> Tensor:
     """dx (B, H, T, dh) with dx[b, h, t] = sum_r g[b, h R + r, slot[b, h, r, t]], in (B, T, H, dh) storage when
-    ``split`` (the layout of split_heads' views) else (B, H, T, dh). g (B, H * R, L, dh), slot (B, H, R, T)
-    int32."""
+    ``split`` (the layout of split_heads' views) else (B, H, T, dh); written into ``out`` when given (a (B, H, T,
+    dh) tensor of g's dtype with a unit last stride, any other strides, e.g. a head slice). g (B, H * R, L, dh),
+    slot (B, H, R, T) int32."""
     b, h, r, t = slot.shape
     dh, length = g.shape[-1], g.shape[2]
-    if split:
+    if out is not None:
+        if out.shape != (b, h, t, dh) or out.stride(-1) != 1 or out.dtype != g.dtype:
+            raise ValueError(f"sum_rounds: out must be ({b}, {h}, {t}, {dh}) {g.dtype} with a unit last stride; "
+                             f"got {tuple(out.shape)} {out.dtype} with strides {out.stride()}")
+        dx = out
+    elif split:
         dx = torch.empty(b, t, h, dh, dtype=g.dtype, device=g.device).transpose(1, 2)
     else:
         dx = torch.empty(b, h, t, dh, dtype=g.dtype, device=g.device)
