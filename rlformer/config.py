@@ -120,10 +120,11 @@ class LSHConfig:
     """scores computed at once (forward, and the recomputing backward): bounds the scratch memory
     (about 15 bytes per score in bf16); fewer, larger groups launch fewer kernels"""
     head_groups: int = 0
-    """CUDA (FlexAttention) path: heads per kernel call come in this many groups whose backward passes run one
-    after another, so the sorted copies' gradients exist for one group at a time (lower peak memory, more
-    kernel launches); 0 = about 2^16 sorted rows per group (``flex_bucket.auto_head_groups``); 1 = one call.
-    Groups free their graphs in backward: use 1 for a second backward through the same graph"""
+    """CUDA (FlexAttention) path: the heads run in this many groups, one kernel call each, recomputed group by
+    group in backward, so the sorted copies and their gradients exist for one group at a time and are not kept
+    from forward to backward (lower peak memory for one more forward kernel call and more launches); 0 = one
+    group up to 2^19 sorted rows (heads x hash rounds x T), else about 2^17 per group
+    (``flex_bucket.auto_head_groups``); 1 = one call"""
 
 
 @dataclass

@@ -408,14 +408,16 @@ class _Ungather(torch.autograd.Function):
         return dout.view(b, h * r, length, dh), dlse_g.view(b, h * r, length), None, None
 
 
-GROUP_ROWS = 1 << 16
+GROUP_ROWS = 1 << 17
 """Sorted rows (heads x rounds x L) per kernel call that ``auto_head_groups`` aims for"""
 
 
 def auto_head_groups(n_heads: int, n_rounds: int, length: int) -> int:
-    """Head groups for ``flex_bucket_attention``'s ``head_groups=0``: about ``GROUP_ROWS`` sorted rows per group (one
-    group while the whole call is that small; at most one head per group)."""
-    return max(1, min(n_heads, -(-n_heads * n_rounds * length // GROUP_ROWS)))
+    """Head groups for ``flex_bucket_attention``'s ``head_groups=0``: one (a single kernel call, no recomputation)
+    up to 4 ``GROUP_ROWS`` sorted rows in all (T = 16k with 8 heads and two rounds), else about ``GROUP_ROWS`` per
+    group, at most one head per group (8 groups at T = 64k)."""
+    rows = n_heads * n_rounds * length
+    return 1 if rows <= 4 * GROUP_ROWS else min(n_heads, -(-rows // GROUP_ROWS))
 
 
 def flex_bucket_attention(q: Tensor, k: Tensor | None, v: Tensor, buckets: Tensor, n_buckets: int,
@@ -435,9 +437,9 @@ def flex_bucket_attention(q: Tensor, k: Tensor | None, v: Tensor, buckets: Tenso
     backward passes are gathers with the inverse permutation, no index_add.
 
     ``head_groups`` (0: ``auto_head_groups``): with G > 1 and gradients wanted, the heads run in G groups, one
-    kernel call each, whose backward passes run one group after another (``_HeadGroups``): the gradients of the
-    sorted copies (R (B, H, T, dh)-sized tensors each for q, k, v and the output) then exist for one group at a
-    time, 1 / G of them; same results.
+    kernel call each, recomputed group by group in backward (``_HeadGroups``): the sorted copies, outputs and
+    their gradients then exist for one group at a time, not kept from forward to backward; same results, one
+    more forward kernel call per group.
     """
     call = _BucketCall(q, k, buckets, n_buckets, chunk_size, scale, causal, before, after, self_penalty, key_valid,
                        window, dedup, compile)
@@ -502,56 +504,52 @@ class _BucketCall:
 
 
 class _HeadGroups(torch.autograd.Function):
-    """``flex_bucket_attention`` by head groups, each group's backward run to the end before the next one's.
+    """``flex_bucket_attention`` by head groups, recomputed group by group in backward (activation checkpointing
+    of the sorted attention, Chen et al. 2016, per group of heads).
 
-    Forward, per group of heads: the sorted copies of the group's q, (k,) v are made outside autograd and become
-    the leaves of a graph of their own (kernel call and ``_Ungather``, built under ``enable_grad``), whose output
-    is copied into the group's heads of the result; the graph is kept by its output's gradient edge (the output
-    tensor itself is released). Backward, groups in reverse order: ``torch.autograd.grad`` through that graph
-    to the sorted copies, their rows summed back into position order straight into the group's heads of the
-    input gradients (``sum_sorted``), then the group's graph is dropped. So the kernel's gradients exist for one
-    group at a time (with one graph for all heads, all of them exist at once at the backward's peak: 6 of the
-    (B, H, T, dh)-sized blocks at the shared-QK peak with two rounds, 3 with four groups), while the sorted
-    copies the kernel keeps are the same. A second backward through the same graph (``retain_graph=True``) is
-    not possible: each group's graph is freed by the first.
+    Forward, per group of heads: the sorted copies of the group's q, (k,) v, the kernel call and the combination
+    of rounds (``_Ungather``) run without autograd, written into the group's heads of the result; kept for
+    backward: q, k, v themselves and the group's int32 slot tables. Backward, per group: the sorted copies are made
+    again as leaves of a graph of their own, the kernel and the combination run again under ``enable_grad``,
+    ``torch.autograd.grad`` takes that graph to the sorted copies, and their rows are summed back into position
+    order straight into the group's heads of the input gradients (``sum_sorted``). So the sorted copies, kernel
+    outputs and their gradients (R (B, H, T, dh)-sized blocks each for q, v, the output, dout and the kernel's
+    dq, dk, dv: with one graph for all heads all of them are alive at the kernel backward's peak, 12 such blocks
+    with two rounds) exist for one group at a time, for the price of a second forward kernel call. Nothing is
+    freed in backward, so a second backward (``retain_graph=True``) works.
     """
 
     @staticmethod
     def forward(ctx, call: _BucketCall, groups: list, q: Tensor, k: Tensor | None, v: Tensor):
         b, h, t, dh = q.shape
         o = torch.empty(b, t, h, dh, dtype=v.dtype, device=v.device).transpose(1, 2)
-        ctx.meta = [(x.shape, _is_split(x)) if x is not None else None for x in (q, k, v)]
-        ctx.groups = []
+        ctx.call, ctx.groups = call, []
         for heads in groups:
             tables = call.tables(heads)
-            rows, slot = tables["rows"], tables["slot"]
-            sorted_ = [None if x is None else gather_sorted(x[:, heads], rows).requires_grad_(want)
-                       for x, want in zip((q, k, v), ctx.needs_input_grad[2:])]
-            with torch.enable_grad():
-                og = _Ungather.apply(*call.kernel(sorted_, tables), rows, slot)
-            o[:, heads] = og.detach()
-            ctx.groups.append((heads, torch.autograd.graph.get_gradient_edge(og), sorted_, slot))
-            del og
+            sorted_ = [None if x is None else gather_sorted(x[:, heads], tables["rows"]) for x in (q, k, v)]
+            o[:, heads] = _Ungather.apply(*call.kernel(sorted_, tables), tables["rows"], tables["slot"])
+            ctx.groups.append((heads, tables))
+        ctx.save_for_backward(q, k, v)
         return o
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        if not ctx.groups:
-            raise RuntimeError("flex_bucket_attention with head_groups > 1 frees each group's graph in its first "
-                               "backward; backward through it a second time (retain_graph=True) is not possible. "
-                               "Use head_groups=1 (e.g. lsh.head_groups=1) for double backward passes.")
-        grads = [None if m is None or not want else
-                 (torch.empty(m[0][0], m[0][2], m[0][1], m[0][3], dtype=grad.dtype, device=grad.device).transpose(1, 2)
-                  if m[1] else torch.empty(m[0], dtype=grad.dtype, device=grad.device))
-                 for m, want in zip(ctx.meta, ctx.needs_input_grad[2:])]
-        while ctx.groups:
-            heads, edge, sorted_, slot = ctx.groups.pop()
+        inputs = ctx.saved_tensors
+        grads = [None if x is None or not want else
+                 (torch.empty(x.shape[0], x.shape[2], x.shape[1], x.shape[3], dtype=x.dtype, device=x.device)
+                  .transpose(1, 2) if _is_split(x) else torch.empty_like(x))
+                 for x, want in zip(inputs, ctx.needs_input_grad[2:])]
+        for heads, tables in reversed(ctx.groups):
+            rows, slot = tables["rows"], tables["slot"]
+            sorted_ = [None if x is None else gather_sorted(x[:, heads], rows).requires_grad_(dst is not None)
+                       for x, dst in zip(inputs, grads)]
             leaves = [x for x in sorted_ if x is not None and x.requires_grad]
-            got = iter(torch.autograd.grad([edge], leaves, [grad[:, heads]]))
-            for x, dst, m in zip(sorted_, grads, ctx.meta):
-                if x is not None and x.requires_grad:
-                    g = next(got)
-                    if dst is not None:
-                        sum_sorted(g, slot, dst[:, heads].shape, m[1], out=dst[:, heads])
-            del got, leaves, sorted_
+            with torch.enable_grad():
+                og = _Ungather.apply(*ctx.call.kernel(sorted_, tables), rows, slot)
+            got = iter(torch.autograd.grad(og, leaves, grad[:, heads]))
+            del og, leaves
+            for x, dst in zip(sorted_, grads):
+                if dst is not None:
+                    sum_sorted(next(got), slot, dst[:, heads].shape, _is_split(dst), out=dst[:, heads])
+            del sorted_, got
         return (None, None, *grads)
