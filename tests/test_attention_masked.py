@@ -522,6 +522,36 @@ def test_flex_path_forward_matches_dense_on_cpu(case, monkeypatch):
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["local2d", "fixed-merged", "fixed-split"])
+def test_flex_path_permutations_give_dense_gradients(case, monkeypatch):
+    """Patterns whose Flex path permutes positions (local2d: queries and keys in rectangle order; fixed:
+    summary keys first): outputs and input / parameter gradients of the Flex path equal the dense path's, with
+    a differentiable dense stand-in for the kernel (``flex_stand_in``), so the permutations' backward passes
+    (``flex.permute_positions``: gathers with the inverse permutation) are checked on CPU, float64."""
+    from flex_stand_in import dense_flex
+    eager_flex(monkeypatch)
+    import rlformer.attention.flex as fx
+    monkeypatch.setitem(fx._COMPILED, "flex", dense_flex)
+    fam, t = dict(CASES[case]), 130
+    if case == "local2d":
+        fam, t = dict(local=dict(grid=(15, 9), query_shape=(4, 4), memory_flange=(2, 3))), 135
+    cls = lookup("attention", variant(case))
+    cfg = config(variant(case), cls.supports_causal, **fam)
+    attn = module(cfg, 1, None, dtype=torch.float64).eval()
+    ctx = context(t, 0, cls.supports_causal, False)
+    x0 = torch.randn(2, t, D, dtype=torch.float64)
+    results = []
+    for flex in (True, False):
+        attn.use_flex = (lambda q, flex=flex: flex)
+        attn.zero_grad()
+        x = x0.clone().requires_grad_()
+        out = attn(x, x, ctx)[0]
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append((out.detach(), x.grad, attn.q_proj.weight.grad.clone()))
+    for name, a, b in zip(("out", "dx", "dWq"), *results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention fast path needs CUDA")
 @pytest.mark.parametrize("name,family", [("local", dict(local=dict(block_size=128, lookback=128))),
                                          ("bigbird", dict(global_local=dict(block_size=64, n_random=2))),

@@ -204,12 +204,32 @@ def flex_pattern_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, n_
     block_mask = block_mask_for(pattern, b, h, tq, k.shape[2], n_mem, k_offset, causal, key_valid, q.device)
     score_mod = None if alibi_slopes is None else alibi_score_mod(alibi_slopes, n_mem, k_offset, pattern)
     if pattern.key_order is not None:           # keys in the pattern's block-sparse order (see Pattern)
-        order = _cached(("order", pattern.key, str(q.device)), lambda: pattern.key_order.to(q.device))
-        k, v = k.index_select(2, order), v.index_select(2, order)
+        k, v = (permute_positions(x, pattern.key_order, pattern.key) for x in (k, v))
     if pattern.query_order is None:
         return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
     # queries in the pattern's order too; the output goes back through the inverse permutation
-    q_order, back = _cached(("query_order", pattern.key, str(q.device)),
-                            lambda: (pattern.query_order.to(q.device), torch.argsort(pattern.query_order).to(q.device)))
-    out = flex(q.index_select(2, q_order), k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
-    return out.index_select(2, back)
+    out = flex(permute_positions(q, pattern.query_order, pattern.key), k, v, score_mod=score_mod,
+               block_mask=block_mask, scale=scale)
+    return permute_positions(out, pattern.query_order, pattern.key, inverse=True)
+
+
+def permute_positions(x: Tensor, order: Tensor, key: tuple, inverse: bool = False) -> Tensor:
+    """x (B, H, T, dh) with its positions in ``order`` (y[:, :, s] = x[:, :, order[s]]); ``inverse``: put such a
+    tensor back (y[:, :, order[s]] = x[:, :, s]), returned in (B, T, H, dh) storage, which merge_heads reshapes
+    without a copy. Both directions and their backward passes are row gathers with the permutation or its inverse
+    (``flex_bucket._Gather`` / ``_Ungather`` with one round: Triton row kernels on CUDA, no index_add and no
+    zero-filled gradient as index_select's backward makes), one autograd node per tensor so that backward frees
+    each gradient as soon as it is moved. ``key`` (the pattern's) caches the (B, H, 1, T) int32 index tables."""
+    from rlformer.attention.flex_bucket import _Gather, _Ungather     # flex_bucket builds on this module
+
+    b, h, t = x.shape[0], x.shape[1], x.shape[2]
+
+    def build():
+        rows = order.to(device=x.device, dtype=torch.int32)
+        slot = torch.empty_like(rows).scatter_(0, rows.long(), torch.arange(t, dtype=torch.int32, device=x.device))
+        return tuple(i.view(1, 1, 1, t).expand(b, h, 1, t).contiguous() for i in (rows, slot))
+
+    rows, slot = _cached(("positions", key, b, h, t, str(x.device)), build)
+    if inverse:
+        return _Ungather.apply(x, None, rows, slot)
+    return _Gather.apply(rows, slot, x)[0]
