@@ -209,6 +209,33 @@ def test_routing_matches_naive_reference(causal, local_heads):
     assert_same_outputs_and_grads(fast, att.reference(q, k, v, ctx), [q, k, v])
 
 
+@pytest.mark.parametrize("local_heads", [0, 1, 4])
+@pytest.mark.parametrize("position", ["none", "rope"])
+def test_routing_forward_by_head_group_projections_equals_project_then_attend(local_heads, position):
+    """``RoutingAttention.forward`` projects per head group (the routed heads' keys never multiplied); it equals
+    the generic ``Attention.forward`` (one q and one kv product, rotary, ``attend``): outputs and the gradients of
+    x and of every parameter, float64, with padding, in training (centroids restored between the two runs)."""
+    cfg = base_config(attention="routing", n_heads=4, position=position)
+    cfg.routing = dataclasses.replace(cfg.routing, n_clusters=3, window=3, chunk_size=3, local_heads=local_heads)
+    pos = None if position == "none" else rlformer.registry.lookup("position", position)(cfg).double()
+    att = RoutingAttention(cfg, layer=0, position=pos).double().train()
+    x0 = torch.randn(2, 19, cfg.d_model, dtype=torch.float64)
+    ctx = ctx_for(2, 19, True, key_valid=padding(2, 19))
+    centroids = att.centroids.clone()
+    results = []
+    for forward in (RoutingAttention.forward, rlformer.attention.base.Attention.forward):
+        att.centroids.copy_(centroids)
+        att.zero_grad()
+        x = x0.clone().requires_grad_()
+        out, _ = forward(att, x, x, ctx)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append([out.detach(), x.grad, att.centroids.clone()] +
+                       [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in att.parameters()])
+    for i, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"item {i}")
+    assert att.n_local == 4 or not torch.equal(results[0][2], centroids)     # the EMA step ran (training)
+
+
 def test_routing_is_causal_inside_the_attention():
     att = routing_module(n_clusters=3, window=4, chunk_size=2)
     q, k, v = (x.detach() for x in qkv(t=20))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlformer.attention.base import Attention
+from rlformer.attention.base import Attention, merge_heads, split_heads
 from rlformer.attention.chunked import bucket_attention, naive_bucket_attention
 from rlformer.attention.chunked_softmax import bucket_softmax_attention
 from rlformer.attention.flex_bucket import flex_bucket_attention, use_flex_bucket
@@ -110,16 +110,54 @@ class RoutingAttention(Float32Buffers, Attention):
         k = F.normalize(q, dim=-1)
         return k, self.clusters(k)
 
+    def forward(self, x: Tensor, kv: Tensor, ctx) -> tuple[Tensor, dict]:
+        """``Attention.forward`` with the projections made per head group: q, k, v of the local heads and q, v of the
+        routed heads are separate products of the matching rows of ``q_proj`` / ``kv_proj`` (the same parameters).
+        The routed heads' keys are their normalized queries, so their key rows are never multiplied; and since the
+        local heads' kernel keeps its q, k, v (as views, no gather), one (B, T, H dh) product per projection would
+        keep the routed heads' halves alive with them until backward."""
+        n, dh, h = self.n_local, self.cfg.d_head, self.n_heads
+        d = self.kv_proj.out_features // 2
+
+        def rows(layer, a, e):
+            b = layer.bias
+            return layer.weight[a:e], None if b is None else b[a:e]
+
+        def proj(src, layer, a, e):
+            return split_heads(F.linear(src, *rows(layer, a, e)), (e - a) // dh)
+
+        local = routed = None
+        if n:
+            local = (proj(x, self.q_proj, 0, n * dh), proj(kv, self.kv_proj, 0, n * dh),
+                     proj(kv, self.kv_proj, d, d + n * dh))
+        if n < h:
+            routed = (proj(x, self.q_proj, n * dh, h * dh), proj(kv, self.kv_proj, d + n * dh, 2 * d))
+        if self.position is not None and "rotary" in self.position.hooks:
+            if local:
+                local = (*self.position.rotate(local[0], local[1], ctx.q_index, ctx.k_index), local[2])
+            if routed:
+                routed = (self.position.rotate(routed[0], routed[0], ctx.q_index, ctx.k_index)[0], routed[1])
+        out, state = self._attend_fast(local, routed, ctx)
+        return self.out_proj(merge_heads(out)), state
+
     def attend(self, q, k, v, ctx):
+        n = self.n_local
+        local = (q[:, :n], k[:, :n], v[:, :n]) if n else None
+        routed = (q[:, n:], v[:, n:]) if n < self.n_heads else None
+        return self._attend_fast(local, routed, ctx)
+
+    def _attend_fast(self, local, routed, ctx):
+        """The training / inference path for the head groups (local (q, k, v), routed (q, v); None when absent)."""
+        q = (local or routed)[0]
         if use_flex_bucket(q, self.dropout, self.training):     # CUDA: one FlexAttention call per head group
             def flex(q, k, v, buckets, n_buckets, chunk_size, scale, dropout, training, **kw):
                 # routed heads (self_penalty): k = q / |q| (``_routed``), from the gathered q (``_UnitKeys``)
                 keys = None if kw.get("self_penalty") else k
                 return flex_bucket_attention(q, keys, v, buckets, n_buckets, chunk_size, scale, **kw)[:, :, None], None
-            return self._attend(q, k, v, ctx, flex)
+            return self._attend(local, routed, ctx, flex)
         if self.dropout > 0 and self.training:    # dropout needs the probabilities: the materializing path
-            return self._attend(q, k, v, ctx, bucket_attention)
-        return self._attend(q, k, v, ctx, self._lean)
+            return self._attend(local, routed, ctx, bucket_attention)
+        return self._attend(local, routed, ctx, self._lean)
 
     def _lean(self, q, k, v, buckets, n_buckets, chunk_size, scale, **kw):
         """``bucket_softmax_attention`` in the (out (B, H, 1, T, dh), lse) form of ``bucket_attention``."""
@@ -132,24 +170,29 @@ class RoutingAttention(Float32Buffers, Attention):
         """Naive version of ``attend`` (dense masks built with explicit loops); no centroid update."""
         training = self.training
         self.train(False)
+        n = self.n_local
         try:
-            return self._attend(q, k, v, ctx, naive_bucket_attention)[0]
+            return self._attend((q[:, :n], k[:, :n], v[:, :n]) if n else None,
+                                (q[:, n:], v[:, n:]) if n < self.n_heads else None, ctx, naive_bucket_attention)[0]
         finally:
             self.train(training)
 
-    def _attend(self, q, k, v, ctx, attention):
-        r, L = self.cfg.routing, self.n_local
+    def _attend(self, local, routed, ctx, attention):
+        """Local heads (q, k, v) then routed heads (q, v), each None when there are none, with ``attention`` (the
+        interface of ``chunked.bucket_attention``)."""
+        r = self.cfg.routing
         outs = []
-        if L:
-            zeros = torch.zeros(q.shape[0], L, 1, q.shape[2], dtype=torch.long, device=q.device)
-            out, _ = attention(q[:, :L], k[:, :L], v[:, :L], zeros, 1, r.window, self.scale, causal=ctx.causal,
+        if local is not None:
+            q, k, v = local
+            zeros = torch.zeros(q.shape[0], q.shape[1], 1, q.shape[2], dtype=torch.long, device=q.device)
+            out, _ = attention(q, k, v, zeros, 1, r.window, self.scale, causal=ctx.causal,
                                before=1, after=0 if ctx.causal else 1, key_valid=ctx.key_valid, window=r.window,
                                dropout=self.dropout, training=self.training)
             outs.append(out[:, :, 0])
-        if L < self.n_heads:
-            qr = q[:, L:]
+        if routed is not None:
+            qr, vr = routed
             kr, clusters = self._routed(qr)
-            out, _ = attention(qr, kr, v[:, L:], clusters[:, :, None], r.n_clusters, r.chunk_size, self.scale,
+            out, _ = attention(qr, kr, vr, clusters[:, :, None], r.n_clusters, r.chunk_size, self.scale,
                                causal=ctx.causal, self_penalty=True, key_valid=ctx.key_valid,
                                dropout=self.dropout, training=self.training)
             outs.append(out[:, :, 0])
