@@ -236,7 +236,7 @@ def test_routing_forward_by_head_group_projections_equals_project_then_attend(lo
         x = x0.clone().requires_grad_()
         out, _ = forward(att, x, x, ctx)
         assert device == "cpu" or rlformer.attention.routing.use_flex_bucket(out, att.dropout, True)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)).sum().backward()
         results.append([out.detach(), x.grad, att.centroids.clone()] +
                        [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in att.parameters()])
     for i, (a, b) in enumerate(zip(*results)):
