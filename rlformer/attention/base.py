@@ -20,6 +20,11 @@ def split_heads(x: Tensor, n_heads: int) -> Tensor:
     return x.view(b, t, n_heads, d // n_heads).transpose(1, 2)
 
 
+def linear_rows(x: Tensor, layer: nn.Linear, a: int, e: int) -> Tensor:
+    """x W[a:e]^T + b[a:e]: the output features a..e of ``layer`` alone (one product of those weight rows)."""
+    return F.linear(x, layer.weight[a:e], None if layer.bias is None else layer.bias[a:e])
+
+
 def merge_heads(x: Tensor) -> Tensor:
     b, h, t, dh = x.shape
     return x.transpose(1, 2).reshape(b, t, h * dh)
@@ -62,8 +67,7 @@ class Attention(nn.Module):
         products instead of one chunked (B, T, 2D) output: backward then needs no (B, T, 2D) concatenation of the
         two gradients (32 MiB at T = 16k, D = 512 in bf16, alive at the peak of a layer step)."""
         d = self.kv_proj.out_features // 2
-        w, b = self.kv_proj.weight, self.kv_proj.bias
-        return F.linear(kv, w[:d], None if b is None else b[:d]), F.linear(kv, w[d:], None if b is None else b[d:])
+        return linear_rows(kv, self.kv_proj, 0, d), linear_rows(kv, self.kv_proj, d, 2 * d)
 
     def forward(self, x: Tensor, kv: Tensor, ctx: AttentionContext) -> tuple[Tensor, dict]:
         """x: (B, Tq, D) query source; kv: (B, Tk, D) key/value source ([memory; x])."""

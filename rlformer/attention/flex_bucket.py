@@ -476,7 +476,7 @@ class _BucketCall:
         t = q.shape[2]
         self.buckets, self.chunk_size, self.scale, self.causal = buckets, chunk_size, scale, causal
         self.before, self.after, self.self_penalty, self.key_valid = before, after, self_penalty, key_valid
-        self.window, self.dedup, self.shared_qk = window, dedup, k is None
+        self.window, self.dedup = window, dedup
         self.length = -(-t // BLOCK) * BLOCK
         self.identity = n_buckets == 1 and buckets.shape[2] == 1 and self.length == t
 
@@ -535,9 +535,7 @@ class _HeadGroups(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         inputs = ctx.saved_tensors
-        grads = [None if x is None or not want else
-                 (torch.empty(x.shape[0], x.shape[2], x.shape[1], x.shape[3], dtype=x.dtype, device=x.device)
-                  .transpose(1, 2) if _is_split(x) else torch.empty_like(x))
+        grads = [torch.empty_like(x) if x is not None and want else None       # x's strides (split_heads' too)
                  for x, want in zip(inputs, ctx.needs_input_grad[2:])]
         for heads, tables in reversed(ctx.groups):
             rows, slot = tables["rows"], tables["slot"]
@@ -548,8 +546,9 @@ class _HeadGroups(torch.autograd.Function):
                 og = _Ungather.apply(*ctx.call.kernel(sorted_, tables), rows, slot)
             got = iter(torch.autograd.grad(og, leaves, grad[:, heads]))
             del og, leaves
-            for x, dst in zip(sorted_, grads):
+            for dst in grads:
                 if dst is not None:
-                    sum_sorted(next(got), slot, dst[:, heads].shape, _is_split(dst), out=dst[:, heads])
+                    part = dst[:, heads]
+                    sum_sorted(next(got), slot, part.shape, _is_split(part), out=part)
             del sorted_, got
         return (None, None, *grads)

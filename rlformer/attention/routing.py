@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlformer.attention.base import Attention, merge_heads, split_heads
+from rlformer.attention.base import Attention, linear_rows, merge_heads, split_heads
 from rlformer.attention.chunked import bucket_attention, naive_bucket_attention
 from rlformer.attention.chunked_softmax import bucket_softmax_attention
 from rlformer.attention.flex_bucket import flex_bucket_attention, use_flex_bucket
@@ -119,12 +119,8 @@ class RoutingAttention(Float32Buffers, Attention):
         n, dh, h = self.n_local, self.cfg.d_head, self.n_heads
         d = self.kv_proj.out_features // 2
 
-        def rows(layer, a, e):
-            b = layer.bias
-            return layer.weight[a:e], None if b is None else b[a:e]
-
         def proj(src, layer, a, e):
-            return split_heads(F.linear(src, *rows(layer, a, e)), (e - a) // dh)
+            return split_heads(linear_rows(src, layer, a, e), (e - a) // dh)
 
         local = routed = None
         if n:
@@ -141,10 +137,13 @@ class RoutingAttention(Float32Buffers, Attention):
         return self.out_proj(merge_heads(out)), state
 
     def attend(self, q, k, v, ctx):
+        return self._attend_fast(*self._head_groups(q, k, v), ctx)
+
+    def _head_groups(self, q: Tensor, k: Tensor, v: Tensor) -> tuple:
+        """(local heads' (q, k, v), routed heads' (q, v)) of all-head tensors, None for a group with no heads."""
         n = self.n_local
-        local = (q[:, :n], k[:, :n], v[:, :n]) if n else None
-        routed = (q[:, n:], v[:, n:]) if n < self.n_heads else None
-        return self._attend_fast(local, routed, ctx)
+        return ((q[:, :n], k[:, :n], v[:, :n]) if n else None,
+                (q[:, n:], v[:, n:]) if n < self.n_heads else None)
 
     def _attend_fast(self, local, routed, ctx):
         """The training / inference path for the head groups (local (q, k, v), routed (q, v); None when absent)."""
@@ -170,10 +169,8 @@ class RoutingAttention(Float32Buffers, Attention):
         """Naive version of ``attend`` (dense masks built with explicit loops); no centroid update."""
         training = self.training
         self.train(False)
-        n = self.n_local
         try:
-            return self._attend((q[:, :n], k[:, :n], v[:, :n]) if n else None,
-                                (q[:, n:], v[:, n:]) if n < self.n_heads else None, ctx, naive_bucket_attention)[0]
+            return self._attend(*self._head_groups(q, k, v), ctx, naive_bucket_attention)[0]
         finally:
             self.train(training)
 
