@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rlformer.attention import random_features_fused as fused_rf
 from rlformer.attention.base import Attention, merge_heads
 from rlformer.attention.compiled import fused
 from rlformer.attention.lsh import Float32Buffers, layer_generator
@@ -511,6 +512,11 @@ class RandomFeatureAttention(Float32Buffers, Attention):
         with zero columns to a multiple of ``ALIGN`` (the augmented inputs get the same zero columns)."""
         raise NotImplementedError
 
+    def fused_weights(self) -> tuple[Tensor, Tensor, Tensor, float, int]:
+        """(w (H, m, dh), bq, bk (H, m), kcoef, kind) of ``random_features_fused``: exponents w . x + b (+ kcoef |k|^2
+        for keys), fp32, with autograd to the parameters w is made of."""
+        raise NotImplementedError
+
     @property
     def feature_consts(self) -> tuple[int, int]:
         """(d_head, n_features): the constants the static feature functions read."""
@@ -583,6 +589,11 @@ class RandomFeatureAttention(Float32Buffers, Attention):
         if log_gate is not None:
             gate_in = -torch.expm1(log_gate.to(acc))                                    # (1 - g_t)
             weight = gate_in if weight is None else weight * gate_in
+        if log_gate is None and fused_rf.available(q, self.n_features) and not s0.requires_grad:
+            w, bq, bk, kcoef, feat = self.fused_weights()
+            out, s_end, z_end = fused_rf.fused_random_features(feat, q, k, v, weight, w, bq, bk, s0[..., :dh],
+                                                               s0[..., dh], kcoef, floor)
+            return out, {"S": s_end, "z": z_end}
         wq, wk = self.feature_weights(acc)
         spec = (type(self), self.feature_consts)
         out, s_end = _LinearAttention.apply(spec, self.groups(t), rf.chunk_size, floor, s0, q, k, v, weight,
@@ -648,6 +659,12 @@ class PerformerAttention(RandomFeatureAttention):
         # queries: exponent w^T q~ + |w|^2/2 = [q, 1] . [ws, |w|^2/2]; keys: w^T k~ - |k~|^2/2 - |w|^2/2 - log m/2
         wq, wk = torch.cat([ws, half_w], -1), torch.cat([ws, torch.ones_like(half_w), -half_w - log_scale], -1)
         return _pad_cols(wq, _aligned(wq.shape[-1])), _pad_cols(wk, _aligned(wk.shape[-1]))
+
+    def fused_weights(self):
+        w = self.features.float()
+        half_w = 0.5 * w.square().sum(-1)                                          # |w_r|^2 / 2
+        bk = -half_w - 0.5 * math.log(self.n_features)
+        return w * self.d_head ** -0.25, half_w, bk, -0.5 * self.d_head ** -0.5, fused_rf.FEAT_EXP
 
     @staticmethod
     def feature_pass(consts, x, w, query, dtype):
@@ -732,6 +749,11 @@ class RFAAttention(RandomFeatureAttention):
         wa = torch.cat([torch.cat([w, zero], -1), torch.cat([w, zero + math.pi / 2], -1)], 1)
         wa = _pad_cols(wa, _aligned(wa.shape[-1]))                                  # zero columns (ALIGN)
         return wa, wa
+
+    def fused_weights(self):
+        w = self.features.float() * (0.5 * self.log_tau.float()).exp()[:, None, None]
+        zero = w.new_zeros(w.shape[:2])
+        return w, zero, zero, 0.0, fused_rf.FEAT_TRIG
 
     @staticmethod
     def feature_pass(consts, x, w, query, dtype):

@@ -1,0 +1,573 @@
+"""Fused Triton kernels for causal random-feature attention (Performer FAVOR+ and ungated RFA) on CUDA.
+
+The chunk form of ``random_features`` writes the feature maps phi(Q), phi(K) ((T, M) per head, M = 256 is 4x the
+width of a head) and the per-chunk tensors to memory, a few fused kernels per recompute group. Here the features
+never leave the chip: every program owns one stretch ("segment") of one head and walks its chunks of ``CHUNK``
+tokens in order, computing each chunk's features from q, k (d_head wide) and the feature directions W block by
+block of ``BLOCK_M`` features, in registers:
+
+    forward, chunk c with S_c = [sum_{s < c} phi(k_s) v_s^T, sum_{s < c} phi(k_s)] (the carried sums):
+        y_t = phi(q_t)^T S_c + sum_{s in c, s <= t} (phi(q_t) . phi(k_s)) [v_s, 1],   out_t = y_t[:dh] / y_t[dh],
+        S_{c+1} = S_c + sum_{s in c} phi(k_s) [v_s, 1]^T,
+
+the same equations as ``_chunk_pass`` (Katharopoulos et al. 2020, eq. 8-10; chunked as in GLA / fla's chunk
+kernels). The carried sums at the start of each segment come from one parallel pass of segment sums and a cumsum
+over segments (``_segment_starts``), so all segments of all heads run at once. Backward recomputes everything
+from q, k, v, the output and the normalizer: one forward walk for dq (from the carried sums S), one reverse walk
+for dk, dv (from the reverse sums R_c = sum_{t after c} phi(q_t) dy_t^T), each with its own segment pass.
+Kept for backward: q, k, v, the output (stored in (B, T, H, dh) order, so it is the same storage as the output
+projection's input), and per token the normalizer and (Performer) the query shift; transient: the (segments x
+heads, M, dh + 1) carried sums. Never O(T * M), never O(T^2).
+
+Features, as in ``PerformerAttention`` / ``RFAAttention`` (exponents in fp32 from a TF32 product with 16-bit
+inputs, features rounded to the 16-bit dtype for the tensor-core products, sums in fp32):
+- Performer (``FEAT_EXP``): phi(q) = exp(w . q + bq - max_r(w . q + bq)), phi(k) = exp(w . k + kcoef |k|^2 + bk).
+- RFA (``FEAT_TRIG``): x^ = x / |x|, phi(x) = [sin(w . x^), cos(w . x^)] / sqrt(m) (M = 2m); dW is returned so
+  gradients reach the learned tau folded into w.
+Gated RFA, a carried state that needs gradients, non-power-of-two head sizes and CPU tensors use the chunk form of
+``random_features`` (the reference these kernels are tested against, outputs and gradients).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from rlformer.attention.compiled import fusion_enabled
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:          # CPU-only installs: the chunk form runs
+    triton = None
+
+FEAT_EXP, FEAT_TRIG = 0, 1
+CHUNK = 64
+"""tokens per chunk inside a program (the intra-chunk products are CHUNK x CHUNK)"""
+BLOCK_M = 64
+"""features computed at once (a multiple of 16 dividing m; smaller m uses m itself)"""
+PROGRAMS = 256
+"""about how many (segment, head) programs run at once: two waves of an H100's 132 SMs; more segments cost more
+carried-sum memory (one (M, dh + 1) fp32 block each)"""
+
+
+def block_m(m: int) -> Optional[int]:
+    """Feature block size for m random features, or None when the kernels cannot take m."""
+    for bm in (BLOCK_M, 32, 16):
+        if m % bm == 0:
+            return bm
+    return None
+
+
+def available(q: Tensor, n_features: int) -> bool:
+    """Whether the fused kernels run for q (B, H, T, dh): CUDA, Triton importable, fusion on (``RLFORMER_FUSED``),
+    dh a power of two in [16, 128] and m a multiple of 16."""
+    d = q.shape[-1]
+    return (triton is not None and q.is_cuda and fusion_enabled() and 16 <= d <= 128 and d & (d - 1) == 0
+            and block_m(n_features) is not None and q.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def segment_length(t: int, bh: int) -> int:
+    """Tokens per segment: whole chunks, about ``PROGRAMS`` programs over the bh heads (at least one chunk)."""
+    n_chunks = -(-t // CHUNK)
+    per = max(1, -(-n_chunks * bh // PROGRAMS))
+    return per * CHUNK
+
+
+if triton is not None:
+    @triton.jit
+    def _exponent(x, w_ptr, b_ptr, h, blk, M, D: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+        """x (C, D) fp32 times the feature directions blk..blk+BM of head h, plus their biases: (C, BM) fp32."""
+        r = blk + tl.arange(0, BM)
+        w = tl.load(w_ptr + (h * M + r)[:, None] * D + tl.arange(0, D)[None, :])
+        return tl.dot(x, tl.trans(w), input_precision=PREC) + tl.load(b_ptr + h * M + r)[None, :]
+
+    @triton.jit
+    def _load_rows(ptr, b, h, t, ok, sb, sh, st, D: tl.constexpr):
+        return tl.load(ptr + b * sb + h * sh + t[:, None] * st + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0)
+
+    @triton.jit
+    def _store_rows(ptr, val, b, h, t, ok, sb, sh, st, D: tl.constexpr):
+        tl.store(ptr + b * sb + h * sh + t[:, None] * st + tl.arange(0, D)[None, :], val, mask=ok[:, None])
+
+    @triton.jit
+    def _inputs(q_ptr, k_ptr, cw_ptr, mx_ptr, w_ptr, bq_ptr, b, h, t, ok, M, kcoef,
+                sqb, sqh, sqt, skb, skh, skt, scb, sch, sct,
+                FEAT: tl.constexpr, HAS_CW: tl.constexpr, WITH_Q: tl.constexpr, SHIFT: tl.constexpr,
+                D: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+        """One chunk's fp32 feature inputs: (q or x^_q, k or x^_k, key weight (0 past T), |k|^2 kcoef (Performer),
+        query shift (Performer; SHIFT 0: zeros, 1: computed and returned, 2: loaded from mx_ptr))."""
+        k = _load_rows(k_ptr, b, h, t, ok, skb, skh, skt, D).to(tl.float32)
+        wt = ok.to(tl.float32)
+        if HAS_CW:
+            wt = wt * tl.load(cw_ptr + b * scb + h * sch + t * sct, mask=ok, other=0.0).to(tl.float32)
+        q = k
+        if WITH_Q:
+            q = _load_rows(q_ptr, b, h, t, ok, sqb, sqh, sqt, D).to(tl.float32)
+        kn = tl.zeros_like(wt)
+        mx = tl.zeros_like(wt)
+        if FEAT == 0:
+            kn = tl.sum(k * k, 1) * kcoef
+            if SHIFT == 1:
+                mx = tl.full(mx.shape, float("-inf"), tl.float32)
+                for blk in range(0, M, BM):
+                    mx = tl.maximum(mx, tl.max(_exponent(q, w_ptr, bq_ptr, h, blk, M, D, BM, PREC), 1))
+            elif SHIFT == 2:
+                mx = tl.load(mx_ptr + t, mask=ok, other=0.0)
+        else:
+            k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 1)), 1e-12)[:, None]
+            if WITH_Q:
+                q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 1)), 1e-12)[:, None]
+        return q, k, wt, kn, mx
+
+    @triton.jit
+    def _state_ptrs(s_ptr, z_ptr, row, DV: tl.constexpr, BM: tl.constexpr):
+        r = row + tl.arange(0, BM)
+        return s_ptr + r[:, None] * DV + tl.arange(0, DV)[None, :], z_ptr + r
+
+    @triton.jit
+    def _segment_sums_kernel(q_ptr, k_ptr, v_ptr, cw_ptr, w_ptr, bq_ptr, bk_ptr, mx_ptr, o_ptr, do_ptr, den_ptr,
+                             s_ptr, z_ptr, T, H, M, SEG, NSEG, kcoef, inv_sqrt_m, floor,
+                             sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, scb, sch, sct, sob, soh, sot,
+                             sdb, sdh, sdt,
+                             FEAT: tl.constexpr, HAS_CW: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr,
+                             D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr,
+                             DT: tl.constexpr):
+        """Sums of one segment, one feature block per loop, written to slot 1 + seg (forward: sum phi(k) [v, 1]^T)
+        or slot NSEG - seg (REVERSE: sum phi(q) [dnum, dden]^T) of the (NSEG + 1, BH, MS, DV) sums."""
+        seg = tl.program_id(0)
+        bh = tl.program_id(1)
+        nbh = tl.num_programs(1)
+        b = bh // H
+        h = bh % H
+        MS = M * (1 + FEAT)
+        slot = NSEG - seg if REVERSE else seg + 1
+        row0 = (slot * nbh + bh) * MS
+        start = seg * SEG
+        stop = tl.minimum(start + SEG, T)
+        for blk in range(0, M, BM):
+            acc1 = tl.zeros((BM, DV), tl.float32)
+            z1 = tl.zeros((BM,), tl.float32)
+            acc2 = tl.zeros((BM, DV), tl.float32)
+            z2 = tl.zeros((BM,), tl.float32)
+            for c0 in range(start, stop, C):
+                t = c0 + tl.arange(0, C)
+                ok = t < stop
+                q, k, wt, kn, mx = _inputs(q_ptr, k_ptr, cw_ptr, mx_ptr + bh * T, w_ptr, bq_ptr, b, h, t, ok, M,
+                                           kcoef, sqb, sqh, sqt, skb, skh, skt, scb, sch, sct,
+                                           FEAT, HAS_CW, REVERSE, 2 if REVERSE else 0, D, BM, PREC)
+                if REVERSE:
+                    dnum, dden = _dy(o_ptr, do_ptr, den_ptr + bh * T, b, h, t, ok, floor, sob, soh, sot,
+                                     sdb, sdh, sdt, DV)
+                    a = _exponent(q, w_ptr, bq_ptr, h, blk, M, D, BM, PREC)
+                    rhs = dnum.to(DT)
+                    rs = dden
+                    if FEAT == 0:
+                        f1 = tl.exp(a - mx[:, None])
+                        f2 = f1
+                    else:
+                        f1 = tl.sin(a) * inv_sqrt_m
+                        f2 = tl.cos(a) * inv_sqrt_m
+                else:
+                    a = _exponent(k, w_ptr, bk_ptr, h, blk, M, D, BM, PREC)
+                    rhs = _load_rows(v_ptr, b, h, t, ok, svb, svh, svt, DV).to(DT)
+                    rs = tl.full(wt.shape, 1.0, tl.float32)
+                    if FEAT == 0:
+                        f1 = tl.exp(a + kn[:, None]) * wt[:, None]
+                        f2 = f1
+                    else:
+                        f1 = tl.sin(a) * (inv_sqrt_m * wt)[:, None]
+                        f2 = tl.cos(a) * (inv_sqrt_m * wt)[:, None]
+                f1 = f1.to(DT)
+                acc1 += tl.dot(tl.trans(f1), rhs, input_precision=PREC)
+                z1 += tl.sum(f1.to(tl.float32) * rs[:, None], 0)
+                if FEAT == 1:
+                    f2 = f2.to(DT)
+                    acc2 += tl.dot(tl.trans(f2), rhs, input_precision=PREC)
+                    z2 += tl.sum(f2.to(tl.float32) * rs[:, None], 0)
+            sp, zp = _state_ptrs(s_ptr, z_ptr, row0 + blk, DV, BM)
+            tl.store(sp, acc1)
+            tl.store(zp, z1)
+            if FEAT == 1:
+                sp, zp = _state_ptrs(s_ptr, z_ptr, row0 + M + blk, DV, BM)
+                tl.store(sp, acc2)
+                tl.store(zp, z2)
+
+    @triton.jit
+    def _dy(o_ptr, do_ptr, den_ptr, b, h, t, ok, floor, sob, soh, sot, sdb, sdh, sdt, DV: tl.constexpr):
+        """dL/dy of out = y[:dh] / max(y[dh], floor): (dnum (C, DV), dden (C,)), fp32; zeros where y[dh] = 0."""
+        den = tl.load(den_ptr + t, mask=ok, other=0.0)
+        dc = tl.maximum(den, floor)
+        do = _load_rows(do_ptr, b, h, t, ok, sdb, sdh, sdt, DV).to(tl.float32)
+        o = _load_rows(o_ptr, b, h, t, ok, sob, soh, sot, DV).to(tl.float32)
+        dnum = tl.where((den != 0)[:, None], do / dc[:, None], 0.0)
+        dden = tl.where(den >= floor, -tl.sum(do * o, 1) / dc, 0.0)
+        return dnum, dden
+
+    @triton.jit
+    def _fwd_block(fq, fk, v, s_ptr, z_ptr, row, acc, den, A, DV: tl.constexpr, BM: tl.constexpr,
+                   DT: tl.constexpr, PREC: tl.constexpr):
+        """One feature block of a forward chunk: the carried-sum term, the intra-chunk scores, the sums update."""
+        sp, zp = _state_ptrs(s_ptr, z_ptr, row, DV, BM)
+        s = tl.load(sp)
+        z = tl.load(zp)
+        fq16 = fq.to(DT)
+        fk16 = fk.to(DT)
+        acc += tl.dot(fq16, s.to(DT), input_precision=PREC)
+        den += tl.sum(fq16.to(tl.float32) * z[None, :], 1)
+        A += tl.dot(fq16, tl.trans(fk16), input_precision=PREC)
+        tl.store(sp, s + tl.dot(tl.trans(fk16), v, input_precision=PREC))
+        tl.store(zp, z + tl.sum(fk16.to(tl.float32), 0))
+        return acc, den, A
+
+    @triton.jit
+    def _forward_kernel(q_ptr, k_ptr, v_ptr, cw_ptr, w_ptr, bq_ptr, bk_ptr, mx_ptr, o_ptr, den_ptr, s_ptr, z_ptr,
+                        T, H, M, SEG, kcoef, inv_sqrt_m, floor,
+                        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, scb, sch, sct, sob, soh, sot,
+                        FEAT: tl.constexpr, HAS_CW: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
+                        DV: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr):
+        """Outputs of one segment: walks its chunks from the carried sums in slot seg (updated in place)."""
+        seg = tl.program_id(0)
+        bh = tl.program_id(1)
+        nbh = tl.num_programs(1)
+        b = bh // H
+        h = bh % H
+        MS = M * (1 + FEAT)
+        row0 = (seg * nbh + bh) * MS
+        start = seg * SEG
+        stop = tl.minimum(start + SEG, T)
+        i = tl.arange(0, C)
+        causal = i[:, None] >= i[None, :]
+        for c0 in range(start, stop, C):
+            t = c0 + i
+            ok = t < stop
+            q, k, wt, kn, mx = _inputs(q_ptr, k_ptr, cw_ptr, mx_ptr, w_ptr, bq_ptr, b, h, t, ok, M, kcoef,
+                                       sqb, sqh, sqt, skb, skh, skt, scb, sch, sct, FEAT, HAS_CW, True, 1, D, BM,
+                                       PREC)
+            v = _load_rows(v_ptr, b, h, t, ok, svb, svh, svt, DV).to(DT)
+            acc = tl.zeros((C, DV), tl.float32)
+            den = tl.zeros((C,), tl.float32)
+            A = tl.zeros((C, C), tl.float32)
+            for blk in range(0, M, BM):
+                aq = _exponent(q, w_ptr, bq_ptr, h, blk, M, D, BM, PREC)
+                ak = _exponent(k, w_ptr, bk_ptr, h, blk, M, D, BM, PREC)
+                if FEAT == 0:
+                    acc, den, A = _fwd_block(tl.exp(aq - mx[:, None]), tl.exp(ak + kn[:, None]) * wt[:, None], v,
+                                             s_ptr, z_ptr, row0 + blk, acc, den, A, DV, BM, DT, PREC)
+                else:
+                    kw = (inv_sqrt_m * wt)[:, None]
+                    acc, den, A = _fwd_block(tl.sin(aq) * inv_sqrt_m, tl.sin(ak) * kw, v, s_ptr, z_ptr, row0 + blk,
+                                             acc, den, A, DV, BM, DT, PREC)
+                    acc, den, A = _fwd_block(tl.cos(aq) * inv_sqrt_m, tl.cos(ak) * kw, v, s_ptr, z_ptr,
+                                             row0 + M + blk, acc, den, A, DV, BM, DT, PREC)
+            A16 = tl.where(causal, A, 0.0).to(DT)
+            acc += tl.dot(A16, v, input_precision=PREC)
+            den += tl.sum(A16.to(tl.float32), 1)
+            out = acc / tl.maximum(den, floor)[:, None]
+            _store_rows(o_ptr, out.to(o_ptr.dtype.element_ty), b, h, t, ok, sob, soh, sot, DV)
+            tl.store(den_ptr + bh * T + t, den, mask=ok)
+            if FEAT == 0:
+                tl.store(mx_ptr + bh * T + t, mx, mask=ok)
+
+    @triton.jit
+    def _feature_grad(x, f1, f2, df1, df2, w_ptr, h, blk, M, dx, dw_ptr, FEAT: tl.constexpr, NEED_DW: tl.constexpr,
+                      D: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+        """dL/da of one feature block from dL/dphi (Performer: phi da; RFA: cos a dphi_sin - sin a dphi_cos, over
+        sqrt(m) folded into f1, f2), accumulated into dx (C, D) by da W and, when NEED_DW, into dW by da^T x.
+        Returns (dx, da summed over the block (C,))."""
+        if FEAT == 0:
+            da = df1 * f1
+        else:
+            da = df1 * f2 - df2 * f1                  # f1 = sin a / sqrt(m), f2 = cos a / sqrt(m)
+        r = blk + tl.arange(0, BM)
+        d = tl.arange(0, D)
+        w = tl.load(w_ptr + (h * M + r)[:, None] * D + d[None, :])
+        dx += tl.dot(da, w, input_precision=PREC)
+        if NEED_DW:
+            p = dw_ptr + r[:, None] * D + d[None, :]
+            tl.store(p, tl.load(p) + tl.dot(tl.trans(da), x, input_precision=PREC))
+        return dx, tl.sum(da, 1)
+
+    @triton.jit
+    def _dq_kernel(q_ptr, k_ptr, v_ptr, cw_ptr, w_ptr, bq_ptr, bk_ptr, mx_ptr, o_ptr, do_ptr, den_ptr, s_ptr, z_ptr,
+                   dq_ptr, dw_ptr, T, H, M, SEG, kcoef, inv_sqrt_m, floor,
+                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, scb, sch, sct, sob, soh, sot, sdb, sdh, sdt,
+                   sgb, sgh, sgt,
+                   FEAT: tl.constexpr, HAS_CW: tl.constexpr, NEED_DW: tl.constexpr, C: tl.constexpr,
+                   D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr):
+        """dq of one segment, walking its chunks forward from the carried sums S (updated in place):
+        dphi(q_t) = S_c [dnum_t, dden_t] + sum_{s in c, s <= t} (dy_t . [v_s, 1]) phi(k_s)."""
+        seg = tl.program_id(0)
+        bh = tl.program_id(1)
+        nbh = tl.num_programs(1)
+        b = bh // H
+        h = bh % H
+        MS = M * (1 + FEAT)
+        row0 = (seg * nbh + bh) * MS
+        dwp = dw_ptr + (seg * nbh + bh) * M * D
+        start = seg * SEG
+        stop = tl.minimum(start + SEG, T)
+        i = tl.arange(0, C)
+        causal = i[:, None] >= i[None, :]
+        for c0 in range(start, stop, C):
+            t = c0 + i
+            ok = t < stop
+            q, k, wt, kn, mx = _inputs(q_ptr, k_ptr, cw_ptr, mx_ptr + bh * T, w_ptr, bq_ptr, b, h, t, ok, M,
+                                       kcoef, sqb, sqh, sqt, skb, skh, skt, scb, sch, sct, FEAT, HAS_CW, True,
+                                       2, D, BM, PREC)
+            v = _load_rows(v_ptr, b, h, t, ok, svb, svh, svt, DV).to(DT)
+            dnum, dden = _dy(o_ptr, do_ptr, den_ptr + bh * T, b, h, t, ok, floor, sob, soh, sot, sdb, sdh, sdt, DV)
+            dn16 = dnum.to(DT)
+            dA = tl.dot(dn16, tl.trans(v), input_precision=PREC) + dden[:, None]         # dy_t . [v_s, 1]
+            dA = tl.where(causal, dA, 0.0).to(DT)
+            dq = tl.zeros((C, D), tl.float32)
+            for blk in range(0, M, BM):
+                aq = _exponent(q, w_ptr, bq_ptr, h, blk, M, D, BM, PREC)
+                ak = _exponent(k, w_ptr, bk_ptr, h, blk, M, D, BM, PREC)
+                if FEAT == 0:
+                    fq1 = tl.exp(aq - mx[:, None])
+                    fk1 = tl.exp(ak + kn[:, None]) * wt[:, None]
+                    dfq1 = _dq_block(fk1, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, DV, BM, DT, PREC)
+                    dq, _ = _feature_grad(q, fq1.to(DT).to(tl.float32), fq1, dfq1, dfq1, w_ptr, h, blk, M, dq,
+                                          dwp, FEAT, False, D, BM, PREC)
+                else:
+                    kw = (inv_sqrt_m * wt)[:, None]
+                    fq1 = tl.sin(aq) * inv_sqrt_m
+                    fq2 = tl.cos(aq) * inv_sqrt_m
+                    dfq1 = _dq_block(tl.sin(ak) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, DV, BM, DT,
+                                     PREC)
+                    dfq2 = _dq_block(tl.cos(ak) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + M + blk, DV, BM, DT,
+                                     PREC)
+                    dq, _ = _feature_grad(q, fq1, fq2, dfq1, dfq2, w_ptr, h, blk, M, dq, dwp, FEAT, NEED_DW, D,
+                                          BM, PREC)
+            _store_rows(dq_ptr, _input_grad(q_ptr, dq, b, h, t, ok, sqb, sqh, sqt, tl.zeros_like(wt), 0.0, FEAT,
+                                            D).to(dq_ptr.dtype.element_ty), b, h, t, ok, sgb, sgh, sgt, D)
+
+    @triton.jit
+    def _dq_block(fk, v, dn16, dden, dA, s_ptr, z_ptr, row, DV: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr,
+                  PREC: tl.constexpr):
+        """dL/dphi(q) of one feature block (C, BM) fp32; adds the chunk's phi(k) [v, 1]^T to the carried sums."""
+        sp, zp = _state_ptrs(s_ptr, z_ptr, row, DV, BM)
+        s = tl.load(sp)
+        z = tl.load(zp)
+        fk16 = fk.to(DT)
+        df = tl.dot(dn16, tl.trans(s.to(DT)), input_precision=PREC) + dden[:, None] * z[None, :]
+        df += tl.dot(dA, fk16, input_precision=PREC)
+        tl.store(sp, s + tl.dot(tl.trans(fk16), v, input_precision=PREC))
+        tl.store(zp, z + tl.sum(fk16.to(tl.float32), 0))
+        return df
+
+    @triton.jit
+    def _input_grad(x_ptr, dx, b, h, t, ok, sb, sh, st, dsq, kcoef, FEAT: tl.constexpr, D: tl.constexpr):
+        """dL/dx from dL/d(exponent inputs): Performer adds 2 kcoef x dL/d(kcoef |x|^2) (keys); RFA maps dL/dx^ back
+        through x^ = x / max(|x|, 1e-12)."""
+        x = _load_rows(x_ptr, b, h, t, ok, sb, sh, st, D).to(tl.float32)
+        if FEAT == 0:
+            return dx + (2.0 * kcoef * dsq)[:, None] * x
+        norm = tl.sqrt(tl.sum(x * x, 1))
+        xh = x / tl.maximum(norm, 1e-12)[:, None]
+        proj = tl.where(norm > 1e-12, tl.sum(xh * dx, 1), 0.0)
+        return (dx - xh * proj[:, None]) / tl.maximum(norm, 1e-12)[:, None]
+
+    @triton.jit
+    def _dkdv_block(fq, fk, v, dn16, dden, dAT, r_ptr, rz_ptr, row, dv, AT, DV: tl.constexpr, BM: tl.constexpr,
+                    DT: tl.constexpr, PREC: tl.constexpr):
+        """dL/dphi(k) of one feature block (C, BM) fp32 and the carried-sum part of dv from the reverse sums R
+        (then adds the chunk's phi(q) [dnum, dden]^T to R); accumulates phi(k) phi(q)^T into AT."""
+        sp, zp = _state_ptrs(r_ptr, rz_ptr, row, DV, BM)
+        r = tl.load(sp)
+        rz = tl.load(zp)
+        fq16 = fq.to(DT)
+        fk16 = fk.to(DT)
+        r16 = r.to(DT)
+        df = tl.dot(v, tl.trans(r16), input_precision=PREC) + rz[None, :] + tl.dot(dAT, fq16, input_precision=PREC)
+        dv += tl.dot(fk16, r16, input_precision=PREC)
+        AT += tl.dot(fk16, tl.trans(fq16), input_precision=PREC)
+        tl.store(sp, r + tl.dot(tl.trans(fq16), dn16, input_precision=PREC))
+        tl.store(zp, rz + tl.sum(fq16.to(tl.float32) * dden[:, None], 0))
+        return df, dv, AT
+
+    @triton.jit
+    def _dkdv_kernel(q_ptr, k_ptr, v_ptr, cw_ptr, w_ptr, bq_ptr, bk_ptr, mx_ptr, o_ptr, do_ptr, den_ptr, r_ptr,
+                     rz_ptr, dk_ptr, dv_ptr, dw_ptr, T, H, M, SEG, NSEG, kcoef, inv_sqrt_m, floor,
+                     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, scb, sch, sct, sob, soh, sot, sdb, sdh, sdt,
+                     skgb, skgh, skgt, svgb, svgh, svgt,
+                     FEAT: tl.constexpr, HAS_CW: tl.constexpr, NEED_DW: tl.constexpr, C: tl.constexpr,
+                     D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr):
+        """dk, dv of one segment, walking its chunks backward from the reverse sums R (slot NSEG - 1 - seg, updated in
+        place): dphi(k_s) = R_c^T [v_s, 1] + sum_{t in c, t >= s} (dy_t . [v_s, 1]) phi(q_t),
+        dv_s = R_c^T phi(k_s) + sum_{t in c, t >= s} (phi(q_t) . phi(k_s)) dnum_t."""
+        seg = tl.program_id(0)
+        bh = tl.program_id(1)
+        nbh = tl.num_programs(1)
+        b = bh // H
+        h = bh % H
+        MS = M * (1 + FEAT)
+        row0 = ((NSEG - 1 - seg) * nbh + bh) * MS
+        dwp = dw_ptr + (seg * nbh + bh) * M * D
+        start = seg * SEG
+        stop = tl.minimum(start + SEG, T)
+        n = tl.cdiv(stop - start, C)
+        i = tl.arange(0, C)
+        causal_t = i[:, None] <= i[None, :]                         # (s, t): s <= t
+        for j in range(0, n):
+            t = start + (n - 1 - j) * C + i
+            ok = t < stop
+            q, k, wt, kn, mx = _inputs(q_ptr, k_ptr, cw_ptr, mx_ptr + bh * T, w_ptr, bq_ptr, b, h, t, ok, M,
+                                       kcoef, sqb, sqh, sqt, skb, skh, skt, scb, sch, sct, FEAT, HAS_CW, True,
+                                       2, D, BM, PREC)
+            v = _load_rows(v_ptr, b, h, t, ok, svb, svh, svt, DV).to(DT)
+            dnum, dden = _dy(o_ptr, do_ptr, den_ptr + bh * T, b, h, t, ok, floor, sob, soh, sot, sdb, sdh, sdt, DV)
+            dn16 = dnum.to(DT)
+            dAT = tl.dot(v, tl.trans(dn16), input_precision=PREC) + dden[None, :]         # [v_s, 1] . dy_t
+            dAT = tl.where(causal_t, dAT, 0.0).to(DT)
+            dk = tl.zeros((C, D), tl.float32)
+            dv = tl.zeros((C, DV), tl.float32)
+            AT = tl.zeros((C, C), tl.float32)
+            dsq = tl.zeros_like(wt)
+            for blk in range(0, M, BM):
+                aq = _exponent(q, w_ptr, bq_ptr, h, blk, M, D, BM, PREC)
+                ak = _exponent(k, w_ptr, bk_ptr, h, blk, M, D, BM, PREC)
+                if FEAT == 0:
+                    fk1 = tl.exp(ak + kn[:, None]) * wt[:, None]
+                    dfk1, dv, AT = _dkdv_block(tl.exp(aq - mx[:, None]), fk1, v, dn16, dden, dAT, r_ptr, rz_ptr,
+                                               row0 + blk, dv, AT, DV, BM, DT, PREC)
+                    dk, ds = _feature_grad(k, fk1.to(DT).to(tl.float32), fk1, dfk1, dfk1, w_ptr, h, blk, M, dk,
+                                           dwp, FEAT, False, D, BM, PREC)
+                    dsq += ds
+                else:
+                    kw = (inv_sqrt_m * wt)[:, None]
+                    fk1 = tl.sin(ak) * kw
+                    fk2 = tl.cos(ak) * kw
+                    dfk1, dv, AT = _dkdv_block(tl.sin(aq) * inv_sqrt_m, fk1, v, dn16, dden, dAT, r_ptr, rz_ptr,
+                                               row0 + blk, dv, AT, DV, BM, DT, PREC)
+                    dfk2, dv, AT = _dkdv_block(tl.cos(aq) * inv_sqrt_m, fk2, v, dn16, dden, dAT, r_ptr, rz_ptr,
+                                               row0 + M + blk, dv, AT, DV, BM, DT, PREC)
+                    dk, _ = _feature_grad(k, fk1, fk2, dfk1, dfk2, w_ptr, h, blk, M, dk, dwp, FEAT, NEED_DW, D,
+                                          BM, PREC)
+            dv += tl.dot(tl.where(causal_t, AT, 0.0).to(DT), dn16, input_precision=PREC)
+            _store_rows(dv_ptr, dv.to(dv_ptr.dtype.element_ty), b, h, t, ok, svgb, svgh, svgt, DV)
+            _store_rows(dk_ptr, _input_grad(k_ptr, dk, b, h, t, ok, skb, skh, skt, dsq, kcoef, FEAT,
+                                            D).to(dk_ptr.dtype.element_ty), b, h, t, ok, skgb, skgh, skgt, D)
+
+
+def _strides(x: Optional[Tensor]) -> tuple:
+    """(batch, head, token) strides of a (B, H, T, ...) tensor; a key weight (B, H or 1, T) broadcasts heads."""
+    if x is None:
+        return 0, 0, 0
+    return x.stride(0), x.stride(1) if x.shape[1] > 1 else 0, x.stride(2)
+
+
+class _Plan:
+    """Shapes and constants shared by the launches of one call."""
+
+    def __init__(self, feat: int, q: Tensor, v: Tensor, w: Tensor, kcoef: float, floor: float):
+        self.feat = feat
+        self.b, self.h, self.t, self.d = q.shape
+        self.dv = v.shape[-1]
+        self.m = w.shape[1]
+        self.ms = self.m * (1 + feat)
+        self.bh = self.b * self.h
+        self.seg = segment_length(self.t, self.bh)
+        self.nseg = -(-self.t // self.seg)
+        self.kcoef, self.floor = kcoef, floor
+        self.inv_sqrt_m = self.m ** -0.5
+        exact = q.dtype == torch.float32
+        self.consts = dict(FEAT=feat, C=CHUNK, D=self.d, DV=self.dv, BM=block_m(self.m),
+                           PREC="ieee" if exact else "tf32",
+                           DT=tl.float32 if exact else (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16),
+                           num_warps=4, num_stages=1)
+
+    def grid(self):
+        return self.nseg, self.bh
+
+    def sums(self, device) -> tuple[Tensor, Tensor]:
+        return (torch.empty(self.nseg + 1, self.bh, self.ms, self.dv, device=device, dtype=torch.float32),
+                torch.empty(self.nseg + 1, self.bh, self.ms, device=device, dtype=torch.float32))
+
+
+def _segment_starts(p: _Plan, q, k, v, cw, w, bq, bk, s0: Tensor, z0: Tensor):
+    """Carried sums at the start of every segment (slots 0..nseg-1) and at the end (slot nseg)."""
+    s, z = p.sums(q.device)
+    s[0].copy_(s0.reshape(p.bh, p.ms, p.dv))
+    z[0].copy_(z0.reshape(p.bh, p.ms))
+    _segment_sums_kernel[p.grid()](
+        q, k, v, cw, w, bq, bk, s, s, s, s, s, z, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef, p.inv_sqrt_m, p.floor,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(cw), 0, 0, 0, 0, 0, 0,
+        HAS_CW=cw is not None, REVERSE=False, **p.consts)
+    return s.cumsum_(0), z.cumsum_(0)
+
+
+class FusedRandomFeatureAttention(torch.autograd.Function):
+    """Causal random-feature attention by the fused kernels: (out (B, H, T, dv) viewed from (B, T, H, dv)
+    storage, end sums S (B, H, M, dv), z (B, H, M)). Inputs: the feature directions w (H, m, dh) fp32 and biases
+    bq, bk (H, m), the key weight cw (B, H or 1, T) or None, the carried sums (no gradient; the end sums are
+    not differentiable). Gradients: q, k, v and (RFA) w."""
+
+    @staticmethod
+    def forward(ctx, feat: int, q, k, v, cw, w, bq, bk, s0, z0, kcoef: float, floor: float):
+        p = _Plan(feat, q, v, w, kcoef, floor)
+        s, z = _segment_starts(p, q, k, v, cw, w, bq, bk, s0, z0)
+        s_end = s[-1].view(p.b, p.h, p.ms, p.dv).clone()
+        z_end = z[-1].view(p.b, p.h, p.ms).clone()
+        out = torch.empty(p.b, p.t, p.h, p.dv, device=q.device, dtype=v.dtype).transpose(1, 2)
+        den = torch.empty(p.bh, p.t, device=q.device, dtype=torch.float32)
+        mx = torch.zeros(p.bh, p.t, device=q.device, dtype=torch.float32)
+        _forward_kernel[p.grid()](
+            q, k, v, cw, w, bq, bk, mx, out, den, s, z, p.t, p.h, p.m, p.seg, p.kcoef, p.inv_sqrt_m, p.floor,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out),
+            HAS_CW=cw is not None, **p.consts)
+        del s, z
+        ctx.plan = p
+        ctx.save_for_backward(q, k, v, cw, w, bq, bk, s0, z0, out, den, mx)
+        ctx.mark_non_differentiable(s_end, z_end)
+        return out, s_end, z_end
+
+    @staticmethod
+    def backward(ctx, g_out, _g_s, _g_z):
+        q, k, v, cw, w, bq, bk, s0, z0, out, den, mx = ctx.saved_tensors
+        p = ctx.plan
+        need_dw = p.feat == FEAT_TRIG and ctx.needs_input_grad[5]
+        g = g_out if g_out.stride(-1) == 1 else g_out.contiguous()
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        dv = torch.empty_like(v)
+        dw = torch.zeros(p.nseg, p.bh, p.m, p.d, device=q.device, dtype=torch.float32) if need_dw else den
+        common = dict(HAS_CW=cw is not None, NEED_DW=need_dw, **p.consts)
+        s, z = _segment_starts(p, q, k, v, cw, w, bq, bk, s0, z0)
+        _dq_kernel[p.grid()](
+            q, k, v, cw, w, bq, bk, mx, out, g, den, s, z, dq, dw, p.t, p.h, p.m, p.seg, p.kcoef, p.inv_sqrt_m,
+            p.floor, *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out), *_strides(g),
+            *_strides(dq), **common)
+        del s, z
+        r, rz = p.sums(q.device)
+        r[0].zero_()
+        rz[0].zero_()
+        _segment_sums_kernel[p.grid()](
+            q, k, v, cw, w, bq, bk, mx, out, g, den, r, rz, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef, p.inv_sqrt_m,
+            p.floor, *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out), *_strides(g),
+            HAS_CW=cw is not None, REVERSE=True, **p.consts)
+        r.cumsum_(0)
+        rz.cumsum_(0)
+        _dkdv_kernel[p.grid()](
+            q, k, v, cw, w, bq, bk, mx, out, g, den, r, rz, dk, dv, dw, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef,
+            p.inv_sqrt_m, p.floor, *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out),
+            *_strides(g), *_strides(dk), *_strides(dv), **common)
+        dw_total = dw.view(p.nseg, p.b, p.h, p.m, p.d).sum((0, 1)) if need_dw else None
+        return None, dq, dk, dv, None, dw_total, None, None, None, None, None, None
+
+
+def fused_random_features(feat: int, q: Tensor, k: Tensor, v: Tensor, cw: Optional[Tensor], w: Tensor, bq: Tensor,
+                          bk: Tensor, s0: Tensor, z0: Tensor, kcoef: float, floor: float):
+    """Causal random-feature attention by the fused kernels; see ``FusedRandomFeatureAttention``. Returns
+    (out (B, H, T, dv), S_end (B, H, M, dv), z_end (B, H, M)), M = m (Performer) or 2m (RFA)."""
+    if q.shape[-1] != w.shape[-1]:
+        raise ValueError(f"feature directions of width {w.shape[-1]} for heads of width {q.shape[-1]}")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    return FusedRandomFeatureAttention.apply(feat, q, k, v, cw, w.float().contiguous(), bq.float().contiguous(),
+                                             bk.float().contiguous(), s0.detach().float(), z0.detach().float(),
+                                             kcoef, floor)
+
+
+__all__ = ["available", "fused_random_features", "FEAT_EXP", "FEAT_TRIG", "math"]

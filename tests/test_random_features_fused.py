@@ -1,0 +1,138 @@
+"""The fused Triton kernels of causal random-feature attention (random_features_fused) against the chunk form of
+random_features (itself tested against the per-token recurrence): outputs, end sums, gradients of q, k, v and of
+RFA's learned tau, with key weights (padding), a carried state, a ragged last chunk and several segments per head.
+
+On CPU the kernels run in Triton's interpreter (a subprocess with TRITON_INTERPRET=1, set before Triton compiles
+anything); on CUDA in float32 (tight) and bfloat16 (against the chunk form, which rounds at the same places).
+Both skip where Triton does not import (CPU-only installs such as CI)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rlformer
+from rlformer.attention import random_features_fused as fused_rf
+from rlformer.attention.random_features import _carried_sums, _LinearAttention
+
+torch.set_num_threads(1)
+needs_triton = pytest.mark.skipif(fused_rf.triton is None, reason="Triton does not import here")
+CASES = [(name, weights, state, programs) for name in ("performer", "rfa")
+         for weights, state, programs in ((False, False, 1), (True, True, 256), (False, True, 16))]
+"""(attention, key weights, carried state, ``PROGRAMS``): at T = 150 with 16-token chunks and 4 heads, 1 = one
+segment per head, 256 = one chunk per segment (10), 16 = four segments of three chunks, the last one ragged"""
+
+
+def compare(name: str, weights: bool, state: bool, programs: int, device: str = "cpu",
+            dtype: torch.dtype = torch.float32, t: int = 150, d: int = 16, m: int = 32, chunk: int = 16,
+            seed: int = 0) -> dict:
+    """Largest errors of the fused kernels against ``_LinearAttention`` (relative to the reference's largest
+    entry): out, end sums S and z, and the gradients of q, k, v (and RFA's log tau) under a random probe."""
+    g = torch.Generator().manual_seed(seed)
+    b, h = 2, 2
+    cfg = rlformer.EncoderConfig(d_model=h * d, n_heads=h, n_layers=1, attention=name, position="none",
+                                 dropout=0.0, causal=True, max_len=t)
+    cfg.random_features = dataclasses.replace(cfg.random_features, n_features=m, chunk_size=16, seed=seed)
+    layer = rlformer.validate(cfg)["attention"](cfg, 0, None).to(device)
+    if name == "rfa":
+        with torch.no_grad():
+            layer.log_tau.copy_(torch.tensor([-1.0, -0.5]))     # normalizers well above the floor (trig features)
+    q, k, v = (torch.randn(b, h, t, d, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    weight = (torch.rand(b, 1, t, generator=g) > 0.2).float().to(device) if weights else None
+    ms = m * layer.feature_multiplier
+    carried = None
+    if state:
+        carried = {"S": 0.1 * torch.randn(b, h, ms, d, generator=g).abs(), "z": torch.rand(b, h, ms, generator=g)}
+        carried = {key: x.to(device) for key, x in carried.items()}
+    s0 = _carried_sums(carried, b, h, ms, d, torch.float32, device)
+    floor = layer.den_floor(torch.float32)
+    params = [q, k, v] + ([layer.log_tau] if name == "rfa" else [])
+    wq, wk = layer.feature_weights(torch.float32)
+    ref, ref_end = _LinearAttention.apply((type(layer), layer.feature_consts), [(0, t)], 16, floor, s0, q, k, v,
+                                          weight, None, wq, wk)
+    probe = torch.randn(ref.shape, generator=g).to(device, dtype)
+    ref_grads = torch.autograd.grad(ref, params, probe)
+    old = fused_rf.PROGRAMS, fused_rf.CHUNK
+    fused_rf.PROGRAMS, fused_rf.CHUNK = programs, chunk
+    try:
+        w, bq, bk, kcoef, feat = layer.fused_weights()
+        out, s_end, z_end = fused_rf.fused_random_features(feat, q, k, v, weight, w, bq, bk, s0[..., :d], s0[..., d],
+                                                           kcoef, floor)
+        grads = torch.autograd.grad(out, params, probe)
+    finally:
+        fused_rf.PROGRAMS, fused_rf.CHUNK = old
+
+    def rel(x, y):
+        return ((x.float() - y.float()).abs().max() / y.float().abs().max()).item()
+
+    errors = {"out": rel(out, ref), "S": rel(s_end, ref_end[..., :d]), "z": rel(z_end, ref_end[..., d])}
+    errors.update({f"d{n}": rel(a, r) for n, a, r in zip(("q", "k", "v", "log_tau"), grads, ref_grads)})
+    errors["out_storage_is_bthd"] = out.transpose(1, 2).is_contiguous()
+    return errors
+
+
+@needs_triton
+def test_interpreted_kernels_match_the_chunk_form():
+    """All CASES in Triton's interpreter on CPU (float32; one subprocess)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    code = ("import json, sys; sys.path.insert(0, %r); import test_random_features_fused as T; "
+            "print(json.dumps([T.compare(*c) for c in T.CASES]))" % str(Path(__file__).parent))
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    for case, errors in zip(CASES, results):
+        assert errors["out_storage_is_bthd"], case
+        for key, value in errors.items():
+            if isinstance(value, float):
+                assert value < 1e-4, (case, key, value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_triton
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernels_match_the_chunk_form(case, dtype):
+    errors = compare(*case, device="cuda", dtype=dtype, t=1000, d=64, m=64, chunk=64)
+    tol = 2e-4 if dtype == torch.float32 else 3e-2
+    for key, value in errors.items():
+        if isinstance(value, float):
+            assert value < tol, (case, key, value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_triton
+@pytest.mark.parametrize("name", ["performer", "rfa"])
+def test_cuda_layer_uses_the_fused_kernels_and_matches_unfused(name, monkeypatch):
+    """The layer's attend takes the fused path on CUDA and equals RLFORMER_FUSED=0 (the chunk form)."""
+    cfg = rlformer.EncoderConfig(d_model=128, n_heads=2, n_layers=1, attention=name, position="none", dropout=0.0,
+                                 causal=True, max_len=700)
+    cfg.random_features = dataclasses.replace(cfg.random_features, n_features=64)
+    layer = rlformer.validate(cfg)["attention"](cfg, 0, None).cuda()
+    x = torch.randn(2, 700, 128, device="cuda", requires_grad=True)
+    index = torch.arange(700, device="cuda")
+    from rlformer.context import AttentionContext
+
+    def step():
+        ctx = AttentionContext(causal=True, q_index=index, k_index=index, q_pos=index[None].expand(2, -1), layer=0)
+        out, state = layer(x, x, ctx)
+        gx, = torch.autograd.grad(out.square().sum(), x)
+        return out, state, gx
+
+    calls = []
+    original = fused_rf.FusedRandomFeatureAttention.apply
+    monkeypatch.setattr(fused_rf.FusedRandomFeatureAttention, "apply",
+                        staticmethod(lambda *a: calls.append(1) or original(*a)))
+    out, state, gx = step()
+    assert calls
+    monkeypatch.setenv("RLFORMER_FUSED", "0")
+    out0, state0, gx0 = step()
+    assert len(calls) == 1
+    torch.testing.assert_close(out, out0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state["S"], state0["S"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gx, gx0, rtol=1e-3, atol=1e-3)
