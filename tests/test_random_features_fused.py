@@ -78,8 +78,10 @@ def compare(name: str, weights: bool, state: bool, programs: int, device: str = 
 
 
 @needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA runs the compiled kernels (the tests below); Triton 3.6's "
+                    "interpreter cannot take a scalar argument as a loop bound")
 def test_interpreted_kernels_match_the_chunk_form():
-    """All CASES in Triton's interpreter on CPU (float32; one subprocess)."""
+    """All CASES in Triton's interpreter on CPU (float32, libdevice sin / cos; one subprocess)."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
     code = ("import json, sys; sys.path.insert(0, %r); import test_random_features_fused as T; "
             "print(json.dumps([T.compare(*c) for c in T.CASES]))" % str(Path(__file__).parent))

@@ -1,0 +1,100 @@
+"""Time the fused random-feature kernels alone (``rlformer.attention.random_features_fused``) over launch settings.
+
+    python scripts/bench_random_features.py --lengths 16384 65536 --warps 4 8 --programs 256 512 --block-m 32 64
+
+For Performer and RFA (causal, bf16, batch x heads x d_head as in bench_attention): q, k, v laid out as slices
+of (B, T, H, dh) projections, one forward + backward of ``fused_random_features`` per step, median of ``--reps``
+CUDA-event timings after ``--warmup`` steps, twice (two rounds), and the peak memory above the inputs. Each
+setting of (NUM_WARPS, PROGRAMS, BLOCK_M) is one compile of the kernels. The layer-level comparison against full
+attention is ``bench_attention.py``; this script picks the module defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import statistics
+
+import torch
+
+import rlformer
+from rlformer.attention import random_features_fused as fused_rf
+
+
+def _step(name: str, t: int, args):
+    cfg = rlformer.EncoderConfig(d_model=args.heads * args.d_head, n_heads=args.heads, n_layers=1, attention=name,
+                                 position="none", dropout=0.0, causal=True, max_len=t)
+    cfg.random_features = dataclasses.replace(cfg.random_features, n_features=args.features)
+    layer = rlformer.validate(cfg)["attention"](cfg, 0, None).cuda()
+    b, h, d = args.batch, args.heads, args.d_head
+    qkv = torch.randn(b, t, 3, h, d, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
+    ms = args.features * layer.feature_multiplier
+    s0 = torch.zeros(b, h, ms, d, device="cuda")
+    z0 = torch.zeros(b, h, ms, device="cuda")
+    grad = torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16)
+    floor = layer.den_floor(torch.float32)
+
+    def step():
+        w, bq, bk, kcoef, feat = layer.fused_weights()
+        out, _, _ = fused_rf.fused_random_features(feat, q, k, v, None, w, bq, bk, s0, z0, kcoef, floor)
+        torch.autograd.backward(out, grad)
+        q.grad = k.grad = v.grad = None
+        layer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _time(step, warmup: int, reps: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(reps):
+        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(e))
+    return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=["performer", "rfa"])
+    p.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--d-head", type=int, default=64)
+    p.add_argument("--features", type=int, default=256)
+    p.add_argument("--warps", type=int, nargs="+", default=[fused_rf.NUM_WARPS])
+    p.add_argument("--programs", type=int, nargs="+", default=[fused_rf.PROGRAMS])
+    p.add_argument("--block-m", type=int, nargs="+", default=[fused_rf.BLOCK_M])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--out", default="bench_random_features.json")
+    args = p.parse_args()
+    rows = []
+    print(f"{torch.cuda.get_device_name()}, bfloat16, batch {args.batch} x {args.heads} heads x d_head "
+          f"{args.d_head}, m = {args.features}; fused fwd+bwd median ms (round 1 / round 2), peak extra MiB")
+    print("| attention | T | warps | programs | block_m | ms | MiB |\n|---|---|---|---|---|---|---|")
+    for name, t in itertools.product(args.variants, args.lengths):
+        step = _step(name, t, args)
+        for warps, programs, bm in itertools.product(args.warps, args.programs, args.block_m):
+            fused_rf.NUM_WARPS, fused_rf.PROGRAMS, fused_rf.BLOCK_M = warps, programs, bm
+            rounds = [_time(step, args.warmup, args.reps) for _ in range(2)]
+            row = dict(attention=name, t=t, warps=warps, programs=programs, block_m=bm,
+                       ms=[r[0] for r in rounds], mib=max(r[1] for r in rounds))
+            rows.append(row)
+            print(f"| {name} | {t} | {warps} | {programs} | {bm} | {row['ms'][0]:.3f}/{row['ms'][1]:.3f} | "
+                  f"{row['mib']:.0f} |", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
