@@ -5,7 +5,7 @@
 For Performer and RFA (causal, bf16, batch x heads x d_head as in bench_attention): q, k, v laid out as slices
 of (B, T, H, dh) projections, one forward + backward of ``fused_random_features`` per step, median of ``--reps``
 CUDA-event timings after ``--warmup`` steps, twice (two rounds), and the peak memory above the inputs. Each
-setting of (NUM_WARPS, PROGRAMS, BLOCK_M) is one compile of the kernels. The layer-level comparison against full
+    python scripts/bench_random_features.py --lengths 16384 --warps 4 8 --programs 256 528 --block-m 32 64 --stages 1 2
 attention is ``bench_attention.py``; this script picks the module defaults.
 """
 from __future__ import annotations
@@ -74,6 +74,7 @@ def main() -> None:
     p.add_argument("--warps", type=int, nargs="+", default=[fused_rf.NUM_WARPS])
     p.add_argument("--programs", type=int, nargs="+", default=[fused_rf.PROGRAMS])
     p.add_argument("--block-m", type=int, nargs="+", default=[fused_rf.BLOCK_M])
+    p.add_argument("--stages", type=int, nargs="+", default=[fused_rf.NUM_STAGES])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default="bench_random_features.json")
@@ -81,16 +82,16 @@ def main() -> None:
     rows = []
     print(f"{torch.cuda.get_device_name()}, bfloat16, batch {args.batch} x {args.heads} heads x d_head "
           f"{args.d_head}, m = {args.features}; fused fwd+bwd median ms (round 1 / round 2), peak extra MiB")
-    print("| attention | T | warps | programs | block_m | ms | MiB |\n|---|---|---|---|---|---|---|")
+    print("| attention | T | warps | programs | block_m | stages | ms | MiB |\n|---|---|---|---|---|---|---|---|")
     for name, t in itertools.product(args.variants, args.lengths):
         step = _step(name, t, args)
-        for warps, programs, bm in itertools.product(args.warps, args.programs, args.block_m):
-            fused_rf.NUM_WARPS, fused_rf.PROGRAMS, fused_rf.BLOCK_M = warps, programs, bm
+        for warps, programs, bm, stages in itertools.product(args.warps, args.programs, args.block_m, args.stages):
+            fused_rf.NUM_WARPS, fused_rf.PROGRAMS, fused_rf.BLOCK_M, fused_rf.NUM_STAGES = warps, programs, bm, stages
             rounds = [_time(step, args.warmup, args.reps) for _ in range(2)]
-            row = dict(attention=name, t=t, warps=warps, programs=programs, block_m=bm,
+            row = dict(attention=name, t=t, warps=warps, programs=programs, block_m=bm, stages=stages,
                        ms=[r[0] for r in rounds], mib=max(r[1] for r in rounds))
             rows.append(row)
-            print(f"| {name} | {t} | {warps} | {programs} | {bm} | {row['ms'][0]:.3f}/{row['ms'][1]:.3f} | "
+            print(f"| {name} | {t} | {warps} | {programs} | {bm} | {stages} | {row['ms'][0]:.3f}/{row['ms'][1]:.3f} | "
                   f"{row['mib']:.0f} |", flush=True)
     with open(args.out, "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)

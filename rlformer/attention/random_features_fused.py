@@ -50,6 +50,8 @@ BLOCK_M = 64
 """features computed at once (a multiple of 16 dividing m; smaller m uses m itself)"""
 NUM_WARPS = 4
 """warps per program"""
+NUM_STAGES = 1
+"""software pipelining stages of the kernels' loops"""
 PROGRAMS = 256
 """about how many (segment, head) programs run at once: two waves of an H100's 132 SMs; more segments cost more
 carried-sum memory (one (M, dh + 1) fp32 block each)"""
@@ -498,9 +500,9 @@ class _Plan:
         self.inv_sqrt_m = self.m ** -0.5
         exact = q.dtype == torch.float32
         self.consts = dict(FEAT=feat, C=CHUNK, D=self.d, DV=self.dv, BM=block_m(self.m),
-                           PREC="ieee" if exact else "tf32",
+                           PREC=("tf32x3" if q.is_cuda else "ieee") if exact else "tf32",
                            DT=tl.float32 if exact else (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16),
-                           num_warps=NUM_WARPS, num_stages=1, FAST=q.is_cuda)
+                           num_warps=NUM_WARPS, num_stages=NUM_STAGES, FAST=q.is_cuda)
 
     def grid(self):
         return self.nseg, self.bh
