@@ -1,12 +1,12 @@
 """Time the fused random-feature kernels alone (``rlformer.attention.random_features_fused``) over launch settings.
 
-    python scripts/bench_random_features.py --lengths 16384 65536 --warps 4 8 --programs 256 512 --block-m 32 64
+    python scripts/bench_random_features.py --lengths 16384 --warps 4 8 --programs 256 528 --block-m 32 64 --stages 1 2
 
 For Performer and RFA (causal, bf16, batch x heads x d_head as in bench_attention): q, k, v laid out as slices
 of (B, T, H, dh) projections, one forward + backward of ``fused_random_features`` per step, median of ``--reps``
 CUDA-event timings after ``--warmup`` steps, twice (two rounds), and the peak memory above the inputs. Each
-    python scripts/bench_random_features.py --lengths 16384 --warps 4 8 --programs 256 528 --block-m 32 64 --stages 1 2
-attention is ``bench_attention.py``; this script picks the module defaults.
+setting of (NUM_WARPS, PROGRAMS, BLOCK_M, NUM_STAGES) is one compile of the kernels. The layer-level comparison
+against full attention is ``bench_attention.py``; this script picks the module defaults.
 """
 from __future__ import annotations
 
