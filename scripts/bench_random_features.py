@@ -3,8 +3,8 @@
     python scripts/bench_random_features.py --lengths 16384 --warps 4 8 --programs 256 528 --block-m 32 64 --stages 1 2
 
 For Performer and RFA (causal, bf16, batch x heads x d_head as in bench_attention): q, k, v laid out as slices
-of (B, T, H, dh) projections, one forward + backward of ``fused_random_features`` per step, median of ``--reps``
-CUDA-event timings after ``--warmup`` steps, twice (two rounds), and the peak memory above the inputs. Each
+of (B, T, H, dh) projections, one forward + backward of ``fused_random_features`` per step captured as a CUDA graph, median of
+``--reps`` CUDA-event timed replays after ``--warmup``, twice (two rounds), and the peak memory of the captured step. Each
 setting of (NUM_WARPS, PROGRAMS, BLOCK_M, NUM_STAGES) is one compile of the kernels. The layer-level comparison
 against full attention is ``bench_attention.py``; this script picks the module defaults.
 """
@@ -14,12 +14,16 @@ import argparse
 import dataclasses
 import itertools
 import json
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 
-import rlformer
-from rlformer.attention import random_features_fused as fused_rf
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_attention  # noqa: E402  (same directory)
+import rlformer  # noqa: E402
+from rlformer.attention import random_features_fused as fused_rf  # noqa: E402
 
 
 def _step(name: str, t: int, args):
@@ -47,20 +51,9 @@ def _step(name: str, t: int, args):
 
 
 def _time(step, warmup: int, reps: int) -> tuple[float, float]:
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(reps):
-        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(e))
-    return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    """(median ms of CUDA-graph replays, peak extra MiB of the captured step), as bench_attention --cuda-graph."""
+    replay, mib = bench_attention.graphed(step, torch.device("cuda"), warmup)
+    return bench_attention.measure(replay, torch.device("cuda"), warmup, reps)["ms"], mib
 
 
 def main() -> None:
@@ -73,7 +66,7 @@ def main() -> None:
     p.add_argument("--features", type=int, default=256)
     p.add_argument("--warps", type=int, nargs="+", default=[fused_rf.NUM_WARPS])
     p.add_argument("--programs", type=int, nargs="+", default=[fused_rf.PROGRAMS])
-    p.add_argument("--block-m", type=int, nargs="+", default=[fused_rf.BLOCK_M])
+    p.add_argument("--block-m", type=int, nargs="+", default=[64])
     p.add_argument("--stages", type=int, nargs="+", default=[fused_rf.NUM_STAGES])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
@@ -86,11 +79,14 @@ def main() -> None:
     for name, t in itertools.product(args.variants, args.lengths):
         step = _step(name, t, args)
         for warps, programs, bm, stages in itertools.product(args.warps, args.programs, args.block_m, args.stages):
-            fused_rf.NUM_WARPS, fused_rf.PROGRAMS, fused_rf.BLOCK_M, fused_rf.NUM_STAGES = warps, programs, bm, stages
+            fused_rf.NUM_WARPS, fused_rf.PROGRAMS, fused_rf.NUM_STAGES = warps, programs, stages
+            fused_rf.BLOCK_M = dict.fromkeys(fused_rf.BLOCK_M, bm)
             rounds = [_time(step, args.warmup, args.reps) for _ in range(2)]
             row = dict(attention=name, t=t, warps=warps, programs=programs, block_m=bm, stages=stages,
                        ms=[r[0] for r in rounds], mib=max(r[1] for r in rounds))
             rows.append(row)
+            del step
+            step = _step(name, t, args)
             print(f"| {name} | {t} | {warps} | {programs} | {bm} | {stages} | {row['ms'][0]:.3f}/{row['ms'][1]:.3f} | "
                   f"{row['mib']:.0f} |", flush=True)
     with open(args.out, "w") as f:

@@ -46,8 +46,8 @@ except ImportError:          # CPU-only installs: the chunk form runs
 FEAT_EXP, FEAT_TRIG = 0, 1
 CHUNK = 64
 """tokens per chunk inside a program (the intra-chunk products are CHUNK x CHUNK)"""
-BLOCK_M = 64
-"""features computed at once (a multiple of 16 dividing m; smaller m uses m itself)"""
+BLOCK_M = {FEAT_EXP: 64, FEAT_TRIG: 32}
+"""features computed at once per kind (Performer, RFA): a multiple of 16 dividing m (smaller when m needs it)"""
 NUM_WARPS = 4
 """warps per program"""
 NUM_STAGES = 1
@@ -57,9 +57,9 @@ PROGRAMS = 256
 carried-sum memory (one (M, dh + 1) fp32 block each)"""
 
 
-def block_m(m: int) -> Optional[int]:
-    """Feature block size for m random features, or None when the kernels cannot take m."""
-    for bm in (BLOCK_M, 32, 16):
+def block_m(m: int, feat: int = 0) -> Optional[int]:
+    """Feature block size for m random features of kind ``feat``, or None when the kernels cannot take m."""
+    for bm in (BLOCK_M[feat], 32, 16):
         if m % bm == 0:
             return bm
     return None
@@ -499,7 +499,7 @@ class _Plan:
         self.kcoef, self.floor = kcoef, floor
         self.inv_sqrt_m = self.m ** -0.5
         exact = q.dtype == torch.float32
-        self.consts = dict(FEAT=feat, C=CHUNK, D=self.d, DV=self.dv, BM=block_m(self.m),
+        self.consts = dict(FEAT=feat, C=CHUNK, D=self.d, DV=self.dv, BM=block_m(self.m, feat),
                            PREC=("tf32x3" if q.is_cuda else "ieee") if exact else "tf32",
                            DT=tl.float32 if exact else (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16),
                            num_warps=NUM_WARPS, num_stages=NUM_STAGES, FAST=q.is_cuda)
