@@ -66,13 +66,14 @@ def main() -> None:
     p.add_argument("--features", type=int, default=256)
     p.add_argument("--warps", type=int, nargs="+", default=[fused_rf.NUM_WARPS])
     p.add_argument("--programs", type=int, nargs="+", default=[fused_rf.PROGRAMS])
-    p.add_argument("--block-m", type=int, nargs="+", default=[64])
+    p.add_argument("--block-m", type=int, nargs="+", default=[0], help="0: the module default of each kind")
     p.add_argument("--stages", type=int, nargs="+", default=[fused_rf.NUM_STAGES])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default="bench_random_features.json")
     args = p.parse_args()
     rows = []
+    default_bm = dict(fused_rf.BLOCK_M)
     print(f"{torch.cuda.get_device_name()}, bfloat16, batch {args.batch} x {args.heads} heads x d_head "
           f"{args.d_head}, m = {args.features}; fused fwd+bwd median ms (round 1 / round 2), peak extra MiB")
     print("| attention | T | warps | programs | block_m | stages | ms | MiB |\n|---|---|---|---|---|---|---|---|")
@@ -80,7 +81,7 @@ def main() -> None:
         step = _step(name, t, args)
         for warps, programs, bm, stages in itertools.product(args.warps, args.programs, args.block_m, args.stages):
             fused_rf.NUM_WARPS, fused_rf.PROGRAMS, fused_rf.NUM_STAGES = warps, programs, stages
-            fused_rf.BLOCK_M = dict.fromkeys(fused_rf.BLOCK_M, bm)
+            fused_rf.BLOCK_M = dict(default_bm) if bm == 0 else dict.fromkeys(default_bm, bm)
             rounds = [_time(step, args.warmup, args.reps) for _ in range(2)]
             row = dict(attention=name, t=t, warps=warps, programs=programs, block_m=bm, stages=stages,
                        ms=[r[0] for r in rounds], mib=max(r[1] for r in rounds))
