@@ -3,9 +3,9 @@
     python scripts/bench_random_features.py --lengths 16384 --warps 4 8 --programs 256 528 --block-m 32 64 --stages 1 2
 
 For Performer and RFA (causal, bf16, batch x heads x d_head as in bench_attention): q, k, v laid out as slices
-of (B, T, H, dh) projections, one forward + backward of ``fused_random_features`` per step captured as a CUDA graph, median of
-``--reps`` CUDA-event timed replays after ``--warmup``, twice (two rounds), and the peak memory of the captured step. Each
-setting of (NUM_WARPS, PROGRAMS, BLOCK_M, NUM_STAGES) is one compile of the kernels. The layer-level comparison
+of (B, T, H, dh) projections, one forward + backward of ``fused_random_features`` per step captured as a CUDA
+graph, median of ``--reps`` CUDA-event timed replays after ``--warmup``, twice (two rounds), and the peak memory
+of the captured step. Each setting of (NUM_WARPS, PROGRAMS, BLOCK_M, NUM_STAGES) is one compile of the kernels. The layer-level comparison
 against full attention is ``bench_attention.py``; this script picks the module defaults.
 """
 from __future__ import annotations
@@ -41,8 +41,8 @@ def _step(name: str, t: int, args):
     floor = layer.den_floor(torch.float32)
 
     def step():
-        w, bq, bk, kcoef, feat = layer.fused_weights()
-        out, _, _ = fused_rf.fused_random_features(feat, q, k, v, None, w, bq, bk, s0, z0, kcoef, floor)
+        w, scale, bq, bk, kcoef, feat = layer.fused_weights()
+        out, _, _ = fused_rf.fused_random_features(feat, q, k, v, None, w, scale, bq, bk, s0, z0, kcoef, floor)
         torch.autograd.backward(out, grad)
         q.grad = k.grad = v.grad = None
         layer.zero_grad(set_to_none=True)

@@ -512,9 +512,9 @@ class RandomFeatureAttention(Float32Buffers, Attention):
         with zero columns to a multiple of ``ALIGN`` (the augmented inputs get the same zero columns)."""
         raise NotImplementedError
 
-    def fused_weights(self) -> tuple[Tensor, Tensor, Tensor, float, int]:
-        """(w (H, m, dh), bq, bk (H, m), kcoef, kind) of ``random_features_fused``: exponents w . x + b (+ kcoef |k|^2
-        for keys), fp32, with autograd to the parameters w is made of."""
+    def fused_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor, float, int]:
+        """(w (H, m, dh), scale (H,), bq, bk (H, m), kcoef, kind) of ``random_features_fused``: exponents
+        scale_h (w . x) + b (+ kcoef |k|^2 for keys), fp32; the scale carries autograd to learned parameters."""
         raise NotImplementedError
 
     @property
@@ -590,9 +590,9 @@ class RandomFeatureAttention(Float32Buffers, Attention):
             gate_in = -torch.expm1(log_gate.to(acc))                                    # (1 - g_t)
             weight = gate_in if weight is None else weight * gate_in
         if log_gate is None and fused_rf.available(q, self.n_features) and not s0.requires_grad:
-            w, bq, bk, kcoef, feat = self.fused_weights()
-            out, s_end, z_end = fused_rf.fused_random_features(feat, q, k, v, weight, w, bq, bk, s0[..., :dh],
-                                                               s0[..., dh], kcoef, floor)
+            w, scale, bq, bk, kcoef, feat = self.fused_weights()
+            out, s_end, z_end = fused_rf.fused_random_features(feat, q, k, v, weight, w, scale, bq, bk,
+                                                               s0[..., :dh], s0[..., dh], kcoef, floor)
             return out, {"S": s_end, "z": z_end}
         wq, wk = self.feature_weights(acc)
         spec = (type(self), self.feature_consts)
@@ -664,7 +664,8 @@ class PerformerAttention(RandomFeatureAttention):
         w = self.features.float()
         half_w = 0.5 * w.square().sum(-1)                                          # |w_r|^2 / 2
         bk = -half_w - 0.5 * math.log(self.n_features)
-        return w * self.d_head ** -0.25, half_w, bk, -0.5 * self.d_head ** -0.5, fused_rf.FEAT_EXP
+        scale = w.new_ones(w.shape[0])
+        return w * self.d_head ** -0.25, scale, half_w, bk, -0.5 * self.d_head ** -0.5, fused_rf.FEAT_EXP
 
     @staticmethod
     def feature_pass(consts, x, w, query, dtype):
@@ -751,9 +752,9 @@ class RFAAttention(RandomFeatureAttention):
         return wa, wa
 
     def fused_weights(self):
-        w = self.features.float() * (0.5 * self.log_tau.float()).exp()[:, None, None]
+        w = self.features.float()
         zero = w.new_zeros(w.shape[:2])
-        return w, zero, zero, 0.0, fused_rf.FEAT_TRIG
+        return w, (0.5 * self.log_tau.float()).exp(), zero, zero, 0.0, fused_rf.FEAT_TRIG     # scale sqrt(tau)
 
     @staticmethod
     def feature_pass(consts, x, w, query, dtype):

@@ -22,14 +22,13 @@ heads, M, dh + 1) carried sums. Never O(T * M), never O(T^2).
 Features, as in ``PerformerAttention`` / ``RFAAttention`` (exponents in fp32 from a TF32 product with 16-bit
 inputs, features rounded to the 16-bit dtype for the tensor-core products, sums in fp32):
 - Performer (``FEAT_EXP``): phi(q) = exp(w . q + bq - max_r(w . q + bq)), phi(k) = exp(w . k + kcoef |k|^2 + bk).
-- RFA (``FEAT_TRIG``): x^ = x / |x|, phi(x) = [sin(w . x^), cos(w . x^)] / sqrt(m) (M = 2m); dW is returned so
-  gradients reach the learned tau folded into w.
+- RFA (``FEAT_TRIG``): x^ = x / |x|, phi(x) = [sin(s w . x^), cos(s w . x^)] / sqrt(m) (M = 2m) with the per-head
+  scale s = sqrt(tau), whose gradient is returned (tau is learned).
 Gated RFA, a carried state that needs gradients, non-power-of-two head sizes and CPU tensors use the chunk form of
 ``random_features`` (the reference these kernels are tested against, outputs and gradients).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -294,30 +293,24 @@ if triton is not None:
                 tl.store(mx_ptr + bh * T + t, mx, mask=ok)
 
     @triton.jit
-    def _feature_grad(x, f1, f2, df1, df2, w_ptr, h, blk, M, dx, dw_ptr, FEAT: tl.constexpr, NEED_DW: tl.constexpr,
-                      D: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+    def _feature_grad(f1, f2, df1, df2, w_ptr, h, blk, M, dx, FEAT: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+                      PREC: tl.constexpr):
         """dL/da of one feature block from dL/dphi (Performer: phi da; RFA: cos a dphi_sin - sin a dphi_cos, over
-        sqrt(m) folded into f1, f2), accumulated into dx (C, D) by da W and, when NEED_DW, into dW by da^T x.
-        Returns (dx, da summed over the block (C,))."""
+        sqrt(m) folded into f1, f2), and dx (C, D) plus da W. Returns (dx, da)."""
         if FEAT == 0:
             da = df1 * f1
         else:
             da = df1 * f2 - df2 * f1                  # f1 = sin a / sqrt(m), f2 = cos a / sqrt(m)
         r = blk + tl.arange(0, BM)
-        d = tl.arange(0, D)
-        w = tl.load(w_ptr + (h * M + r)[:, None] * D + d[None, :])
-        dx += tl.dot(da, w, input_precision=PREC)
-        if NEED_DW:
-            p = dw_ptr + r[:, None] * D + d[None, :]
-            tl.store(p, tl.load(p) + tl.dot(tl.trans(da), x, input_precision=PREC))
-        return dx, tl.sum(da, 1)
+        w = tl.load(w_ptr + (h * M + r)[:, None] * D + tl.arange(0, D)[None, :])
+        return dx + tl.dot(da, w, input_precision=PREC), da
 
     @triton.jit
     def _dq_kernel(q_ptr, k_ptr, v_ptr, cw_ptr, w_ptr, bq_ptr, bk_ptr, mx_ptr, o_ptr, do_ptr, den_ptr, s_ptr, z_ptr,
-                   dq_ptr, dw_ptr, T, H, M, SEG, kcoef, inv_sqrt_m, floor,
+                   dq_ptr, ds_ptr, T, H, M, SEG, kcoef, inv_sqrt_m, floor,
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, scb, sch, sct, sob, soh, sot, sdb, sdh, sdt,
                    sgb, sgh, sgt,
-                   FEAT: tl.constexpr, HAS_CW: tl.constexpr, NEED_DW: tl.constexpr, C: tl.constexpr,
+                   FEAT: tl.constexpr, HAS_CW: tl.constexpr, NEED_DS: tl.constexpr, C: tl.constexpr,
                    D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
                    FAST: tl.constexpr):
         """dq of one segment, walking its chunks forward from the carried sums S (updated in place):
@@ -329,11 +322,11 @@ if triton is not None:
         h = bh % H
         MS = M * (1 + FEAT)
         row0 = (seg * nbh + bh) * MS
-        dwp = dw_ptr + (seg * nbh + bh) * M * D
         start = seg * SEG
         stop = tl.minimum(start + SEG, T)
         i = tl.arange(0, C)
         causal = i[:, None] >= i[None, :]
+        dscale = 0.0
         for c0 in range(start, stop, C):
             t = c0 + i
             ok = t < stop
@@ -353,8 +346,8 @@ if triton is not None:
                     fq1 = tl.exp(aq - mx[:, None])
                     fk1 = tl.exp(ak + kn[:, None]) * wt[:, None]
                     dfq1 = _dq_block(fk1, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, DV, BM, DT, PREC)
-                    dq, _ = _feature_grad(q, fq1.to(DT).to(tl.float32), fq1, dfq1, dfq1, w_ptr, h, blk, M, dq,
-                                          dwp, FEAT, False, D, BM, PREC)
+                    dq, _ = _feature_grad(fq1.to(DT).to(tl.float32), fq1, dfq1, dfq1, w_ptr, h, blk, M, dq, FEAT, D,
+                                          BM, PREC)
                 else:
                     kw = (inv_sqrt_m * wt)[:, None]
                     fq1 = _sin(aq, FAST) * inv_sqrt_m
@@ -363,10 +356,13 @@ if triton is not None:
                                      DT, PREC)
                     dfq2 = _dq_block(_cos(ak, FAST) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + M + blk, DV, BM,
                                      DT, PREC)
-                    dq, _ = _feature_grad(q, fq1, fq2, dfq1, dfq2, w_ptr, h, blk, M, dq, dwp, FEAT, NEED_DW, D,
-                                          BM, PREC)
+                    dq, da = _feature_grad(fq1, fq2, dfq1, dfq2, w_ptr, h, blk, M, dq, FEAT, D, BM, PREC)
+                    if NEED_DS:
+                        dscale += tl.sum(da * aq)
             _store_rows(dq_ptr, _input_grad(q_ptr, dq, b, h, t, ok, sqb, sqh, sqt, tl.zeros_like(wt), 0.0, FEAT,
                                             D).to(dq_ptr.dtype.element_ty), b, h, t, ok, sgb, sgh, sgt, D)
+        if NEED_DS:
+            tl.store(ds_ptr + seg * nbh + bh, dscale)
 
     @triton.jit
     def _dq_block(fk, v, dn16, dden, dA, s_ptr, z_ptr, row, DV: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr,
@@ -414,10 +410,10 @@ if triton is not None:
 
     @triton.jit
     def _dkdv_kernel(q_ptr, k_ptr, v_ptr, cw_ptr, w_ptr, bq_ptr, bk_ptr, mx_ptr, o_ptr, do_ptr, den_ptr, r_ptr,
-                     rz_ptr, dk_ptr, dv_ptr, dw_ptr, T, H, M, SEG, NSEG, kcoef, inv_sqrt_m, floor,
+                     rz_ptr, dk_ptr, dv_ptr, ds_ptr, T, H, M, SEG, NSEG, kcoef, inv_sqrt_m, floor,
                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, scb, sch, sct, sob, soh, sot, sdb, sdh, sdt,
                      skgb, skgh, skgt, svgb, svgh, svgt,
-                     FEAT: tl.constexpr, HAS_CW: tl.constexpr, NEED_DW: tl.constexpr, C: tl.constexpr,
+                     FEAT: tl.constexpr, HAS_CW: tl.constexpr, NEED_DS: tl.constexpr, C: tl.constexpr,
                      D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
                    FAST: tl.constexpr):
         """dk, dv of one segment, walking its chunks backward from the reverse sums R (slot NSEG - 1 - seg, updated in
@@ -430,10 +426,10 @@ if triton is not None:
         h = bh % H
         MS = M * (1 + FEAT)
         row0 = ((NSEG - 1 - seg) * nbh + bh) * MS
-        dwp = dw_ptr + (seg * nbh + bh) * M * D
         start = seg * SEG
         stop = tl.minimum(start + SEG, T)
         n = tl.cdiv(stop - start, C)
+        dscale = 0.0
         i = tl.arange(0, C)
         causal_t = i[:, None] <= i[None, :]                         # (s, t): s <= t
         for j in range(0, n):
@@ -458,9 +454,9 @@ if triton is not None:
                     fk1 = tl.exp(ak + kn[:, None]) * wt[:, None]
                     dfk1, dv, AT = _dkdv_block(tl.exp(aq - mx[:, None]), fk1, v, dn16, dden, dAT, r_ptr, rz_ptr,
                                                row0 + blk, dv, AT, DV, BM, DT, PREC)
-                    dk, ds = _feature_grad(k, fk1.to(DT).to(tl.float32), fk1, dfk1, dfk1, w_ptr, h, blk, M, dk,
-                                           dwp, FEAT, False, D, BM, PREC)
-                    dsq += ds
+                    dk, da = _feature_grad(fk1.to(DT).to(tl.float32), fk1, dfk1, dfk1, w_ptr, h, blk, M, dk, FEAT,
+                                           D, BM, PREC)
+                    dsq += tl.sum(da, 1)
                 else:
                     kw = (inv_sqrt_m * wt)[:, None]
                     fk1 = _sin(ak, FAST) * kw
@@ -469,12 +465,15 @@ if triton is not None:
                                                row0 + blk, dv, AT, DV, BM, DT, PREC)
                     dfk2, dv, AT = _dkdv_block(_cos(aq, FAST) * inv_sqrt_m, fk2, v, dn16, dden, dAT, r_ptr, rz_ptr,
                                                row0 + M + blk, dv, AT, DV, BM, DT, PREC)
-                    dk, _ = _feature_grad(k, fk1, fk2, dfk1, dfk2, w_ptr, h, blk, M, dk, dwp, FEAT, NEED_DW, D,
-                                          BM, PREC)
+                    dk, da = _feature_grad(fk1, fk2, dfk1, dfk2, w_ptr, h, blk, M, dk, FEAT, D, BM, PREC)
+                    if NEED_DS:
+                        dscale += tl.sum(da * ak)
             dv += tl.dot(tl.where(causal_t, AT, 0.0).to(DT), dn16, input_precision=PREC)
             _store_rows(dv_ptr, dv.to(dv_ptr.dtype.element_ty), b, h, t, ok, svgb, svgh, svgt, DV)
             _store_rows(dk_ptr, _input_grad(k_ptr, dk, b, h, t, ok, skb, skh, skt, dsq, kcoef, FEAT,
                                             D).to(dk_ptr.dtype.element_ty), b, h, t, ok, skgb, skgh, skgt, D)
+        if NEED_DS:
+            tl.store(ds_ptr + (NSEG + seg) * nbh + bh, dscale)
 
 
 def _strides(x: Optional[Tensor]) -> tuple:
@@ -526,42 +525,44 @@ def _segment_starts(p: _Plan, q, k, v, cw, w, bq, bk, s0: Tensor, z0: Tensor):
 
 class FusedRandomFeatureAttention(torch.autograd.Function):
     """Causal random-feature attention by the fused kernels: (out (B, H, T, dv) viewed from (B, T, H, dv)
-    storage, end sums S (B, H, M, dv), z (B, H, M)). Inputs: the feature directions w (H, m, dh) fp32 and biases
-    bq, bk (H, m), the key weight cw (B, H or 1, T) or None, the carried sums (no gradient; the end sums are
-    not differentiable). Gradients: q, k, v and (RFA) w."""
+    storage, end sums S (B, H, M, dv), z (B, H, M)). Inputs: the feature directions w (H, m, dh) fp32 (fixed),
+    a per-head scale of the exponents (H,) (RFA's sqrt(tau); ones for Performer) and biases bq, bk (H, m): the
+    exponents are scale_h (w . x) + b. The key weight cw (B, H or 1, T) or None, the carried sums (no gradient;
+    the end sums are not differentiable). Gradients: q, k, v and (RFA) the scale, d scale_h = sum da (w . x)
+    = sum da a / scale_h over tokens and features of head h (per program in the kernels, no (m, dh) scratch)."""
 
     @staticmethod
-    def forward(ctx, feat: int, q, k, v, cw, w, bq, bk, s0, z0, kcoef: float, floor: float):
+    def forward(ctx, feat: int, q, k, v, cw, w, scale, bq, bk, s0, z0, kcoef: float, floor: float):
         p = _Plan(feat, q, v, w, kcoef, floor)
-        s, z = _segment_starts(p, q, k, v, cw, w, bq, bk, s0, z0)
+        ws = (w * scale[:, None, None]).contiguous()
+        s, z = _segment_starts(p, q, k, v, cw, ws, bq, bk, s0, z0)
         s_end = s[-1].view(p.b, p.h, p.ms, p.dv).clone()
         z_end = z[-1].view(p.b, p.h, p.ms).clone()
         out = torch.empty(p.b, p.t, p.h, p.dv, device=q.device, dtype=v.dtype).transpose(1, 2)
         den = torch.empty(p.bh, p.t, device=q.device, dtype=torch.float32)
         mx = torch.zeros(p.bh, p.t, device=q.device, dtype=torch.float32)
         _forward_kernel[p.grid()](
-            q, k, v, cw, w, bq, bk, mx, out, den, s, z, p.t, p.h, p.m, p.seg, p.kcoef, p.inv_sqrt_m, p.floor,
+            q, k, v, cw, ws, bq, bk, mx, out, den, s, z, p.t, p.h, p.m, p.seg, p.kcoef, p.inv_sqrt_m, p.floor,
             *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out),
             HAS_CW=cw is not None, **p.consts)
         del s, z
         ctx.plan = p
-        ctx.save_for_backward(q, k, v, cw, w, bq, bk, s0, z0, out, den, mx)
+        ctx.save_for_backward(q, k, v, cw, ws, scale, bq, bk, s0, z0, out, den, mx)
         ctx.mark_non_differentiable(s_end, z_end)
         return out, s_end, z_end
 
     @staticmethod
     def backward(ctx, g_out, _g_s, _g_z):
-        q, k, v, cw, w, bq, bk, s0, z0, out, den, mx = ctx.saved_tensors
+        q, k, v, cw, ws, scale, bq, bk, s0, z0, out, den, mx = ctx.saved_tensors
         p = ctx.plan
-        need_dw = p.feat == FEAT_TRIG and ctx.needs_input_grad[5]
+        need_ds = p.feat == FEAT_TRIG and ctx.needs_input_grad[6]
         g = g_out if g_out.stride(-1) == 1 else g_out.contiguous()
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
-        dv = torch.empty_like(v)
-        dw = torch.zeros(p.nseg, p.bh, p.m, p.d, device=q.device, dtype=torch.float32) if need_dw else den
-        common = dict(HAS_CW=cw is not None, NEED_DW=need_dw, **p.consts)
-        s, z = _segment_starts(p, q, k, v, cw, w, bq, bk, s0, z0)
+        ds = torch.empty(2, p.nseg, p.b, p.h, device=q.device, dtype=torch.float32) if need_ds else den
+        common = dict(HAS_CW=cw is not None, NEED_DS=need_ds, **p.consts)
+        s, z = _segment_starts(p, q, k, v, cw, ws, bq, bk, s0, z0)
+        dq = torch.empty_like(q)
         _dq_kernel[p.grid()](
-            q, k, v, cw, w, bq, bk, mx, out, g, den, s, z, dq, dw, p.t, p.h, p.m, p.seg, p.kcoef, p.inv_sqrt_m,
+            q, k, v, cw, ws, bq, bk, mx, out, g, den, s, z, dq, ds, p.t, p.h, p.m, p.seg, p.kcoef, p.inv_sqrt_m,
             p.floor, *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out), *_strides(g),
             *_strides(dq), **common)
         del s, z
@@ -569,29 +570,29 @@ class FusedRandomFeatureAttention(torch.autograd.Function):
         r[0].zero_()
         rz[0].zero_()
         _segment_sums_kernel[p.grid()](
-            q, k, v, cw, w, bq, bk, mx, out, g, den, r, rz, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef, p.inv_sqrt_m,
+            q, k, v, cw, ws, bq, bk, mx, out, g, den, r, rz, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef, p.inv_sqrt_m,
             p.floor, *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out), *_strides(g),
             HAS_CW=cw is not None, REVERSE=True, **p.consts)
         r.cumsum_(0)
         rz.cumsum_(0)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
         _dkdv_kernel[p.grid()](
-            q, k, v, cw, w, bq, bk, mx, out, g, den, r, rz, dk, dv, dw, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef,
+            q, k, v, cw, ws, bq, bk, mx, out, g, den, r, rz, dk, dv, ds, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef,
             p.inv_sqrt_m, p.floor, *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out),
             *_strides(g), *_strides(dk), *_strides(dv), **common)
-        dw_total = dw.view(p.nseg, p.b, p.h, p.m, p.d).sum((0, 1)) if need_dw else None
-        return None, dq, dk, dv, None, dw_total, None, None, None, None, None, None
+        dscale = ds.sum((0, 1, 2)) / scale if need_ds else None
+        return None, dq, dk, dv, None, None, dscale, None, None, None, None, None, None
 
 
-def fused_random_features(feat: int, q: Tensor, k: Tensor, v: Tensor, cw: Optional[Tensor], w: Tensor, bq: Tensor,
-                          bk: Tensor, s0: Tensor, z0: Tensor, kcoef: float, floor: float):
+def fused_random_features(feat: int, q: Tensor, k: Tensor, v: Tensor, cw: Optional[Tensor], w: Tensor,
+                          scale: Tensor, bq: Tensor, bk: Tensor, s0: Tensor, z0: Tensor, kcoef: float, floor: float):
     """Causal random-feature attention by the fused kernels; see ``FusedRandomFeatureAttention``. Returns
     (out (B, H, T, dv), S_end (B, H, M, dv), z_end (B, H, M)), M = m (Performer) or 2m (RFA)."""
     if q.shape[-1] != w.shape[-1]:
         raise ValueError(f"feature directions of width {w.shape[-1]} for heads of width {q.shape[-1]}")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    return FusedRandomFeatureAttention.apply(feat, q, k, v, cw, w.float().contiguous(), bq.float().contiguous(),
-                                             bk.float().contiguous(), s0.detach().float(), z0.detach().float(),
-                                             kcoef, floor)
+    return FusedRandomFeatureAttention.apply(feat, q, k, v, cw, w.detach().float(), scale.float(),
+                                             bq.float().contiguous(), bk.float().contiguous(), s0.detach().float(),
+                                             z0.detach().float(), kcoef, floor)
 
 
-__all__ = ["available", "fused_random_features", "FEAT_EXP", "FEAT_TRIG", "math"]
