@@ -5,8 +5,8 @@
 For Performer and RFA (causal, bf16, batch x heads x d_head as in bench_attention): q, k, v laid out as slices
 of (B, T, H, dh) projections, one forward + backward of ``fused_random_features`` per step captured as a CUDA
 graph, median of ``--reps`` CUDA-event timed replays after ``--warmup``, twice (two rounds), and the peak memory
-of the captured step. Each setting of (NUM_WARPS, PROGRAMS, BLOCK_M, NUM_STAGES) is one compile of the kernels. The layer-level comparison
-against full attention is ``bench_attention.py``; this script picks the module defaults.
+of the captured step. Each setting of (NUM_WARPS, PROGRAMS, BLOCK_M, NUM_STAGES) is one compile of the kernels.
+The layer-level comparison against full attention is ``bench_attention.py``; this script picks the defaults.
 """
 from __future__ import annotations
 
