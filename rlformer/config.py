@@ -169,16 +169,16 @@ class RandomFeatureConfig:
     gate: bool = False
     """RFA gating (recency bias) in the causal recurrence; rfa with causal=True only"""
     chunk_size: int = 64
-    """chunk length of the causal prefix sums"""
+    """chunk length of the causal prefix sums (chunk form; the fused CUDA kernels use their own, 64)"""
     redraw: bool = False
     """redraw features every training forward (the recurrent state is then only valid within a call)"""
     seed: int = 0
     """seed of the fixed random features (each layer draws its own from seed and its index)"""
     recompute_group: int = 4096
-    """causal: tokens processed per batched pass (whole chunks), one group after another. Only inputs are
-    kept for backward either way; a group's features and per-chunk tensors (O(group * M)) exist only while
-    it runs, so smaller groups lower the peak memory, larger ones launch fewer kernels; 0: the whole
-    sequence in one pass"""
+    """causal, chunk form (CPU, gated RFA; CUDA's fused kernels do not read it): tokens processed per batched pass
+    (whole chunks), one group after another. Only inputs are kept for backward either way; a group's features and
+    per-chunk tensors (O(group * M)) exist only while it runs, so smaller groups lower the peak memory, larger ones
+    launch fewer kernels; 0: the whole sequence in one pass"""
 
 
 @dataclass
