@@ -86,8 +86,6 @@ def main() -> None:
             row = dict(attention=name, t=t, warps=warps, programs=programs, block_m=bm, stages=stages,
                        ms=[r[0] for r in rounds], mib=max(r[1] for r in rounds))
             rows.append(row)
-            del step
-            step = _step(name, t, args)
             print(f"| {name} | {t} | {warps} | {programs} | {bm} | {stages} | {row['ms'][0]:.3f}/{row['ms'][1]:.3f} | "
                   f"{row['mib']:.0f} |", flush=True)
     with open(args.out, "w") as f:

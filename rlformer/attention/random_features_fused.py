@@ -143,6 +143,19 @@ if triton is not None:
         return q, k, wt, kn, mx
 
     @triton.jit
+    def _program(T, H, SEG):
+        """(segment, head row bh = b H + h, head rows, b, h, first token, end token) of this program."""
+        seg = tl.program_id(0)
+        bh = tl.program_id(1)
+        start = seg * SEG
+        return seg, bh, tl.num_programs(1), bh // H, bh % H, start, tl.minimum(start + SEG, T)
+
+    @triton.jit
+    def _slot_row(slot, nbh, bh, M, FEAT: tl.constexpr):
+        """First row of (slot, bh) in the (NSEG + 1, BH, MS, DV) carried sums; MS = M (Performer), 2M (RFA)."""
+        return (slot * nbh + bh) * M * (1 + FEAT)
+
+    @triton.jit
     def _state_ptrs(s_ptr, z_ptr, row, DV: tl.constexpr, BM: tl.constexpr):
         r = row + tl.arange(0, BM)
         return s_ptr + r[:, None] * DV + tl.arange(0, DV)[None, :], z_ptr + r
@@ -157,16 +170,8 @@ if triton is not None:
                              DT: tl.constexpr, FAST: tl.constexpr):
         """Sums of one segment, one feature block per loop, written to slot 1 + seg (forward: sum phi(k) [v, 1]^T)
         or slot NSEG - seg (REVERSE: sum phi(q) [dnum, dden]^T) of the (NSEG + 1, BH, MS, DV) sums."""
-        seg = tl.program_id(0)
-        bh = tl.program_id(1)
-        nbh = tl.num_programs(1)
-        b = bh // H
-        h = bh % H
-        MS = M * (1 + FEAT)
-        slot = NSEG - seg if REVERSE else seg + 1
-        row0 = (slot * nbh + bh) * MS
-        start = seg * SEG
-        stop = tl.minimum(start + SEG, T)
+        seg, bh, nbh, b, h, start, stop = _program(T, H, SEG)
+        row0 = _slot_row(NSEG - seg if REVERSE else seg + 1, nbh, bh, M, FEAT)
         for blk in range(0, M, BM):
             acc1 = tl.zeros((BM, DV), tl.float32)
             z1 = tl.zeros((BM,), tl.float32)
@@ -250,15 +255,8 @@ if triton is not None:
                         DV: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
                         FAST: tl.constexpr):
         """Outputs of one segment: walks its chunks from the carried sums in slot seg (updated in place)."""
-        seg = tl.program_id(0)
-        bh = tl.program_id(1)
-        nbh = tl.num_programs(1)
-        b = bh // H
-        h = bh % H
-        MS = M * (1 + FEAT)
-        row0 = (seg * nbh + bh) * MS
-        start = seg * SEG
-        stop = tl.minimum(start + SEG, T)
+        seg, bh, nbh, b, h, start, stop = _program(T, H, SEG)
+        row0 = _slot_row(seg, nbh, bh, M, FEAT)
         i = tl.arange(0, C)
         causal = i[:, None] >= i[None, :]
         for c0 in range(start, stop, C):
@@ -315,15 +313,8 @@ if triton is not None:
                    FAST: tl.constexpr):
         """dq of one segment, walking its chunks forward from the carried sums S (updated in place):
         dphi(q_t) = S_c [dnum_t, dden_t] + sum_{s in c, s <= t} (dy_t . [v_s, 1]) phi(k_s)."""
-        seg = tl.program_id(0)
-        bh = tl.program_id(1)
-        nbh = tl.num_programs(1)
-        b = bh // H
-        h = bh % H
-        MS = M * (1 + FEAT)
-        row0 = (seg * nbh + bh) * MS
-        start = seg * SEG
-        stop = tl.minimum(start + SEG, T)
+        seg, bh, nbh, b, h, start, stop = _program(T, H, SEG)
+        row0 = _slot_row(seg, nbh, bh, M, FEAT)
         i = tl.arange(0, C)
         causal = i[:, None] >= i[None, :]
         dscale = 0.0
@@ -419,15 +410,8 @@ if triton is not None:
         """dk, dv of one segment, walking its chunks backward from the reverse sums R (slot NSEG - 1 - seg, updated in
         place): dphi(k_s) = R_c^T [v_s, 1] + sum_{t in c, t >= s} (dy_t . [v_s, 1]) phi(q_t),
         dv_s = R_c^T phi(k_s) + sum_{t in c, t >= s} (phi(q_t) . phi(k_s)) dnum_t."""
-        seg = tl.program_id(0)
-        bh = tl.program_id(1)
-        nbh = tl.num_programs(1)
-        b = bh // H
-        h = bh % H
-        MS = M * (1 + FEAT)
-        row0 = ((NSEG - 1 - seg) * nbh + bh) * MS
-        start = seg * SEG
-        stop = tl.minimum(start + SEG, T)
+        seg, bh, nbh, b, h, start, stop = _program(T, H, SEG)
+        row0 = _slot_row(NSEG - 1 - seg, nbh, bh, M, FEAT)
         n = tl.cdiv(stop - start, C)
         dscale = 0.0
         i = tl.arange(0, C)
