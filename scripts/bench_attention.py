@@ -195,26 +195,35 @@ PEERS = {  # rlformer variant -> (peer label, PyPI package, builder)
     "full": ("x-transformers Attention(flash)", "x-transformers", _peer_x_transformers),
     "local": ("local-attention LocalAttention", "local-attention", _peer_local_attention),
     "lsh": ("reformer-pytorch LSHSelfAttention", "reformer-pytorch", _peer_reformer),
-    "routing": ("routing-transformer SelfAttention", "routing-transformer", _peer_routing),
+    "routing": ("routing-transformer SelfAttention (fp32 weights, autocast)", "routing-transformer",
+                _peer_routing),
     "linformer": ("linformer LinformerSelfAttention", "linformer", _peer_linformer),
     "performer": ("performer-pytorch SelfAttention", "performer-pytorch", _peer_performer),
 }
+
+
+PEER_AUTOCAST = {"routing"}
+"""Peers that fail with half-precision weights (routing-transformer's local attention multiplies its float32
+softmax with half values): run with float32 weights under ``torch.autocast`` at the benchmark dtype instead."""
 
 
 def peer_step(variant: str, t: int, args, device, dtype) -> Callable[[], None]:
     _, _, build = PEERS[variant]
     causal = lookup("attention", variant).supports_causal
     torch.manual_seed(0)
-    layer = build(t, args.heads * args.d_head, args.heads, args.d_head, causal).to(device=device, dtype=dtype).train()
+    mixed = variant in PEER_AUTOCAST and dtype != torch.float32
+    layer = build(t, args.heads * args.d_head, args.heads, args.d_head, causal)
+    layer = layer.to(device=device, dtype=torch.float32 if mixed else dtype).train()
     x = torch.randn(args.batch, t, args.heads * args.d_head, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn_like(x)
 
     def step():
         x.grad = None
         layer.zero_grad(set_to_none=True)
-        out = layer(x)
+        with torch.autocast(device.type, dtype=dtype, enabled=mixed):
+            out = layer(x)
         out = out[0] if isinstance(out, tuple) else out
-        out.backward(grad)
+        out.backward(grad.to(out.dtype))
 
     return step
 
