@@ -75,6 +75,20 @@ def live_at_peak(trace: list[dict]) -> tuple[int, dict]:
     return peak, {k: [v[0], v[1], sorted(v[2], reverse=True)[:8]] for k, v in groups.items()}
 
 
+def unnamed_stacks(trace: list[dict], min_bytes: int, depth: int = 40) -> list[dict]:
+    """The frames of every block of at least ``min_bytes`` allocated with no Python frame (made inside autograd's
+    engine; with ``--cpp`` these are C++ frames), to name what ``_label`` could only call 'backward (C++: ...)'."""
+    out = []
+    for ev in trace:
+        frames = ev.get("frames", [])
+        if ev["action"] == "alloc" and ev["size"] >= min_bytes and not any(f["filename"].endswith(".py")
+                                                                             for f in frames):
+            out.append({"mib": round(ev["size"] / MIB, 2),
+                        "frames": [f"{f.get('name', '?')[:160]} ({os.path.basename(f.get('filename', ''))})"
+                                   for f in frames[:depth]]})
+    return out
+
+
 def saved_tensors(step) -> tuple[int, dict]:
     """(bytes, {label: [bytes, count, shapes]}) of the tensors saved for backward during one step."""
     seen: set[int] = set()
@@ -120,10 +134,12 @@ def probe(name: str, t: int, args) -> dict:
     trace = [ev for ev in snap["device_traces"][torch.cuda.current_device()]
              if ev["action"] in ("alloc", "free_requested")]
     peak, groups = live_at_peak(trace)
+    unnamed = unnamed_stacks(trace, 8 * MIB) if args.cpp else []
     res = {"variant": name, "T": t, "graph": args.graph, "peak_mib": round(measured, 1),
            "trace_peak_mib": round(peak / MIB, 1),
            "live_at_peak": {k: [round(v[0] / MIB, 2), v[1], [round(x / MIB, 2) for x in v[2]]]
-                            for k, v in sorted(groups.items(), key=lambda kv: -kv[1][0])}}
+                            for k, v in sorted(groups.items(), key=lambda kv: -kv[1][0])},
+           "unnamed_blocks": unnamed}
     if args.graph:
         return res
     saved, saved_groups = saved_tensors(step)
@@ -173,6 +189,10 @@ def main() -> None:
             print("  saved for backward (MiB, tensors, shapes):")
             for k, v in list(res.get("saved", {}).items())[:args.top]:
                 print(f"    {v[0]:9.2f} {v[1]:4d}  {k}  {'; '.join(v[2])}")
+            for block in res.get("unnamed_blocks", []):
+                print(f"  block of {block['mib']} MiB with no Python frame, made in:")
+                for frame in block["frames"]:
+                    print(f"      {frame}")
             torch.cuda.empty_cache()
 
 
