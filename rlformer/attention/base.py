@@ -7,9 +7,9 @@ impossible combination fails at build time with a message instead of deep inside
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rlformer.attention.projection import Projection, linear
 from rlformer.config import EncoderConfig
 from rlformer.context import AttentionContext
 from rlformer.position.base import Position
@@ -22,7 +22,7 @@ def split_heads(x: Tensor, n_heads: int) -> Tensor:
 
 def linear_rows(x: Tensor, layer: nn.Linear, a: int, e: int) -> Tensor:
     """x W[a:e]^T + b[a:e]: the output features a..e of ``layer`` alone (one product of those weight rows)."""
-    return F.linear(x, layer.weight[a:e], None if layer.bias is None else layer.bias[a:e])
+    return linear(x, layer.weight[a:e], None if layer.bias is None else layer.bias[a:e])
 
 
 def merge_heads(x: Tensor) -> Tensor:
@@ -49,9 +49,9 @@ class Attention(nn.Module):
         self.scale = cfg.d_head ** -0.5
         self.dropout = cfg.dropout
         self.position = position
-        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.kv_proj = nn.Linear(cfg.d_model, 2 * cfg.d_model)
-        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.q_proj = Projection(cfg.d_model, cfg.d_model)        # see projection.py: the bias gradient's memory
+        self.kv_proj = Projection(cfg.d_model, 2 * cfg.d_model)
+        self.out_proj = Projection(cfg.d_model, cfg.d_model)
 
     @classmethod
     def validate(cls, cfg: EncoderConfig) -> None:

@@ -11,6 +11,7 @@ from rlformer.attention.base import Attention, split_heads
 from rlformer.attention.chunked import bucket_attention, combine_rounds, naive_bucket_attention
 from rlformer.attention.chunked_softmax import bucket_softmax_attention
 from rlformer.attention.flex_bucket import flex_bucket_attention, use_flex_bucket
+from rlformer.attention.projection import Projection
 from rlformer.config import EncoderConfig
 from rlformer.registry import register
 
@@ -103,7 +104,7 @@ class LSHAttention(Float32Buffers, Attention):
 
     def __init__(self, cfg: EncoderConfig, layer: int, position=None):
         super().__init__(cfg, layer, position)
-        self.kv_proj = nn.Linear(cfg.d_model, cfg.d_model)          # values only (shared-QK)
+        self.kv_proj = Projection(cfg.d_model, cfg.d_model)         # values only (shared-QK)
         c = cfg.lsh
         gen = layer_generator(c.seed, layer, salt=1)
         half = c.n_buckets // 2 if c.n_buckets > 1 else 0
