@@ -69,3 +69,24 @@ def test_cuda_bias_gradient_of_a_tall_half_matrix():
     want = g.double().sum((0, 1))
     torch.testing.assert_close(layer.bias.grad.double(), want, rtol=1e-2, atol=0.5)
     torch.testing.assert_close(layer.weight.grad.double(), g.double()[0].t() @ x.double()[0], rtol=2e-2, atol=2.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: torch.compile + bf16 autocast as DT trains")
+def test_cuda_compiled_encoder_under_autocast_matches_eager():
+    import rlformer
+
+    cfg = rlformer.EncoderConfig(d_model=64, n_layers=2, n_heads=4, position="rotary", dropout=0.0, max_len=128)
+    torch.manual_seed(4)
+    enc = rlformer.build_encoder(cfg).cuda()
+    x = torch.randn(3, 32, 64, device="cuda")
+    results = []
+    for model in (enc, torch.compile(enc)):
+        enc.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x).output
+        out.float().square().mean().backward()
+        results.append((out.float(), [p.grad.clone() for p in enc.parameters()]))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)
