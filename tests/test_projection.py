@@ -75,7 +75,7 @@ def test_cuda_bias_gradient_of_a_tall_half_matrix():
 def test_cuda_compiled_encoder_under_autocast_matches_eager():
     import rlformer
 
-    cfg = rlformer.EncoderConfig(d_model=64, n_layers=2, n_heads=4, position="rotary", dropout=0.0, max_len=128)
+    cfg = rlformer.EncoderConfig(d_model=64, n_layers=2, n_heads=4, position="rope", dropout=0.0, max_len=128)
     torch.manual_seed(4)
     enc = rlformer.build_encoder(cfg).cuda()
     x = torch.randn(3, 32, 64, device="cuda")
