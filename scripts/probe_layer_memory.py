@@ -12,7 +12,10 @@ and the blocks alive then. Blocks made inside autograd's engine (backward of ate
 are listed as ``backward (no Python frame)`` with their size. A second step runs under
 ``saved_tensors_hooks``: every tensor saved for backward, counted once per storage, labelled with the
 innermost rlformer frame that saved it. ``--cpp`` records C++ frames too, so the backward's blocks are named by
-their autograd node (a block with none is the engine's gradient accumulation). ``--graph``: the allocations of
+their autograd node, and prints the C++ frames of every block of 8 MiB or more that has no Python frame (the
+engine's own work between nodes: gradient accumulation, or ``validate_outputs`` reducing a broadcast gradient, which
+is how session 12 found the 64 MiB bias-gradient reduce; see rlformer/attention/projection.py). ``--graph``: the
+allocations of
 capturing the step in a CUDA graph instead (after a discarded first capture, as ``bench_attention --cuda-graph``).
 CUDA only.
 """
