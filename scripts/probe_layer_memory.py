@@ -15,8 +15,8 @@ innermost rlformer frame that saved it. ``--cpp`` records C++ frames too, so the
 their autograd node, and prints the C++ frames of every block of 8 MiB or more that has no Python frame (the
 engine's own work between nodes: gradient accumulation, or ``validate_outputs`` reducing a broadcast gradient, which
 is how session 12 found the 64 MiB bias-gradient reduce; see rlformer/attention/projection.py). ``--graph``: the
-allocations of
-capturing the step in a CUDA graph instead (after a discarded first capture, as ``bench_attention --cuda-graph``).
+allocations of capturing the step in a CUDA graph instead (after a discarded first capture, as ``bench_attention
+--cuda-graph``).
 CUDA only.
 """
 from __future__ import annotations
