@@ -195,8 +195,7 @@ PEERS = {  # rlformer variant -> (peer label, PyPI package, builder)
     "full": ("x-transformers Attention(flash)", "x-transformers", _peer_x_transformers),
     "local": ("local-attention LocalAttention", "local-attention", _peer_local_attention),
     "lsh": ("reformer-pytorch LSHSelfAttention", "reformer-pytorch", _peer_reformer),
-    "routing": ("routing-transformer SelfAttention (fp32 weights, autocast)", "routing-transformer",
-                _peer_routing),
+    "routing": ("routing-transformer SelfAttention", "routing-transformer", _peer_routing),
     "linformer": ("linformer LinformerSelfAttention", "linformer", _peer_linformer),
     "performer": ("performer-pytorch SelfAttention", "performer-pytorch", _peer_performer),
 }
@@ -207,11 +206,16 @@ PEER_AUTOCAST = {"routing"}
 softmax with half values): run with float32 weights under ``torch.autocast`` at the benchmark dtype instead."""
 
 
+def peer_mixed(variant: str, dtype: torch.dtype) -> bool:
+    """Whether the peer of ``variant`` runs with float32 weights under autocast at ``dtype`` (``PEER_AUTOCAST``)."""
+    return variant in PEER_AUTOCAST and dtype != torch.float32
+
+
 def peer_step(variant: str, t: int, args, device, dtype) -> Callable[[], None]:
     _, _, build = PEERS[variant]
     causal = lookup("attention", variant).supports_causal
     torch.manual_seed(0)
-    mixed = variant in PEER_AUTOCAST and dtype != torch.float32
+    mixed = peer_mixed(variant, dtype)
     layer = build(t, args.heads * args.d_head, args.heads, args.d_head, causal)
     layer = layer.to(device=device, dtype=torch.float32 if mixed else dtype).train()
     x = torch.randn(args.batch, t, args.heads * args.d_head, device=device, dtype=dtype, requires_grad=True)
@@ -482,7 +486,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             if missing:
                 notes.append(f"peer of {name}: {missing}; skipped")
             else:
-                plan.append((f"peer: {PEERS[name][0]}", cls.supports_causal,
+                label = PEERS[name][0] + (" (fp32 weights, autocast)" if peer_mixed(name, dtype) else "")
+                plan.append((f"peer: {label}", cls.supports_causal,
                              lambda t, n=name: peer_step(n, t, args, device, dtype)))
     rows = [{"name": label, "causal": causal, "results": {}} for label, causal, _ in plan]
     report = {"meta": meta, "notes": notes, "rows": rows}

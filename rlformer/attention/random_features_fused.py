@@ -406,7 +406,7 @@ if triton is not None:
                      skgb, skgh, skgt, svgb, svgh, svgt,
                      FEAT: tl.constexpr, HAS_CW: tl.constexpr, NEED_DS: tl.constexpr, C: tl.constexpr,
                      D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
-                   FAST: tl.constexpr):
+                     FAST: tl.constexpr):
         """dk, dv of one segment, walking its chunks backward from the reverse sums R (slot NSEG - 1 - seg, updated in
         place): dphi(k_s) = R_c^T [v_s, 1] + sum_{t in c, t >= s} (dy_t . [v_s, 1]) phi(q_t),
         dv_s = R_c^T phi(k_s) + sum_{t in c, t >= s} (phi(q_t) . phi(k_s)) dnum_t."""
