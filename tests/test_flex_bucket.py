@@ -255,6 +255,74 @@ def test_cuda_row_kernels_match_the_aten_path(n_rounds, dtype, monkeypatch):
         torch.testing.assert_close(a.float(), w.float(), rtol=tol, atol=tol)
 
 
+@cuda
+@pytest.mark.parametrize("n_rounds", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_round_by_round_kernels_match_the_aten_path(n_rounds, dtype, monkeypatch):
+    """The row kernels as ``_RoundCalls`` uses them, one round at a time: the combination's backward with <dO, o>
+    read from the combined output, and the summing back accumulated into a gradient buffer (split_heads layout),
+    equal the aten path; and the round-by-round pieces sum to the all-rounds backward."""
+    from rlformer.attention import row_gather
+    g = torch.Generator().manual_seed(22)
+    b, h, t, dh = 2, 3, 300, 64
+    rows, slot, _, length = (x.cuda() if torch.is_tensor(x) else x
+                             for x in slot_tables(torch.randint(0, 4, (b, h, n_rounds, t), generator=g)))
+    out = torch.randn(b, h * n_rounds, length, dh, generator=g).to("cuda", dtype)
+    lse = (torch.randn(b, h * n_rounds, length, generator=g) * 3).cuda()
+    grad = torch.randn(b, t, h, dh, generator=g).to("cuda", dtype).transpose(1, 2)
+    fast = row_gather.available
+    tables = {"rows": rows, "slot": slot, "length": length, "pos": rows, "group": rows, "kgroup": rows, "others": []}
+
+    def run(use_kernels: bool):
+        monkeypatch.setattr(row_gather, "available", fast if use_kernels else (lambda x: False))
+        o, w = flex_bucket.combine_sorted(out, lse, slot)
+        dx = torch.empty(b, t, h, dh, dtype=dtype, device="cuda").transpose(1, 2)
+        pieces = []
+        for r in range(n_rounds):
+            t_r = flex_bucket._BucketCall.round_tables(
+                {**tables, "pos": out[..., 0], "group": out[..., 0], "kgroup": out[..., 0]}, r)
+            out_r = out.view(b, h, n_rounds, length, dh)[:, :, r]
+            d_r, l_r = flex_bucket.combine_sorted_backward(grad, t_r["rows"].contiguous(), t_r["slot"].contiguous(),
+                                                           out_r, w[:, :, r:r + 1].contiguous(), o)
+            flex_bucket.sum_sorted(d_r, t_r["slot"].contiguous(), (b, h, t, dh), True, out=dx, accumulate=r > 0)
+            pieces += [d_r, l_r]
+        whole = flex_bucket.combine_sorted_backward(grad, rows, slot, out, w)
+        return o, pieces, whole, dx
+
+    (o, pieces, whole, dx), (o2, pieces2, _, dx2) = run(True), run(False)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, c in zip([o, dx, *pieces], [o2, dx2, *pieces2]):
+        torch.testing.assert_close(a.float(), c.float(), rtol=tol, atol=tol)
+    dout = torch.stack(pieces[0::2], 2).view(b, h * n_rounds, length, dh)
+    dlse = torch.stack(pieces[1::2], 2).view(b, h * n_rounds, length)
+    torch.testing.assert_close(dout.float(), whole[0].float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(dlse, whole[1], rtol=tol, atol=0.05 if dtype == torch.bfloat16 else tol)
+
+
+@cuda
+@pytest.mark.parametrize("shared_qk", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_split_rounds_match_one_call(shared_qk, dtype):
+    """The compiled kernel one round at a time (``split_rounds``) vs all rounds in one call: outputs and q, k, v
+    gradients, two hash rounds, padding, causal, dedup."""
+    g = torch.Generator().manual_seed(23)
+    b, h, t, dh = 2, 4, 1000, 64
+    q, k, v = (torch.randn(b, t, h, dh, generator=g).to("cuda", dtype).transpose(1, 2) for _ in range(3))
+    buckets = torch.randint(0, 8, (b, h, 2, t), generator=g).cuda()
+    probe = torch.randn(b, h, t, dh, generator=g).cuda()
+    kw = {"causal": True, "self_penalty": shared_qk, "key_valid": padding(b, t).cuda(), "dedup": True}
+    results = []
+    for split in (False, True):
+        qq, kk, vv = (x.detach().clone().requires_grad_() for x in (q, k, v))
+        out = flex_bucket_attention(qq, None if shared_qk else kk, vv, buckets, 8, 32, 0.125, split_rounds=split,
+                                    **kw)
+        (out.float() * probe).sum().backward()
+        results.append((out.detach(), qq.grad, vv.grad, torch.zeros(()) if shared_qk else kk.grad))
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    for name, a, c in zip(("out", "dq", "dv", "dk"), *results):
+        torch.testing.assert_close(a.float(), c.float(), rtol=tol, atol=tol, msg=name)
+
+
 # ------------------------------------------------------------------------- CPU: the band BlockMask
 
 
@@ -425,6 +493,108 @@ def test_head_groups_keep_one_groups_sorted_copies_at_a_time(monkeypatch):
     q.grad = v.grad = None
     out.sum().backward()
     torch.testing.assert_close((q.grad, v.grad), first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shared_qk,n_rounds,causal", [(True, 2, True), (True, 3, False), (False, 2, False),
+                                                       (False, 3, True)])
+def test_split_rounds_equal_one_call(monkeypatch, shared_qk, n_rounds, causal):
+    """``split_rounds`` (``_RoundCalls``: a kernel call and a graph per round, backward round by round with <dO, o>
+    from the combined output) gives the outputs and q, k, v gradients of one call for all rounds, float64, the
+    dense stand-in for flex; split_heads storage, padding, dedup."""
+    monkeypatch.setattr(flex_bucket, "_flex", lambda: (dense_flex, None))
+    g = torch.Generator().manual_seed(12)
+    b, h, t, dh = 2, 3, 41, 8
+    q, k, v = (torch.randn(b, t, h, dh, generator=g, dtype=F64).transpose(1, 2) for _ in range(3))
+    buckets = torch.randint(0, 4, (b, h, n_rounds, t), generator=g)
+    probe = torch.randn(b, h, t, dh, generator=g, dtype=F64)
+    kw = {"causal": causal, "self_penalty": shared_qk, "key_valid": padding(b, t), "dedup": True, "compile": True}
+    results = []
+    for split in (False, True):
+        qq, kk, vv = (x.detach().clone().requires_grad_() for x in (q, k, v))
+        out = flex_bucket_attention(qq, None if shared_qk else kk, vv, buckets, 4, 3, 0.4, split_rounds=split, **kw)
+        assert (out.grad_fn.name() == "_RoundCallsBackward") == split
+        (out * probe).sum().backward()
+        results.append((out.detach(), qq.grad, vv.grad, torch.zeros(()) if shared_qk else kk.grad))
+    for name, a, c in zip(("out", "dq", "dv", "dk"), *results):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-12, msg=name)
+    assert results[1][1].abs().max() > 1e-3 and results[1][1].stride() == q.stride()   # split_heads layout kept
+    with torch.no_grad():        # no gradients wanted: the one-call path
+        qq, vv = q.clone(), v.clone()
+        assert flex_bucket_attention(qq, None if shared_qk else k, vv, buckets, 4, 3, 0.4, split_rounds=True,
+                                     **kw).grad_fn is None
+
+
+def test_split_rounds_drop_each_rounds_graph_unless_retained(monkeypatch):
+    """Backward runs the last round first and drops each round's graph once its rows are summed back: when round r's
+    rows are summed, the later rounds' sorted copies are gone. With retain_graph=True nothing is dropped and a
+    second backward gives the same gradients."""
+    import weakref
+    monkeypatch.setattr(flex_bucket, "_flex", lambda: (dense_flex, None))
+    made, alive_at_sum = [], []
+    gather, total = flex_bucket.gather_sorted, flex_bucket.sum_sorted
+
+    def tracked_gather(x, rows):
+        y = gather(x, rows)
+        made.append(weakref.ref(y))
+        return y
+
+    def tracked_sum(*a, **k):
+        alive_at_sum.append(sum(r() is not None for r in made))
+        return total(*a, **k)
+
+    monkeypatch.setattr(flex_bucket, "gather_sorted", tracked_gather)
+    monkeypatch.setattr(flex_bucket, "sum_sorted", tracked_sum)
+    q, _, v, buckets = inputs(1, 2, 40, 8, 3, 4, seed=3)
+    for retain in (False, True):
+        made.clear(), alive_at_sum.clear()
+        qq, vv = q.clone().requires_grad_(), v.clone().requires_grad_()
+        out = flex_bucket_attention(qq, None, vv, buckets, 4, 3, 0.4, causal=True, dedup=True, split_rounds=True,
+                                    compile=True)
+        assert len(made) == 6 and all(r() is not None for r in made)   # q and v per round, kept for backward
+        out.sum().backward(retain_graph=retain)
+        # rounds 2, 1, 0 (q's rows, then v's): 6, 6, 4, 4, 2, 2 copies alive without retain_graph
+        assert alive_at_sum == ([6] * 6 if retain else [6, 6, 4, 4, 2, 2])
+    first = (qq.grad.clone(), vv.grad.clone())
+    qq.grad = vv.grad = None
+    out.sum().backward()
+    torch.testing.assert_close((qq.grad, vv.grad), first, rtol=0, atol=0)
+
+
+def test_lsh_split_rounds_on_the_flex_path_match_the_lean_path(monkeypatch):
+    """lsh ``attend`` on the flex path with its default ``split_rounds`` (dense stand-in) vs the CPU lean path:
+    outputs and q, v gradients (shared-QK, two rounds, padding, causal), float64."""
+    monkeypatch.setattr(flex_bucket, "_flex", lambda: (dense_flex, None))
+    monkeypatch.setattr(lsh, "flex_bucket_attention", functools.partial(flex_bucket_attention, compile=True))
+    cfg = base_config(attention="lsh", n_heads=4)
+    cfg.lsh = dataclasses.replace(cfg.lsh, n_buckets=4, n_hashes=2, chunk_size=3)
+    assert cfg.lsh.split_rounds
+    att = LSHAttention(cfg, layer=0).double()
+    q, _, v, _ = inputs(2, 4, 29, 8, 1, 1, seed=7)
+    probe = torch.randn_like(q)
+    results = []
+    for flex_path in (True, False):
+        monkeypatch.setattr(lsh, "use_flex_bucket", lambda *a, f=flex_path: f)
+        qq, vv = (x.clone().requires_grad_() for x in (q, v))
+        out, _ = att.attend(qq, F.normalize(qq, dim=-1), vv, ctx_for(2, 29, True, padding(2, 29)))
+        assert (out.grad_fn.name() == "_RoundCallsBackward") == flex_path
+        (out * probe).sum().backward()
+        results.append((out.detach(), qq.grad, vv.grad))
+    for name, a, c in zip(("out", "dq", "dv"), *results):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-10, msg=name)
+
+
+def test_shared_qk_hash_keys_keep_no_graph_on_the_flex_path(monkeypatch):
+    """On the flex path lsh's keys (k = q / |q|) and routing's routed keys only hash / route (the kernel makes its
+    keys from q): they carry no graph, so nothing keeps q alive until backward; off it they do."""
+    for flex_path in (True, False):
+        monkeypatch.setattr(lsh, "use_flex_bucket", lambda *a, f=flex_path: f)
+        att = LSHAttention(base_config(attention="lsh"), layer=0)
+        x = torch.randn(1, 8, att.cfg.d_model, requires_grad=True)
+        q, k, v = att.project(x, x)
+        assert q.requires_grad and v.requires_grad and k.requires_grad == (not flex_path)
+        rout = RoutingAttention(base_config(attention="routing"), layer=0)
+        routed_q = q[:, :rout.centroids.shape[0]]
+        assert rout._routed(routed_q, keys_grad=not flex_path)[0].requires_grad == (not flex_path)
 
 
 # ------------------------------------------------------------------------- CUDA: compiled kernels

@@ -106,8 +106,10 @@ class RoutingAttention(Float32Buffers, Attention):
         moved = decay * self.centroids + (1 - decay) * sums / counts.clamp(min=1)
         self.centroids.copy_(torch.where(counts > 0, moved, self.centroids))
 
-    def _routed(self, q: Tensor) -> tuple[Tensor, Tensor]:
-        k = F.normalize(q, dim=-1)
+    def _routed(self, q: Tensor, keys_grad: bool = True) -> tuple[Tensor, Tensor]:
+        """(k = q / |q|, the nearest centroid of each k). ``keys_grad=False`` when the attention makes its keys from
+        q itself (the flex path): k then only routes, and is formed without a graph that would keep q alive."""
+        k = F.normalize(q if keys_grad else q.detach(), dim=-1)
         return k, self.clusters(k)
 
     def forward(self, x: Tensor, kv: Tensor, ctx) -> tuple[Tensor, dict]:
@@ -153,7 +155,7 @@ class RoutingAttention(Float32Buffers, Attention):
                 # routed heads (self_penalty): k = q / |q| (``_routed``), from the gathered q (``_UnitKeys``)
                 keys = None if kw.get("self_penalty") else k
                 return flex_bucket_attention(q, keys, v, buckets, n_buckets, chunk_size, scale, **kw)[:, :, None], None
-            return self._attend(local, routed, ctx, flex)
+            return self._attend(local, routed, ctx, flex, keys_grad=False)
         if self.dropout > 0 and self.training:    # dropout needs the probabilities: the materializing path
             return self._attend(local, routed, ctx, bucket_attention)
         return self._attend(local, routed, ctx, self._lean)
@@ -174,9 +176,9 @@ class RoutingAttention(Float32Buffers, Attention):
         finally:
             self.train(training)
 
-    def _attend(self, local, routed, ctx, attention):
+    def _attend(self, local, routed, ctx, attention, keys_grad: bool = True):
         """Local heads (q, k, v) then routed heads (q, v), each None when there are none, with ``attention`` (the
-        interface of ``chunked.bucket_attention``)."""
+        interface of ``chunked.bucket_attention``; ``keys_grad=False``: it makes the routed heads' keys itself)."""
         r = self.cfg.routing
         outs = []
         if local is not None:
@@ -188,7 +190,7 @@ class RoutingAttention(Float32Buffers, Attention):
             outs.append(out[:, :, 0])
         if routed is not None:
             qr, vr = routed
-            kr, clusters = self._routed(qr)
+            kr, clusters = self._routed(qr, keys_grad)
             out, _ = attention(qr, kr, vr, clusters[:, :, None], r.n_clusters, r.chunk_size, self.scale,
                                causal=ctx.causal, self_penalty=True, key_valid=ctx.key_valid,
                                dropout=self.dropout, training=self.training)
