@@ -125,10 +125,6 @@ class LSHConfig:
     from forward to backward (lower peak memory for one more forward kernel call and more launches); 0 = one
     group up to 2^19 sorted rows (heads x hash rounds x T), else about 2^17 per group
     (``flex_bucket.auto_head_groups``); 1 = one call"""
-    split_rounds: bool = True
-    """CUDA (FlexAttention) path with one head group: one kernel call per hash round, each round's backward run on
-    its own (``flex_bucket._RoundCalls``: the kernel's gradients exist for one round at a time, lower peak memory,
-    no recomputation); False = all rounds in one call"""
 
 
 @dataclass

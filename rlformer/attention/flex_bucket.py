@@ -255,14 +255,12 @@ def gather_sorted(x: Tensor, rows: Tensor) -> Tensor:
     return _select_rows(src, _row_index(strides, rows)).view(b, h * r, length, x.shape[-1])
 
 
-def sum_sorted(g: Tensor, slot: Tensor, shape, split: bool, out: Tensor | None = None,
-               accumulate: bool = False) -> Tensor:
+def sum_sorted(g: Tensor, slot: Tensor, shape, split: bool, out: Tensor | None = None) -> Tensor:
     """The backward of ``gather_sorted`` (no autograd): dx[b, h, t] = sum_r g[b, h r, slot[b, h, r, t]], (B, H, T,
     dh) in (B, T, H, dh) storage when ``split`` else (B, H, T, dh); written into ``out`` (a (B, H, T, dh) view with
-    a unit last stride) when given, or added to it with ``accumulate``. The inverse permutation per round, summed:
-    no index_add."""
+    a unit last stride) when given. The inverse permutation per round, summed: no index_add."""
     if row_gather.available(g):
-        return row_gather.sum_rounds(g, slot, split, out=out, accumulate=accumulate)
+        return row_gather.sum_rounds(g, slot, split, out=out)
     r, length = slot.shape[2], g.shape[2]
     dst = _dst(slot, length)
     g = g.contiguous().view(-1, shape[-1])
@@ -271,9 +269,7 @@ def sum_sorted(g: Tensor, slot: Tensor, shape, split: bool, out: Tensor | None =
     for k in range(1, r):
         acc += _select_rows(g, order[k])
     dx = _grad_like(shape, split, acc)
-    if out is None:
-        return dx
-    return out.add_(dx) if accumulate else out.copy_(dx)
+    return dx if out is None else out.copy_(dx)
 
 
 def _is_split(x: Tensor) -> bool:
@@ -345,87 +341,71 @@ def unit_key_scale(x: Tensor) -> Tensor:
         return torch.linalg.vector_norm(x, dim=-1, dtype=acc).clamp_(min=NORM_EPS).reciprocal_()
 
 
-def combine_sorted(out: Tensor, lse: Tensor | None, slot: Tensor) -> tuple[Tensor, Tensor | None]:
-    """(o, w) (no autograd): the kernel's (B, H * R, L, dh) output back in position order, rounds combined by their
-    log-normalizers, o[b, h, t] = sum_r w_r out[b, h r, slot_r] with w (B, H, R, T) = softmax_r(lse[b, h r,
-    slot_r]) (``combine_rounds``; with one round, lse None: o is the gathered row and w None). o in (B, T, H, dh)
-    storage, which ``merge_heads`` reshapes without a copy; accumulated in float32 for half inputs. On CUDA one
-    Triton kernel (``row_gather``), else aten."""
-    b, h, r, t = slot.shape
-    dh, length = out.shape[-1], out.shape[2]
-    if row_gather.available(out):
-        return row_gather.combine_rounds(out, lse, slot)
-    flat = out.reshape(-1, dh)
-    dst = _dst(slot, length)
-    order = dst.permute(0, 3, 1, 2)                                       # (B, T, H, R)
-    if lse is None:
-        return _select_rows(flat, order).view(b, t, h, dh).transpose(1, 2), None
-    acc_dtype = torch.promote_types(out.dtype, torch.float32)
-    w = torch.softmax(lse.reshape(-1).index_select(0, dst.reshape(-1)).view(b, h, r, t).to(acc_dtype), dim=2)
-    wt = w.permute(0, 3, 1, 2)[..., None]                                 # (B, T, H, R, 1)
-    o = None
-    for k in range(r):
-        term = _select_rows(flat, order[..., k]).view(b, t, h, dh) * wt[..., k, :]
-        o = term if o is None else o.add_(term)
-    return o.to(out.dtype).transpose(1, 2), w
-
-
-def combine_sorted_backward(grad: Tensor, rows: Tensor, slot: Tensor, out: Tensor | None = None,
-                            w: Tensor | None = None, o: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """(dout (B, H * R, L, dh), dlse (B, H * R, L) or None) of ``combine_sorted`` for dL/do ``grad`` (no autograd).
-
-    In slot order, dout[b, h r, s] = w_r dO[b, h, rows_s] and dlse_r = w_r (<dO, o_r> - <dO, o>), <dO, o> = sum_r
-    w_r <dO, o_r>: gathers of dO and of per-row scalars, no index_add; zero at the padding slots. ``out``, ``w``:
-    the forward's kernel output and weights (with lse only). ``o``: the combined output, from which <dO, o> is
-    read instead of summed over the rounds given: then rows / slot / out / w may be one round of several
-    (``_RoundCalls``). On CUDA one Triton kernel (``row_gather``), else aten."""
-    b, h, r, length = rows.shape
-    t, dh = slot.shape[-1], grad.shape[-1]
-    if row_gather.available(grad):
-        return row_gather.combine_rounds_backward(grad, slot, length, out, w, o)
-    src, strides = _rows(grad)
-    index = _row_index(strides, rows)                                    # (B, H, R, L)
-    if w is None:
-        dout = _select_rows(src, index).view(b, h, length, dh)
-        dout[:, :, t:] = 0
-        return dout, None
-    wg = torch.take_along_dim(w, rows.long(), dim=-1)                   # (B, H, R, L): w of each slot
-    wg[..., t:] = 0
-    dout = torch.empty(b, h, r, length, dh, dtype=out.dtype, device=out.device)
-    dots = torch.empty(b, h, r, length, dtype=w.dtype, device=out.device)
-    outr = out.view(b, h, r, length, dh)
-    for k in range(r):
-        dog = _select_rows(src, index[:, :, k]).view(b, h, length, dh)
-        dots[:, :, k] = (dog * outr[:, :, k]).sum(-1, dtype=w.dtype)
-        torch.mul(dog, wg[:, :, k, :, None].to(dog.dtype), out=dout[:, :, k])
-    dots_u = dots.view(-1).index_select(0, _dst(slot, length).reshape(-1)).view(b, h, r, t)   # <dO, o_r>
-    if o is None:
-        total = (w * dots_u).sum(2, keepdim=True)
-    else:
-        total = (grad.to(w.dtype) * o.to(w.dtype)).sum(-1)[:, :, None]
-    dlse = w * (dots_u - total)
-    dlse_g = torch.take_along_dim(dlse, rows.long(), dim=-1)
-    dlse_g[..., t:] = 0
-    return dout.view(b, h * r, length, dh), dlse_g.view(b, h * r, length)
-
-
 class _Ungather(torch.autograd.Function):
-    """``combine_sorted`` with autograd: the kernel's (B, H * R, L, dh) output back in position order, rounds
-    combined by their log-normalizers. Backward (``combine_sorted_backward``): gathers of dO and of per-row
-    scalars. Saves the kernel output (which the kernel keeps for its own backward anyway), w (float32, B H R T)
-    and the index tables; the padding slots get zero gradient.
+    """The kernel's (B, H * R, L, dh) output back in position order, rounds combined by their log-normalizers:
+    o[b, h, t] = sum_r w_r out[b, h r, slot_r] with w = softmax_r(lse[b, h r, slot_r]) (``combine_rounds``;
+    with one round o is the gathered row). Returned in (B, T, H, dh) storage, which ``merge_heads`` reshapes
+    without a copy; accumulated in float32 for half inputs.
+
+    Backward (dO): in slot order, dout[b, h r, s] = w_r dO[b, h, rows_s] and dlse_r = w_r (<dO, o_r> - <dO, o>)
+    with <dO, o> = sum_r w_r <dO, o_r>: gathers of dO and of per-row scalars, no index_add. Saves the kernel
+    output (which the kernel keeps for its own backward anyway), w (float32, B H R T) and the index tables; the
+    padding slots get zero gradient. On CUDA one Triton kernel each way (``row_gather``), else aten.
     """
 
     @staticmethod
     def forward(ctx, out: Tensor, lse: Tensor | None, rows: Tensor, slot: Tensor):
-        o, w = combine_sorted(out, lse, slot)
-        ctx.save_for_backward(rows, slot, *(() if lse is None else (out, w)))
-        return o
+        b, h, r, t = slot.shape
+        dh, length = out.shape[-1], out.shape[2]
+        if row_gather.available(out):
+            o, w = row_gather.combine_rounds(out, lse, slot)
+            ctx.save_for_backward(rows, slot, *(() if lse is None else (out, w)))
+            return o
+        flat = out.reshape(-1, dh)
+        dst = _dst(slot, length)
+        order = dst.permute(0, 3, 1, 2)                                       # (B, T, H, R)
+        if lse is None:
+            ctx.save_for_backward(rows, slot)
+            return _select_rows(flat, order).view(b, t, h, dh).transpose(1, 2)
+        acc_dtype = torch.promote_types(out.dtype, torch.float32)
+        w = torch.softmax(lse.reshape(-1).index_select(0, dst.reshape(-1)).view(b, h, r, t).to(acc_dtype), dim=2)
+        wt = w.permute(0, 3, 1, 2)[..., None].to(acc_dtype)                   # (B, T, H, R, 1)
+        o = None
+        for k in range(r):
+            term = _select_rows(flat, order[..., k]).view(b, t, h, dh) * wt[..., k, :]
+            o = term if o is None else o.add_(term)
+        ctx.save_for_backward(rows, slot, out, w)
+        return o.to(out.dtype).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        dout, dlse = combine_sorted_backward(grad, *ctx.saved_tensors)
-        return dout, dlse, None, None
+        rows, slot = ctx.saved_tensors[:2]
+        b, h, r, length = rows.shape
+        t, dh = slot.shape[-1], grad.shape[-1]
+        if row_gather.available(grad):
+            dout, dlse = row_gather.combine_rounds_backward(grad, slot, length, *ctx.saved_tensors[2:])
+            return dout, dlse, None, None
+        src, strides = _rows(grad)
+        index = _row_index(strides, rows)                                    # (B, H, R, L)
+        if len(ctx.saved_tensors) == 2:
+            dout = _select_rows(src, index).view(b, h, length, dh)
+            dout[:, :, t:] = 0
+            return dout, None, None, None
+        out, w = ctx.saved_tensors[2:]
+        wg = torch.take_along_dim(w, rows.long(), dim=-1)                   # (B, H, R, L): w of each slot
+        wg[..., t:] = 0
+        dout = torch.empty(b, h, r, length, dh, dtype=out.dtype, device=out.device)
+        dots = torch.empty(b, h, r, length, dtype=w.dtype, device=out.device)
+        outr = out.view(b, h, r, length, dh)
+        for k in range(r):
+            dog = _select_rows(src, index[:, :, k]).view(b, h, length, dh)
+            dots[:, :, k] = (dog * outr[:, :, k]).sum(-1, dtype=w.dtype)
+            torch.mul(dog, wg[:, :, k, :, None].to(dog.dtype), out=dout[:, :, k])
+        dots_u = dots.view(-1).index_select(0, _dst(slot, length).reshape(-1)).view(b, h, r, t)   # <dO, o_r>
+        dlse = w * (dots_u - (w * dots_u).sum(2, keepdim=True))
+        dlse_g = torch.take_along_dim(dlse, rows.long(), dim=-1)
+        dlse_g[..., t:] = 0
+        return dout.view(b, h * r, length, dh), dlse_g.view(b, h * r, length), None, None
 
 
 GROUP_ROWS = 1 << 17
@@ -443,8 +423,7 @@ def auto_head_groups(n_heads: int, n_rounds: int, length: int) -> int:
 def flex_bucket_attention(q: Tensor, k: Tensor | None, v: Tensor, buckets: Tensor, n_buckets: int,
                           chunk_size: int, scale: float, *, causal: bool, before: int = 1, after: int = 0,
                           self_penalty: bool = False, key_valid: Tensor | None = None, window: int | None = None,
-                          dedup: bool = False, compile: bool | None = None, head_groups: int = 1,
-                          split_rounds: bool = False) -> Tensor:
+                          dedup: bool = False, compile: bool | None = None, head_groups: int = 1) -> Tensor:
     """``bucket_softmax_attention`` (same arguments and allowed sets) as one FlexAttention call (per head group).
 
     q, k, v: (B, H, T, dh), any of the storage orders ``_rows`` reads without a copy; ``k=None``: shared-QK
@@ -461,10 +440,6 @@ def flex_bucket_attention(q: Tensor, k: Tensor | None, v: Tensor, buckets: Tenso
     kernel call each, recomputed group by group in backward (``_HeadGroups``): the sorted copies, outputs and
     their gradients then exist for one group at a time, not kept from forward to backward; same results, one
     more forward kernel call per group.
-
-    ``split_rounds`` (one head group, several rounds, gradients wanted): one kernel call per round, each round's
-    backward run on its own (``_RoundCalls``), so the kernel's gradients and the sorted output gradient exist for
-    one round at a time; same results (the input gradients summed over rounds in their own dtype).
     """
     call = _BucketCall(q, k, buckets, n_buckets, chunk_size, scale, causal, before, after, self_penalty, key_valid,
                        window, dedup, compile)
@@ -474,8 +449,6 @@ def flex_bucket_attention(q: Tensor, k: Tensor | None, v: Tensor, buckets: Tenso
     if groups > 1 and wants_grad and not call.identity:
         size = -(-h // groups)
         return _HeadGroups.apply(call, [slice(a, min(a + size, h)) for a in range(0, h, size)], q, k, v)
-    if split_rounds and r > 1 and wants_grad:
-        return _RoundCalls.apply(call, q, k, v)
     if call.identity:       # sorted order = positions (routing's local heads)
         out, _ = call.kernel([q, torch.nn.functional.normalize(q, dim=-1) if k is None else k, v], call.tables())
         return out
@@ -511,19 +484,6 @@ class _BucketCall:
         """``bucket_slots`` of the heads ``heads``."""
         return bucket_slots(self.buckets[:, heads], self.chunk_size, self.key_valid, self.dedup,
                             reach=max(self.before, self.after))
-
-    @staticmethod
-    def round_tables(tables: dict, rnd: int) -> dict:
-        """The slot tables of round ``rnd`` alone (views): rows / slot (B, H, 1, L / T), the per-slot tables
-        (B, H, L) (of the (B, H * R, L) folded ones)."""
-        b, h, r, length = tables["rows"].shape
-
-        def one(x: Tensor) -> Tensor:
-            return x.view(b, h, r, length)[:, :, rnd]
-
-        return {"rows": tables["rows"][:, :, rnd:rnd + 1], "slot": tables["slot"][:, :, rnd:rnd + 1],
-                "length": length, **{n: one(tables[n]) for n in ("pos", "group", "kgroup")},
-                "others": [one(x) for x in tables["others"]]}
 
     def kernel(self, qkv: list, tables: dict) -> tuple[Tensor, Tensor | None]:
         """(out, lse) of the kernel on sorted (B, H' R, L, dh) q, k, v (lse None with one round); k None: the
@@ -592,83 +552,3 @@ class _HeadGroups(torch.autograd.Function):
                     sum_sorted(next(got), slot, part.shape, _is_split(part), out=part)
             del sorted_, got
         return (None, None, *grads)
-
-
-def _keep_graph() -> bool:
-    """Whether the running backward keeps the graph (``retain_graph``); True where torch cannot tell."""
-    get = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return True if get is None else bool(get())
-
-
-class _RoundCalls(torch.autograd.Function):
-    """``flex_bucket_attention`` with one kernel call per hash round, each round's backward run on its own.
-
-    With all R rounds folded into one call, the kernel's backward holds the sorted copies of every round, the
-    sorted output gradient of every round and the kernel's dq, dk, dv of every round at once (R (B, H, T,
-    dh)-sized blocks each: at T = 16k, 8 heads, R = 2 the peak of an lsh layer step). Here forward runs round by
-    round: the round's sorted copies (leaves of a graph of its own), its kernel call under ``enable_grad``; the
-    outputs are combined as in one call (``combine_sorted``, the same float32 combination). Backward runs round
-    by round, last first: the round's output gradient and lse gradient (``combine_sorted_backward`` with <dO, o>
-    read from the combined output, so one round's need no other round), ``torch.autograd.grad`` through the
-    round's kernel, and the round's rows summed back into the input gradients (``sum_sorted``, accumulating); then
-    the round's graph is dropped. So one round's output gradient and kernel gradients are alive at a time, the
-    earlier rounds' sorted copies and outputs only as the kernel saved them. No recomputation. When the outer
-    backward keeps the graph (``retain_graph=True``) the rounds' graphs are kept too, so a second backward works.
-    Input gradients are summed over rounds in their own dtype (autograd sums a tensor's uses the same way).
-    """
-
-    @staticmethod
-    def forward(ctx, call: _BucketCall, q: Tensor, k: Tensor | None, v: Tensor):
-        tables = call.tables()
-        inputs = (q, k, v)
-        ctx.call, ctx.rounds = call, []
-        ctx.meta = [None if x is None else (x.shape, _is_split(x), x.dtype) for x in inputs]
-        outs, lses = [], []
-        for rnd in range(tables["rows"].shape[2]):
-            t_r = call.round_tables(tables, rnd)
-            sorted_ = [None if x is None else gather_sorted(x, t_r["rows"]).requires_grad_(want)
-                       for x, want in zip(inputs, ctx.needs_input_grad[1:])]
-            with torch.enable_grad():
-                out, lse = call.kernel(sorted_, t_r)
-            ctx.rounds.append(([x for x in sorted_ if x is not None and x.requires_grad], out, lse,
-                               t_r["rows"].contiguous(), t_r["slot"].contiguous()))
-            outs.append(out.detach())
-            lses.append(lse.detach())
-        b, h, length, dh = outs[0].shape
-        r = len(outs)
-        o, w = combine_sorted(torch.stack(outs, 2).view(b, h * r, length, dh),
-                              torch.stack(lses, 2).view(b, h * r, length), tables["slot"])
-        ctx.w = w
-        ctx.save_for_backward(o)
-        return o
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        (o,) = ctx.saved_tensors
-        keep = _keep_graph()
-        grads = [None if meta is None or not want else _empty_grad(*meta, device=grad.device)
-                 for meta, want in zip(ctx.meta, ctx.needs_input_grad[1:])]
-        wanted = [i for i, g in enumerate(grads) if g is not None]
-        first = True
-        for rnd in reversed(range(len(ctx.rounds))):
-            leaves, out, lse, rows, slot = ctx.rounds[rnd]
-            dout, dlse = combine_sorted_backward(grad, rows, slot, out.detach(), ctx.w[:, :, rnd:rnd + 1], o)
-            got = torch.autograd.grad((out, lse), leaves, (dout, dlse), retain_graph=keep)
-            del dout, dlse
-            if not keep:
-                ctx.rounds[rnd] = None
-            for i, g in zip(wanted, got):
-                shape, split, _ = ctx.meta[i]
-                sum_sorted(g, slot, shape, split, out=grads[i], accumulate=not first)
-            del got, leaves, out, lse
-            first = False
-        return (None, *grads)
-
-
-def _empty_grad(shape, split: bool, dtype, device) -> Tensor:
-    """An uninitialized (B, H, T, dh) gradient in (B, T, H, dh) storage when ``split`` (split_heads' views)."""
-    b, h, t, dh = shape
-    if split:
-        return torch.empty(b, t, h, dh, dtype=dtype, device=device).transpose(1, 2)
-    return torch.empty(b, h, t, dh, dtype=dtype, device=device)

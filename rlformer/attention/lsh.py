@@ -88,10 +88,9 @@ class LSHAttention(Float32Buffers, Attention):
       rounds in which i and j share a bucket) so duplicates count once.
 
     Scores use the usual 1/sqrt(dh) scale. Time O(T * n_hashes * chunk_size). CUDA fast path:
-    ``flex_bucket.flex_bucket_attention``: compiled FlexAttention over the bucket-sorted order, one call per hash
-    round with each round's backward run on its own (``lsh.split_rounds``; ``lsh.max_scores`` unused there), or
-    one call per group of heads recomputed in backward when the sorted rows are many (``lsh.head_groups``: at
-    T = 64k, 8 heads, 2 rounds, 803 -> 488 MiB per layer step). Other devices (and CUDA dtypes / head sizes
+    ``flex_bucket.flex_bucket_attention``, one compiled FlexAttention call over the bucket-sorted order of all
+    rounds (``lsh.max_scores`` unused there), or one per group of heads recomputed in backward when the sorted
+    rows are many (``lsh.head_groups``: at T = 64k, 8 heads, 2 rounds, 803 -> 488 MiB per layer step). Other devices (and CUDA dtypes / head sizes
     flex does not compile): ``chunked_softmax.bucket_softmax_attention`` (fused attention kernels per group of chunks, rounds
     combined online, probabilities recomputed in backward): activation memory O(T * (dh + n_hashes))
     plus one group's scratch (``lsh.max_scores``). With dropout in training it falls back to
@@ -145,7 +144,7 @@ class LSHAttention(Float32Buffers, Attention):
             # k = q / |q| (shared-QK, ``project``): only q and v are gathered; the kernel uses the gathered q as
             # its keys with 1 / |q| on the scores (``flex_bucket._UnitKeys``; under rotary, equal up to rounding)
             return flex_bucket_attention(q, None, v, buckets, c.n_buckets, c.chunk_size, self.scale, dedup=True,
-                                         head_groups=c.head_groups, split_rounds=c.split_rounds, **kw), {}
+                                         head_groups=c.head_groups, **kw), {}
         if self.dropout > 0 and self.training:    # dropout needs the probabilities: the materializing path
             out, lse = bucket_attention(q, k, v, buckets, c.n_buckets, c.chunk_size, self.scale, round_buckets=buckets,
                                         dropout=self.dropout, training=self.training, **kw)

@@ -75,17 +75,14 @@ if triton is not None:
 
     @triton.jit
     def _sum_rounds_kernel(g_ptr, slot_ptr, dx_ptr, T, L, H, sdb, sdh, sdt,
-                           R: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+                           R: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
         bh, b, h, t, ok = _positions(T, H, BLOCK)
         d = tl.arange(0, D)
-        dst = dx_ptr + b * sdb + h * sdh + t.to(tl.int64)[:, None] * sdt + d[None, :]
-        if ACCUMULATE:
-            acc = tl.load(dst, mask=ok[:, None], other=0.0).to(tl.float32)
-        else:
-            acc = tl.zeros((BLOCK, D), dtype=tl.float32)
+        acc = tl.zeros((BLOCK, D), dtype=tl.float32)
         for r in tl.static_range(R):
             row = _sorted_row(slot_ptr, bh, r, R, T, L, t, ok)
             acc += tl.load(g_ptr + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        dst = dx_ptr + b * sdb + h * sdh + t.to(tl.int64)[:, None] * sdt + d[None, :]
         tl.store(dst, acc.to(dx_ptr.dtype.element_ty), mask=ok[:, None])
 
     @triton.jit
@@ -116,18 +113,13 @@ if triton is not None:
         tl.store(dst, acc.to(o_ptr.dtype.element_ty), mask=ok[:, None])
 
     @triton.jit
-    def _combine_backward_kernel(do_ptr, sdb, sdt, sdh, out_ptr, w_ptr, slot_ptr, dout_ptr, dlse_ptr, o_ptr,
-                                 sob, sot, soh, T, L, H, R: tl.constexpr, HAS_LSE: tl.constexpr,
-                                 TOTAL_FROM_O: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+    def _combine_backward_kernel(do_ptr, sdb, sdt, sdh, out_ptr, w_ptr, slot_ptr, dout_ptr, dlse_ptr, T, L, H,
+                                 R: tl.constexpr, HAS_LSE: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
         bh, b, h, t, ok = _positions(T, H, BLOCK)
         d = tl.arange(0, D)
         g = tl.load(do_ptr + b * sdb + h * sdh + t.to(tl.int64)[:, None] * sdt + d[None, :], mask=ok[:, None],
                     other=0.0).to(tl.float32)
-        if TOTAL_FROM_O:        # <dO, o> from the combined output: the rounds given may be a subset
-            o_all = tl.load(o_ptr + b * sob + h * soh + t.to(tl.int64)[:, None] * sot + d[None, :],
-                            mask=ok[:, None], other=0.0).to(tl.float32)
-            total = tl.sum(g * o_all, axis=1)
-        elif HAS_LSE:
+        if HAS_LSE:
             total = tl.zeros((BLOCK,), dtype=tl.float32)
             for r in tl.static_range(R):
                 row = _sorted_row(slot_ptr, bh, r, R, T, L, t, ok)
@@ -163,16 +155,13 @@ def gather_slots(x: Tensor, rows: Tensor) -> Tensor:
     return out
 
 
-def sum_rounds(g: Tensor, slot: Tensor, split: bool, out: Optional[Tensor] = None,
-               accumulate: bool = False) -> Tensor:
+def sum_rounds(g: Tensor, slot: Tensor, split: bool, out: Optional[Tensor] = None) -> Tensor:
     """dx (B, H, T, dh) with dx[b, h, t] = sum_r g[b, h R + r, slot[b, h, r, t]], in (B, T, H, dh) storage when
     ``split`` (the layout of split_heads' views) else (B, H, T, dh); written into ``out`` when given (a (B, H, T,
-    dh) tensor of g's dtype with a unit last stride, any other strides, e.g. a head slice), added to what ``out``
-    holds with ``accumulate`` (summed in float32, one rounding). g (B, H * R, L, dh), slot (B, H, R, T) int32."""
+    dh) tensor of g's dtype with a unit last stride, any other strides, e.g. a head slice). g (B, H * R, L, dh),
+    slot (B, H, R, T) int32."""
     b, h, r, t = slot.shape
     dh, length = g.shape[-1], g.shape[2]
-    if accumulate and out is None:
-        raise ValueError("sum_rounds: accumulate=True adds into out; pass the gradient buffer as out")
     if out is not None:
         if out.shape != (b, h, t, dh) or out.stride(-1) != 1 or out.dtype != g.dtype:
             raise ValueError(f"sum_rounds: out must be ({b}, {h}, {t}, {dh}) {g.dtype} with a unit last stride; "
@@ -183,8 +172,7 @@ def sum_rounds(g: Tensor, slot: Tensor, split: bool, out: Optional[Tensor] = Non
     else:
         dx = torch.empty(b, h, t, dh, dtype=g.dtype, device=g.device)
     _sum_rounds_kernel[_grid(t, b * h)](g.contiguous(), slot.contiguous(), dx, t, length, h, dx.stride(0),
-                                        dx.stride(1), dx.stride(2), R=r, ACCUMULATE=accumulate, BLOCK=BLOCK_ROWS,
-                                        D=dh)
+                                        dx.stride(1), dx.stride(2), R=r, BLOCK=BLOCK_ROWS, D=dh)
     return dx
 
 
@@ -203,12 +191,10 @@ def combine_rounds(out: Tensor, lse: Optional[Tensor], slot: Tensor) -> tuple[Te
 
 
 def combine_rounds_backward(grad: Tensor, slot: Tensor, length: int, out: Optional[Tensor] = None,
-                            w: Optional[Tensor] = None, o: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+                            w: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """(dout (B, H * R, L, dh), dlse (B, H * R, L) float32 or None) of ``combine_rounds`` for dL/do ``grad``
     (B, H, T, dh, any strides with a unit last one); zero at the padding slots (s >= T). ``out`` and ``w`` (the
-    forward's kernel output and weights) only with lse; without, dout is dO gathered, in grad's dtype. ``o``: the
-    combined output (B, H, T, dh, a unit last stride): <dO, o> is then read from it instead of summed over the
-    given rounds, so ``slot`` / ``out`` / ``w`` may be some of the rounds (one round at a time, ``_RoundCalls``)."""
+    forward's kernel output and weights) only with lse; without, dout is dO gathered, in grad's dtype."""
     b, h, r, t = slot.shape
     dh = grad.shape[-1]
     if grad.stride(-1) != 1:
@@ -220,11 +206,8 @@ def combine_rounds_backward(grad: Tensor, slot: Tensor, length: int, out: Option
         if dlse is not None:
             dlse[:, :, t:] = 0
     out = dout if out is None else out.contiguous()                     # (unread without lse)
-    if o is not None and (w is None or o.stride(-1) != 1):
-        raise ValueError("combine_rounds_backward: o (the total <dO, o>) needs w and a unit last stride")
-    ov = grad if o is None else o
     _combine_backward_kernel[_grid(t, b * h)](
-        grad, grad.stride(0), grad.stride(2), grad.stride(1), out, out if w is None else w.contiguous(),
-        slot.contiguous(), dout, dout if dlse is None else dlse, ov, ov.stride(0), ov.stride(2), ov.stride(1),
-        t, length, h, R=r, HAS_LSE=w is not None, TOTAL_FROM_O=o is not None, BLOCK=BLOCK_ROWS, D=dh)
+        grad, grad.stride(0), grad.stride(2), grad.stride(1), out, out if w is None else w,
+        slot.contiguous(), dout, dout if dlse is None else dlse, t, length, h, R=r, HAS_LSE=w is not None,
+        BLOCK=BLOCK_ROWS, D=dh)
     return dout, dlse
