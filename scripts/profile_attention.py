@@ -50,6 +50,9 @@ def main(argv=None) -> None:
     p.add_argument("--rows", type=int, default=14)
     p.add_argument("--set", nargs="+", default=None, metavar="SECTION.FIELD=VALUE",
                    help="config overrides, as in bench_attention.py")
+    p.add_argument("--sort", default=None,
+                   help="profiler column to sort by (default: cuda_time_total on CUDA; self_cpu_time_total shows where "
+                        "the host's time goes, synchronizations included)")
     p.add_argument("--shapes", action="store_true",
                    help="one row per (operator, input shapes): which call of an operator costs the time")
     args = p.parse_args(argv)
@@ -57,7 +60,7 @@ def main(argv=None) -> None:
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    sort = args.sort or ("cuda_time_total" if device.type == "cuda" else "cpu_time_total")
     for name in args.variants:
         step = bench_attention.rlformer_step(name, args.length, args, device, dtype)
         for _ in range(args.warmup):
