@@ -480,10 +480,20 @@ class _BucketCall:
         self.length = -(-t // BLOCK) * BLOCK
         self.identity = n_buckets == 1 and buckets.shape[2] == 1 and self.length == t
 
-    def tables(self, heads: slice = slice(None)) -> dict:
-        """``bucket_slots`` of the heads ``heads``."""
-        return bucket_slots(self.buckets[:, heads], self.chunk_size, self.key_valid, self.dedup,
+    def tables(self) -> dict:
+        """``bucket_slots`` of all heads."""
+        return bucket_slots(self.buckets, self.chunk_size, self.key_valid, self.dedup,
                             reach=max(self.before, self.after))
+
+    @staticmethod
+    def head_tables(tables: dict, heads: slice) -> dict:
+        """The slot tables of the heads ``heads`` (views of ``tables``): rows / slot (B, H', R, ...), the folded
+        per-slot tables (B, H' R, L) (head h's rounds are rows h R .. h R + R - 1 of the fold)."""
+        r = tables["rows"].shape[2]
+        fold = slice(heads.start * r, heads.stop * r)
+        return {"rows": tables["rows"][:, heads], "slot": tables["slot"][:, heads], "length": tables["length"],
+                **{n: tables[n][:, fold] for n in ("pos", "group", "kgroup")},
+                "others": [x[:, fold] for x in tables["others"]]}
 
     def kernel(self, qkv: list, tables: dict) -> tuple[Tensor, Tensor | None]:
         """(out, lse) of the kernel on sorted (B, H' R, L, dh) q, k, v (lse None with one round); k None: the
@@ -509,8 +519,9 @@ class _HeadGroups(torch.autograd.Function):
 
     Forward, per group of heads: the sorted copies of the group's q, (k,) v, the kernel call and the combination
     of rounds (``_Ungather``) run without autograd, written into the group's heads of the result; kept for
-    backward: q, k, v themselves and the group's int32 slot tables. Backward, per group: the sorted copies are made
-    again as leaves of a graph of their own, the kernel and the combination run again under ``enable_grad``,
+    backward: q, k, v themselves and the int32 slot tables (sorted once for all heads, sliced per group).
+    Backward, per group: the sorted copies are made again as leaves of a graph of their own, the kernel and the
+    combination run again under ``enable_grad``,
     ``torch.autograd.grad`` takes that graph to the sorted copies, and their rows are summed back into position
     order straight into the group's heads of the input gradients (``sum_sorted``). So the sorted copies, kernel
     outputs and their gradients (R (B, H, T, dh)-sized blocks each for q, v, the output, dout and the kernel's
@@ -524,8 +535,9 @@ class _HeadGroups(torch.autograd.Function):
         b, h, t, dh = q.shape
         o = torch.empty(b, t, h, dh, dtype=v.dtype, device=v.device).transpose(1, 2)
         ctx.call, ctx.groups = call, []
+        every = call.tables()           # one sort for all heads (a call per group costs host time, eagerly)
         for heads in groups:
-            tables = call.tables(heads)
+            tables = call.head_tables(every, heads)
             sorted_ = [None if x is None else gather_sorted(x[:, heads], tables["rows"]) for x in (q, k, v)]
             o[:, heads] = _Ungather.apply(*call.kernel(sorted_, tables), tables["rows"], tables["slot"])
             ctx.groups.append((heads, tables))
