@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rlformer.attention import lsh_hashing
 from rlformer.attention.base import Attention, split_heads
 from rlformer.attention.chunked import bucket_attention, combine_rounds, naive_bucket_attention
 from rlformer.attention.chunked_softmax import bucket_softmax_attention
@@ -48,9 +49,13 @@ def lsh_buckets(x: Tensor, rotations: Tensor, max_elements: Optional[int] = None
     batched matmul per block of tokens of at most ``max_elements`` (default: a 16th of them, within
     [2^22, 2^24]); argmax over [xR; -xR] is argmax(xR) when max(xR) >= -min(xR), else n_buckets/2 + argmin(xR)
     (first index on ties, as argmax over the concatenation), from one max and one min reduction with indices.
+    On CUDA (float32 / 16-bit x) one Triton kernel keeps xR in registers (``lsh_hashing``) unless ``max_elements``
+    is given.
     """
     b, h, t, d = x.shape
     n_rounds, half = rotations.shape[1], rotations.shape[-1]
+    if half > 0 and max_elements is None and lsh_hashing.available(x):
+        return lsh_hashing.hash_buckets(x, rotations)
     out = torch.zeros(b, h, n_rounds, t, dtype=torch.long, device=x.device)
     if half == 0:
         return out
