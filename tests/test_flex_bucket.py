@@ -352,7 +352,7 @@ def test_head_groups_equal_one_call(monkeypatch, shared_qk, n_rounds, groups):
     q, k, v gradients of one call, float64, the dense stand-in for flex; split_heads storage, padding, dedup.
     groups=0 with ``GROUP_ROWS`` lowered: the automatic choice (one head per group here)."""
     monkeypatch.setattr(flex_bucket, "_flex", lambda: (dense_flex, None))
-    assert (flex_bucket.auto_head_groups(8, 2, 16384), flex_bucket.auto_head_groups(8, 2, 65536)) == (1, 8)
+    assert (flex_bucket.auto_head_groups(8, 2, 16384), flex_bucket.auto_head_groups(8, 2, 65536)) == (1, 4)
     monkeypatch.setattr(flex_bucket, "GROUP_ROWS", 64)
     assert flex_bucket.auto_head_groups(4, n_rounds, 128) == 4
     g = torch.Generator().manual_seed(11)

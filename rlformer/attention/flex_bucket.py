@@ -408,16 +408,18 @@ class _Ungather(torch.autograd.Function):
         return dout.view(b, h * r, length, dh), dlse_g.view(b, h * r, length), None, None
 
 
-GROUP_ROWS = 1 << 17
-"""Sorted rows (heads x rounds x L) per kernel call that ``auto_head_groups`` aims for"""
+GROUP_ROWS = 1 << 18
+"""Sorted rows (heads x rounds x L) per kernel call that ``auto_head_groups`` aims for: at T = 64k (8 heads, two
+rounds) 4 groups: 9.6 ms, 594 MiB in a CUDA graph and 12-15 ms eagerly, vs 8 groups' 9.9 ms, 472 MiB and 29-31 ms
+eagerly (each group's calls cost host time; H100, session 13)"""
 
 
 def auto_head_groups(n_heads: int, n_rounds: int, length: int) -> int:
     """Head groups for ``flex_bucket_attention``'s ``head_groups=0``: one (a single kernel call, no recomputation)
-    up to 4 ``GROUP_ROWS`` sorted rows in all (T = 16k with 8 heads and two rounds), else about ``GROUP_ROWS`` per
-    group, at most one head per group (8 groups at T = 64k)."""
+    up to 2 ``GROUP_ROWS`` sorted rows in all (T = 16k with 8 heads and two rounds), else about ``GROUP_ROWS`` per
+    group, at most one head per group (4 groups at T = 64k)."""
     rows = n_heads * n_rounds * length
-    return 1 if rows <= 4 * GROUP_ROWS else min(n_heads, -(-rows // GROUP_ROWS))
+    return 1 if rows <= 2 * GROUP_ROWS else min(n_heads, -(-rows // GROUP_ROWS))
 
 
 def flex_bucket_attention(q: Tensor, k: Tensor | None, v: Tensor, buckets: Tensor, n_buckets: int,

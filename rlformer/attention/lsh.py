@@ -95,10 +95,11 @@ class LSHAttention(Float32Buffers, Attention):
     Scores use the usual 1/sqrt(dh) scale. Time O(T * n_hashes * chunk_size). CUDA fast path:
     ``flex_bucket.flex_bucket_attention``, one compiled FlexAttention call over the bucket-sorted order of all
     rounds (``lsh.max_scores`` unused there), or one per group of heads recomputed in backward when the sorted
-    rows are many (``lsh.head_groups``: at T = 64k, 8 heads, 2 rounds, 803 -> 488 MiB per layer step). Other
-    devices (and CUDA dtypes / head sizes flex does not compile): ``chunked_softmax.bucket_softmax_attention``
-    (fused attention kernels per group of chunks, rounds combined online, probabilities recomputed in backward):
-    activation memory O(T * (dh + n_hashes))
+    rows are many (``lsh.head_groups``: at T = 64k, 8 heads, 2 rounds, 803 -> 594 MiB per layer step with the
+    automatic 4 groups). Hashing on CUDA: one Triton kernel (``lsh_hashing``). Other devices (and CUDA dtypes /
+    head sizes flex does not compile): ``chunked_softmax.bucket_softmax_attention`` (fused attention kernels per
+    group of chunks, rounds combined online, probabilities recomputed in backward): activation memory
+    O(T * (dh + n_hashes))
     plus one group's scratch (``lsh.max_scores``). With dropout in training it falls back to
     ``chunked.bucket_attention``, which materializes the per-chunk probabilities.
     Positions: "input" and "rotary" (scores are only formed inside chunks). No memory prefix.
