@@ -7,14 +7,9 @@ buckets equal the matmul path's, and that scaling x by powers of two (exact in f
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from triton_interpreter import compare_interpreted
 
 from rlformer.attention import lsh_hashing
 from rlformer.attention.lsh import lsh_buckets
@@ -53,12 +48,7 @@ def check(errors: dict) -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA runs the compiled kernel (the test below)")
 def test_interpreted_kernel_hashes_like_the_matmul_path():
     """All CASES in Triton's interpreter on CPU (one subprocess)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
-    code = ("import json, sys; sys.path.insert(0, %r); import test_lsh_hashing as T; "
-            "print(json.dumps([T.compare(*c) for c in T.CASES]))" % str(Path(__file__).parent))
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    for errors in json.loads(run.stdout.strip().splitlines()[-1]):
+    for errors in compare_interpreted("test_lsh_hashing", timeout=600):
         check(errors)
 
 

@@ -8,14 +8,10 @@ Both skip where Triton does not import (CPU-only installs such as CI)."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreter import compare_interpreted
 
 import rlformer
 from rlformer.attention import random_features_fused as fused_rf
@@ -98,12 +94,7 @@ def compare(name: str, weights: bool, state: bool, programs: int, device: str = 
                     "interpreter cannot take a scalar argument as a loop bound")
 def test_interpreted_kernels_match_the_chunk_form():
     """All CASES in Triton's interpreter on CPU (float32, libdevice sin / cos; one subprocess)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
-    code = ("import json, sys; sys.path.insert(0, %r); import test_random_features_fused as T; "
-            "print(json.dumps([T.compare(*c) for c in T.CASES]))" % str(Path(__file__).parent))
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
+    results = compare_interpreted("test_random_features_fused", timeout=900)
     for case, errors in zip(CASES, results):
         assert errors["out_storage_is_bthd"], case
         for key, value in errors.items():
