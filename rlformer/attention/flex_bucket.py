@@ -463,8 +463,8 @@ def flex_bucket_attention(q: Tensor, k: Tensor | None, v: Tensor, buckets: Tenso
 
 
 class _BucketCall:
-    """The settings of one ``flex_bucket_attention`` call: slot tables (all heads or a head slice) and the kernel
-    call on sorted copies."""
+    """The settings of one ``flex_bucket_attention`` call: slot tables (all heads, and views of a head slice of
+    them) and the kernel call on sorted copies."""
 
     def __init__(self, q, k, buckets, n_buckets, chunk_size, scale, causal, before, after, self_penalty, key_valid,
                  window, dedup, compile):
@@ -523,9 +523,9 @@ class _HeadGroups(torch.autograd.Function):
     of rounds (``_Ungather``) run without autograd, written into the group's heads of the result; kept for
     backward: q, k, v themselves and the int32 slot tables (sorted once for all heads, sliced per group).
     Backward, per group: the sorted copies are made again as leaves of a graph of their own, the kernel and the
-    combination run again under ``enable_grad``,
-    ``torch.autograd.grad`` takes that graph to the sorted copies, and their rows are summed back into position
-    order straight into the group's heads of the input gradients (``sum_sorted``). So the sorted copies, kernel
+    combination run again under ``enable_grad``, ``torch.autograd.grad`` takes that graph to the sorted copies, and
+    their rows are summed back into position order straight into the group's heads of the input gradients
+    (``sum_sorted``). So the sorted copies, kernel
     outputs and their gradients (R (B, H, T, dh)-sized blocks each for q, v, the output, dout and the kernel's
     dq, dk, dv: with one graph for all heads all of them are alive at the kernel backward's peak, 12 such blocks
     with two rounds) exist for one group at a time, for the price of a second forward kernel call. Nothing is
