@@ -19,17 +19,23 @@ from rlformer.attention.random_features import _carried_sums, _LinearAttention
 
 torch.set_num_threads(1)
 needs_triton = pytest.mark.skipif(fused_rf.triton is None, reason="Triton does not import here")
-CASES = [(name, weights, state, programs) for name in ("performer", "rfa")
-         for weights, state, programs in ((False, False, 1), (True, True, 256), (False, True, 16))]
-"""(attention, key weights, carried state, ``PROGRAMS``): at T = 150 with 16-token chunks and 4 heads, 1 = one
-segment per head, 256 = one chunk per segment (10), 16 = four segments of three chunks, the last one ragged"""
+CASES = [(name, weights, state, programs, donate) for name in ("performer", "rfa")
+         for weights, state, programs, donate in ((False, False, 1, False), (True, True, 256, True),
+                                                  (False, True, 16, True))]
+"""(attention, key weights, carried state, ``PROGRAMS``, k and v donated): at T = 150 with 16-token chunks and 4
+heads, 1 = one segment per head, 256 = one chunk per segment (10), 16 = four segments of three chunks, the last one
+ragged"""
 
 
-def compare(name: str, weights: bool, state: bool, programs: int, device: str = "cpu",
+def compare(name: str, weights: bool, state: bool, programs: int, donate: bool = False, device: str = "cpu",
             dtype: torch.dtype = torch.float32, t: int = 150, d: int = 16, m: int = 32, chunk: int = 16,
             seed: int = 0) -> dict:
     """Largest errors of the fused kernels against ``_LinearAttention`` (relative to the reference's largest
-    entry): out, end sums S and z, and the gradients of q, k, v (and RFA's log tau) under a random probe."""
+    entry): out, end sums S and z, and the gradients of q, k, v (and RFA's log tau) under a random probe.
+
+    ``donate``: k, v are handed over (``donate_kv``) as copies; the gradients are taken twice, first keeping the
+    graph (no donation: the second pass reads k, v again; its errors are reported with a ``kept_`` prefix), then
+    not (dk, dv written over the copies: ``dk_dv_in_kv_storage``)."""
     g = torch.Generator().manual_seed(seed)
     b, h = 2, 2
     cfg = rlformer.EncoderConfig(d_model=h * d, n_heads=h, n_layers=1, attention=name, position="none",
@@ -64,11 +70,15 @@ def compare(name: str, weights: bool, state: bool, programs: int, device: str = 
     ref, ref_end, ref_grads = chunk_form(dtype)
     old = fused_rf.PROGRAMS, fused_rf.CHUNK
     fused_rf.PROGRAMS, fused_rf.CHUNK = programs, chunk
+    kd, vd = (x.detach().clone().requires_grad_() for x in (k, v)) if donate else (k, v)
     try:
         w, scale, bq, bk, kcoef, feat = layer.fused_weights()
-        out, s_end, z_end = fused_rf.fused_random_features(feat, q, k, v, weight, w, scale, bq, bk, s0[..., :d],
-                                                           s0[..., d], kcoef, floor)
-        grads = torch.autograd.grad(out, params, probe)
+        out, s_end, z_end = fused_rf.fused_random_features(feat, q, kd, vd, weight, w, scale, bq, bk, s0[..., :d],
+                                                           s0[..., d], kcoef, floor, donate_kv=donate)
+        inputs = [q, kd, vd] + params[3:]
+        if donate:
+            kept = torch.autograd.grad(out, inputs, probe, retain_graph=True)
+        grads = torch.autograd.grad(out, inputs, probe)
     finally:
         fused_rf.PROGRAMS, fused_rf.CHUNK = old
 
@@ -81,10 +91,17 @@ def compare(name: str, weights: bool, state: bool, programs: int, device: str = 
         return e
 
     errors = all_errors(out, s_end, z_end, grads, ref, ref_end, ref_grads)
+    if donate:
+        errors.update({f"kept_{key}": e for key, e in all_errors(out, s_end, z_end, kept, ref, ref_end,
+                                                                 ref_grads).items()})
+        errors["dk_dv_in_kv_storage"] = (grads[1].data_ptr() == kd.data_ptr() and grads[2].data_ptr() == vd.data_ptr()
+                                         and kept[1].data_ptr() != kd.data_ptr())
     if dtype != torch.float32:                  # both against float64: the fused error next to the chunk form's own
         exact = chunk_form(torch.float64)
         errors["vs_float64"] = all_errors(out, s_end, z_end, grads, *exact)
         errors["chunk_form_vs_float64"] = all_errors(ref, ref_end[..., :d], ref_end[..., d], ref_grads, *exact)
+        if donate:
+            errors["kept_vs_float64"] = all_errors(out, s_end, z_end, kept, *exact)
     errors["out_storage_is_bthd"] = out.transpose(1, 2).is_contiguous()
     return errors
 
@@ -97,6 +114,7 @@ def test_interpreted_kernels_match_the_chunk_form():
     results = compare_interpreted("test_random_features_fused", timeout=900)
     for case, errors in zip(CASES, results):
         assert errors["out_storage_is_bthd"], case
+        assert errors.get("dk_dv_in_kv_storage", True), case
         for key, value in errors.items():
             if isinstance(value, float):
                 assert value < 1e-4, (case, key, value)
@@ -113,13 +131,15 @@ def test_cuda_kernels_match_the_chunk_form(case, dtype):
     has the largest rounding error."""
     errors = compare(*case, device="cuda", dtype=dtype, t=1000, d=64, m=64, chunk=64)
     assert errors["out_storage_is_bthd"]
+    assert errors.get("dk_dv_in_kv_storage", True)
     if dtype == torch.float32:
         for key, value in errors.items():
             if isinstance(value, float):
                 assert value < 2e-4, (case, key, value)
         return
-    for key, value in errors["vs_float64"].items():
-        assert value < 2 * errors["chunk_form_vs_float64"][key] + 2 ** -6, (case, key, errors)
+    for kind in ("vs_float64", "kept_vs_float64") if case[-1] else ("vs_float64",):
+        for key, value in errors[kind].items():
+            assert value < 2 * errors["chunk_form_vs_float64"][key] + 2 ** -6, (case, kind, key, errors)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

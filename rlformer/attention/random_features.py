@@ -556,7 +556,7 @@ class RandomFeatureAttention(Float32Buffers, Attention):
         q, k, v = self.project(x, kv)
         if self.position is not None and "rotary" in self.position.hooks:
             q, k = self._rotate(q, k, ctx.q_pos)
-        out, state = self.attend(q, k, v, ctx, self.log_gates(x))
+        out, state = self.attend(q, k, v, ctx, self.log_gates(x), donate_kv=True)    # k, v: only read here
         return self.out_proj(merge_heads(out)), state
 
     def features_of(self, q: Tensor, k: Tensor, key_valid: Optional[Tensor],
@@ -573,7 +573,9 @@ class RandomFeatureAttention(Float32Buffers, Attention):
         """Parameters the feature map reads (they receive gradients through the recomputation)."""
         return []
 
-    def attend(self, q, k, v, ctx, log_gate: Optional[Tensor] = None):
+    def attend(self, q, k, v, ctx, log_gate: Optional[Tensor] = None, donate_kv: bool = False):
+        """Causal / bidirectional attention of q to k, v. ``donate_kv``: nothing reads k, v after this call, so the
+        fused CUDA kernels may write dk, dv over them in backward (see ``fused_random_features``)."""
         rf = self.cfg.random_features
         acc = torch.promote_types(q.dtype, torch.float32)
         floor = self.den_floor(acc)
@@ -592,7 +594,8 @@ class RandomFeatureAttention(Float32Buffers, Attention):
         if log_gate is None and fused_rf.available(q, self.n_features) and not s0.requires_grad:
             w, scale, bq, bk, kcoef, feat = self.fused_weights()
             out, s_end, z_end = fused_rf.fused_random_features(feat, q, k, v, weight, w, scale, bq, bk,
-                                                               s0[..., :dh], s0[..., dh], kcoef, floor)
+                                                               s0[..., :dh], s0[..., dh], kcoef, floor,
+                                                               donate_kv=donate_kv)
             return out, {"S": s_end, "z": z_end}
         wq, wk = self.feature_weights(acc)
         spec = (type(self), self.feature_consts)

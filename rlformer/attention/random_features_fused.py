@@ -17,7 +17,8 @@ from q, k, v, the output and the normalizer: one forward walk for dq (from the c
 for dk, dv (from the reverse sums R_c = sum_{t after c} phi(q_t) dy_t^T), each with its own segment pass.
 Kept for backward: q, k, v, the output (stored in (B, T, H, dh) order, so it is the same storage as the output
 projection's input), and per token the normalizer and (Performer) the query shift; transient: the (segments x
-heads, M, dh + 1) carried sums. Never O(T * M), never O(T^2).
+heads, M, dh + 1) carried sums. Never O(T * M), never O(T^2). When the caller donates k and v (``donate_kv``), the
+dk, dv walk writes each chunk's dk, dv over its k, v rows after reading them (no other program reads those rows).
 
 Features, as in ``PerformerAttention`` / ``RFAAttention`` (exponents in fp32 from a TF32 product with 16-bit
 inputs, features rounded to the 16-bit dtype for the tensor-core products, sums in fp32):
@@ -516,7 +517,7 @@ class FusedRandomFeatureAttention(torch.autograd.Function):
     = sum da a / scale_h over tokens and features of head h (per program in the kernels, no (m, dh) scratch)."""
 
     @staticmethod
-    def forward(ctx, feat: int, q, k, v, cw, w, scale, bq, bk, s0, z0, kcoef: float, floor: float):
+    def forward(ctx, feat: int, q, k, v, cw, w, scale, bq, bk, s0, z0, kcoef: float, floor: float, donate: bool):
         p = _Plan(feat, q, v, w, kcoef, floor)
         ws = (w * scale[:, None, None]).contiguous()
         s, z = _segment_starts(p, q, k, v, cw, ws, bq, bk, s0, z0)
@@ -530,7 +531,7 @@ class FusedRandomFeatureAttention(torch.autograd.Function):
             *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out),
             HAS_CW=cw is not None, **p.consts)
         del s, z
-        ctx.plan = p
+        ctx.plan, ctx.donate = p, donate
         ctx.save_for_backward(q, k, v, cw, ws, scale, bq, bk, s0, z0, out, den, mx)
         ctx.mark_non_differentiable(s_end, z_end)
         return out, s_end, z_end
@@ -559,24 +560,39 @@ class FusedRandomFeatureAttention(torch.autograd.Function):
             HAS_CW=cw is not None, REVERSE=True, **p.consts)
         r.cumsum_(0)
         rz.cumsum_(0)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        donate = ctx.donate and not _graph_kept()
+        dk, dv = (k, v) if donate else (torch.empty_like(k), torch.empty_like(v))
         _dkdv_kernel[p.grid()](
             q, k, v, cw, ws, bq, bk, mx, out, g, den, r, rz, dk, dv, ds, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef,
             p.inv_sqrt_m, p.floor, *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out),
             *_strides(g), *_strides(dk), *_strides(dv), **common)
         dscale = ds.sum((0, 1, 2)) / scale if need_ds else None
-        return None, dq, dk, dv, None, None, dscale, None, None, None, None, None, None
+        return None, dq, dk.detach(), dv.detach(), None, None, dscale, None, None, None, None, None, None, None
+
+
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``): a later backward reads k, v again."""
+    kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if kept is None else bool(kept())
 
 
 def fused_random_features(feat: int, q: Tensor, k: Tensor, v: Tensor, cw: Optional[Tensor], w: Tensor,
-                          scale: Tensor, bq: Tensor, bk: Tensor, s0: Tensor, z0: Tensor, kcoef: float, floor: float):
+                          scale: Tensor, bq: Tensor, bk: Tensor, s0: Tensor, z0: Tensor, kcoef: float, floor: float,
+                          donate_kv: bool = False):
     """Causal random-feature attention by the fused kernels; see ``FusedRandomFeatureAttention``. Returns
-    (out (B, H, T, dv), S_end (B, H, M, dv), z_end (B, H, M)), M = m (Performer) or 2m (RFA)."""
+    (out (B, H, T, dv), S_end (B, H, M, dv), z_end (B, H, M)), M = m (Performer) or 2m (RFA).
+
+    ``donate_kv``: the caller hands k and v over (nothing else reads them after this call, as the fresh projections
+    inside a layer's forward): backward then writes dk, dv into their storage instead of two new tensors, so the
+    peak of the step, which is in the dk / dv walk, holds two fewer (B, T, H, dh) tensors (32 MiB at T = 16k, 8 x 64
+    bf16 heads). Not done when the backward keeps the graph (``retain_graph=True``: k, v are read again) or when
+    q, k, v share storage."""
     if q.shape[-1] != w.shape[-1]:
         raise ValueError(f"feature directions of width {w.shape[-1]} for heads of width {q.shape[-1]}")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    donate_kv = donate_kv and len({x.untyped_storage().data_ptr() for x in (q, k, v)}) == 3
     return FusedRandomFeatureAttention.apply(feat, q, k, v, cw, w.detach().float(), scale.float(),
                                              bq.float().contiguous(), bk.float().contiguous(), s0.detach().float(),
-                                             z0.detach().float(), kcoef, floor)
+                                             z0.detach().float(), kcoef, floor, donate_kv)
 
 
