@@ -1,6 +1,7 @@
 """Time the fused random-feature kernels alone (``rlformer.attention.random_features_fused``) over launch settings.
 
     python scripts/bench_random_features.py --lengths 16384 --warps 4 8 --programs 256 528 --block-m 32 64 --stages 1 2
+    python scripts/bench_random_features.py --variants rfa --lengths 16384 --profile    # GPU time per kernel
 
 For Performer and RFA (causal, bf16, batch x heads x d_head as in bench_attention): q, k, v laid out as slices
 of (B, T, H, dh) projections, one forward + backward of ``fused_random_features`` per step captured as a CUDA
@@ -56,6 +57,20 @@ def _time(step, warmup: int, reps: int) -> tuple[float, float]:
     return bench_attention.measure(replay, torch.device("cuda"), warmup, reps)["ms"], mib
 
 
+def _kernel_ms(step, steps: int = 5) -> dict:
+    """GPU time per step of each kernel (ms, by name) over ``steps`` eager steps under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    times = {e.key: e.self_device_time_total / 1000 / steps for e in prof.key_averages()
+             if e.self_device_time_total > 0}
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=["performer", "rfa"])
@@ -70,6 +85,8 @@ def main() -> None:
     p.add_argument("--stages", type=int, nargs="+", default=[fused_rf.NUM_STAGES])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--profile", action="store_true", help="also print each kernel's GPU time per step "
+                   "(torch.profiler over 5 eager steps)")
     p.add_argument("--out", default="bench_random_features.json")
     args = p.parse_args()
     rows = []
@@ -85,9 +102,14 @@ def main() -> None:
             rounds = [_time(step, args.warmup, args.reps) for _ in range(2)]
             row = dict(attention=name, t=t, warps=warps, programs=programs, block_m=bm, stages=stages,
                        ms=[r[0] for r in rounds], mib=max(r[1] for r in rounds))
+            if args.profile:
+                row["kernel_ms"] = _kernel_ms(step)
             rows.append(row)
             print(f"| {name} | {t} | {warps} | {programs} | {bm} | {stages} | {row['ms'][0]:.3f}/{row['ms'][1]:.3f} | "
                   f"{row['mib']:.0f} |", flush=True)
+            if args.profile:
+                print("  kernels (ms per step): " + ", ".join(f"{k[:40]} {v:.3f}" for k, v in row["kernel_ms"].items()),
+                      flush=True)
     with open(args.out, "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
 
