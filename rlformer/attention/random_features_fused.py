@@ -11,8 +11,9 @@ block of ``BLOCK_M`` features, in registers:
         S_{c+1} = S_c + sum_{s in c} phi(k_s) [v_s, 1]^T,
 
 the same equations as ``_chunk_pass`` (Katharopoulos et al. 2020, eq. 8-10; chunked as in GLA / fla's chunk
-kernels). The carried sums at the start of each segment come from one parallel pass of segment sums and a cumsum
-over segments (``_segment_starts``), so all segments of all heads run at once. Backward recomputes everything
+kernels). The carried sums at the start of each segment come from one parallel pass of segment sums (a program per
+segment, head and feature block) and a cumsum over segments (``_segment_starts``), so all segments of all heads run
+at once. Backward recomputes everything
 from q, k, v, the output and the normalizer: one forward walk for dq (from the carried sums S), one reverse walk
 for dk, dv (from the reverse sums R_c = sum_{t after c} phi(q_t) dy_t^T), each with its own segment pass.
 Kept for backward: q, k, v, the output (stored in (B, T, H, dh) order, so it is the same storage as the output
@@ -169,57 +170,58 @@ if triton is not None:
                              FEAT: tl.constexpr, HAS_CW: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr,
                              D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr,
                              DT: tl.constexpr, FAST: tl.constexpr):
-        """Sums of one segment, one feature block per loop, written to slot 1 + seg (forward: sum phi(k) [v, 1]^T)
+        """Sums of one segment for one feature block (the grid's third axis: the blocks of a segment run as programs
+        of their own, each walking the segment's chunks once), written to slot 1 + seg (forward: sum phi(k) [v, 1]^T)
         or slot NSEG - seg (REVERSE: sum phi(q) [dnum, dden]^T) of the (NSEG + 1, BH, MS, DV) sums."""
         seg, bh, nbh, b, h, start, stop = _program(T, H, SEG)
         row0 = _slot_row(NSEG - seg if REVERSE else seg + 1, nbh, bh, M, FEAT)
-        for blk in range(0, M, BM):
-            acc1 = tl.zeros((BM, DV), tl.float32)
-            z1 = tl.zeros((BM,), tl.float32)
-            acc2 = tl.zeros((BM, DV), tl.float32)
-            z2 = tl.zeros((BM,), tl.float32)
-            for c0 in range(start, stop, C):
-                t = c0 + tl.arange(0, C)
-                ok = t < stop
-                q, k, wt, kn, mx = _inputs(q_ptr, k_ptr, cw_ptr, mx_ptr + bh * T, w_ptr, bq_ptr, b, h, t, ok, M,
-                                           kcoef, sqb, sqh, sqt, skb, skh, skt, scb, sch, sct,
-                                           FEAT, HAS_CW, REVERSE, 2 if REVERSE else 0, D, BM, PREC)
-                if REVERSE:
-                    dnum, dden = _dy(o_ptr, do_ptr, den_ptr + bh * T, b, h, t, ok, floor, sob, soh, sot,
-                                     sdb, sdh, sdt, DV)
-                    a = _exponent(q, w_ptr, bq_ptr, h, blk, M, D, BM, PREC)
-                    rhs = dnum.to(DT)
-                    rs = dden
-                    if FEAT == 0:
-                        f1 = tl.exp(a - mx[:, None])
-                        f2 = f1
-                    else:
-                        f1 = _sin(a, FAST) * inv_sqrt_m
-                        f2 = _cos(a, FAST) * inv_sqrt_m
+        blk = tl.program_id(2) * BM
+        acc1 = tl.zeros((BM, DV), tl.float32)
+        z1 = tl.zeros((BM,), tl.float32)
+        acc2 = tl.zeros((BM, DV), tl.float32)
+        z2 = tl.zeros((BM,), tl.float32)
+        for c0 in range(start, stop, C):
+            t = c0 + tl.arange(0, C)
+            ok = t < stop
+            q, k, wt, kn, mx = _inputs(q_ptr, k_ptr, cw_ptr, mx_ptr + bh * T, w_ptr, bq_ptr, b, h, t, ok, M,
+                                       kcoef, sqb, sqh, sqt, skb, skh, skt, scb, sch, sct,
+                                       FEAT, HAS_CW, REVERSE, 2 if REVERSE else 0, D, BM, PREC)
+            if REVERSE:
+                dnum, dden = _dy(o_ptr, do_ptr, den_ptr + bh * T, b, h, t, ok, floor, sob, soh, sot,
+                                 sdb, sdh, sdt, DV)
+                a = _exponent(q, w_ptr, bq_ptr, h, blk, M, D, BM, PREC)
+                rhs = dnum.to(DT)
+                rs = dden
+                if FEAT == 0:
+                    f1 = tl.exp(a - mx[:, None])
+                    f2 = f1
                 else:
-                    a = _exponent(k, w_ptr, bk_ptr, h, blk, M, D, BM, PREC)
-                    rhs = _load_rows(v_ptr, b, h, t, ok, svb, svh, svt, DV).to(DT)
-                    rs = tl.full(wt.shape, 1.0, tl.float32)
-                    if FEAT == 0:
-                        f1 = tl.exp(a + kn[:, None]) * wt[:, None]
-                        f2 = f1
-                    else:
-                        f1 = _sin(a, FAST) * (inv_sqrt_m * wt)[:, None]
-                        f2 = _cos(a, FAST) * (inv_sqrt_m * wt)[:, None]
-                f1 = f1.to(DT)
-                acc1 += tl.dot(tl.trans(f1), rhs, input_precision=PREC)
-                z1 += tl.sum(f1.to(tl.float32) * rs[:, None], 0)
-                if FEAT == 1:
-                    f2 = f2.to(DT)
-                    acc2 += tl.dot(tl.trans(f2), rhs, input_precision=PREC)
-                    z2 += tl.sum(f2.to(tl.float32) * rs[:, None], 0)
-            sp, zp = _state_ptrs(s_ptr, z_ptr, row0 + blk, DV, BM)
-            tl.store(sp, acc1)
-            tl.store(zp, z1)
+                    f1 = _sin(a, FAST) * inv_sqrt_m
+                    f2 = _cos(a, FAST) * inv_sqrt_m
+            else:
+                a = _exponent(k, w_ptr, bk_ptr, h, blk, M, D, BM, PREC)
+                rhs = _load_rows(v_ptr, b, h, t, ok, svb, svh, svt, DV).to(DT)
+                rs = tl.full(wt.shape, 1.0, tl.float32)
+                if FEAT == 0:
+                    f1 = tl.exp(a + kn[:, None]) * wt[:, None]
+                    f2 = f1
+                else:
+                    f1 = _sin(a, FAST) * (inv_sqrt_m * wt)[:, None]
+                    f2 = _cos(a, FAST) * (inv_sqrt_m * wt)[:, None]
+            f1 = f1.to(DT)
+            acc1 += tl.dot(tl.trans(f1), rhs, input_precision=PREC)
+            z1 += tl.sum(f1.to(tl.float32) * rs[:, None], 0)
             if FEAT == 1:
-                sp, zp = _state_ptrs(s_ptr, z_ptr, row0 + M + blk, DV, BM)
-                tl.store(sp, acc2)
-                tl.store(zp, z2)
+                f2 = f2.to(DT)
+                acc2 += tl.dot(tl.trans(f2), rhs, input_precision=PREC)
+                z2 += tl.sum(f2.to(tl.float32) * rs[:, None], 0)
+        sp, zp = _state_ptrs(s_ptr, z_ptr, row0 + blk, DV, BM)
+        tl.store(sp, acc1)
+        tl.store(zp, z1)
+        if FEAT == 1:
+            sp, zp = _state_ptrs(s_ptr, z_ptr, row0 + M + blk, DV, BM)
+            tl.store(sp, acc2)
+            tl.store(zp, z2)
 
     @triton.jit
     def _dy(o_ptr, do_ptr, den_ptr, b, h, t, ok, floor, sob, soh, sot, sdb, sdh, sdt, DV: tl.constexpr):
@@ -491,6 +493,10 @@ class _Plan:
     def grid(self):
         return self.nseg, self.bh
 
+    def sums_grid(self):
+        """The segment-sums kernel's grid: one program per (segment, head, feature block)."""
+        return self.nseg, self.bh, self.m // self.consts["BM"]
+
     def sums(self, device) -> tuple[Tensor, Tensor]:
         return (torch.empty(self.nseg + 1, self.bh, self.ms, self.dv, device=device, dtype=torch.float32),
                 torch.empty(self.nseg + 1, self.bh, self.ms, device=device, dtype=torch.float32))
@@ -501,7 +507,7 @@ def _segment_starts(p: _Plan, q, k, v, cw, w, bq, bk, s0: Tensor, z0: Tensor):
     s, z = p.sums(q.device)
     s[0].copy_(s0.reshape(p.bh, p.ms, p.dv))
     z[0].copy_(z0.reshape(p.bh, p.ms))
-    _segment_sums_kernel[p.grid()](
+    _segment_sums_kernel[p.sums_grid()](
         q, k, v, cw, w, bq, bk, s, s, s, s, s, z, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef, p.inv_sqrt_m, p.floor,
         *_strides(q), *_strides(k), *_strides(v), *_strides(cw), 0, 0, 0, 0, 0, 0,
         HAS_CW=cw is not None, REVERSE=False, **p.consts)
@@ -554,7 +560,7 @@ class FusedRandomFeatureAttention(torch.autograd.Function):
         r, rz = p.sums(q.device)
         r[0].zero_()
         rz[0].zero_()
-        _segment_sums_kernel[p.grid()](
+        _segment_sums_kernel[p.sums_grid()](
             q, k, v, cw, ws, bq, bk, mx, out, g, den, r, rz, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef, p.inv_sqrt_m,
             p.floor, *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out), *_strides(g),
             HAS_CW=cw is not None, REVERSE=True, **p.consts)
