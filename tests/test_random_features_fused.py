@@ -19,15 +19,16 @@ from rlformer.attention.random_features import _carried_sums, _LinearAttention
 
 torch.set_num_threads(1)
 needs_triton = pytest.mark.skipif(fused_rf.triton is None, reason="Triton does not import here")
-CASES = [(name, weights, state, programs, donate) for name in ("performer", "rfa")
-         for weights, state, programs, donate in ((False, False, 1, False), (True, True, 256, True),
-                                                  (False, True, 16, True))]
-"""(attention, key weights, carried state, ``PROGRAMS``, k and v donated): at T = 150 with 16-token chunks and 4
-heads, 1 = one segment per head, 256 = one chunk per segment (10), 16 = four segments of three chunks, the last one
-ragged"""
+CASES = [(name, weights, state, programs, donate, keep) for name in ("performer", "rfa")
+         for weights, state, programs, donate, keep in ((False, False, 1, False, False), (True, True, 256, True, True),
+                                                        (False, True, 16, True, True), (False, True, 16, False, False))]
+"""(attention, key weights, carried state, ``PROGRAMS``, k and v donated, ``KEEP_STARTS``): at T = 150 with 16-token
+chunks and 4 heads, 1 = one segment per head, 256 = one chunk per segment (10), 16 = four segments of three chunks,
+the last one ragged"""
 
 
-def compare(name: str, weights: bool, state: bool, programs: int, donate: bool = False, device: str = "cpu",
+def compare(name: str, weights: bool, state: bool, programs: int, donate: bool = False, keep: bool = True,
+            device: str = "cpu",
             dtype: torch.dtype = torch.float32, t: int = 150, d: int = 16, m: int = 32, chunk: int = 16,
             seed: int = 0) -> dict:
     """Largest errors of the fused kernels against ``_LinearAttention`` (relative to the reference's largest
@@ -68,8 +69,8 @@ def compare(name: str, weights: bool, state: bool, programs: int, donate: bool =
 
     probe = torch.randn(b, h, t, d, generator=g).to(device, dtype)
     ref, ref_end, ref_grads = chunk_form(dtype)
-    old = fused_rf.PROGRAMS, fused_rf.CHUNK
-    fused_rf.PROGRAMS, fused_rf.CHUNK = programs, chunk
+    old = fused_rf.PROGRAMS, fused_rf.CHUNK, fused_rf.KEEP_STARTS
+    fused_rf.PROGRAMS, fused_rf.CHUNK, fused_rf.KEEP_STARTS = programs, chunk, keep
     kd, vd = (x.detach().clone().requires_grad_() for x in (k, v)) if donate else (k, v)
     try:
         w, scale, bq, bk, kcoef, feat = layer.fused_weights()
@@ -80,7 +81,7 @@ def compare(name: str, weights: bool, state: bool, programs: int, donate: bool =
             kept = torch.autograd.grad(out, inputs, probe, retain_graph=True)
         grads = torch.autograd.grad(out, inputs, probe)
     finally:
-        fused_rf.PROGRAMS, fused_rf.CHUNK = old
+        fused_rf.PROGRAMS, fused_rf.CHUNK, fused_rf.KEEP_STARTS = old
 
     def rel(x, y):
         return ((x.double() - y.double()).abs().max() / y.double().abs().max()).item()
@@ -137,7 +138,7 @@ def test_cuda_kernels_match_the_chunk_form(case, dtype):
             if isinstance(value, float):
                 assert value < 2e-4, (case, key, value)
         return
-    for kind in ("vs_float64", "kept_vs_float64") if case[-1] else ("vs_float64",):
+    for kind in ("vs_float64", "kept_vs_float64") if case[4] else ("vs_float64",):
         for key, value in errors[kind].items():
             assert value < 2 * errors["chunk_form_vs_float64"][key] + 2 ** -6, (case, kind, key, errors)
 

@@ -53,6 +53,10 @@ NUM_WARPS = 4
 """warps per program"""
 NUM_STAGES = 1
 """software pipelining stages of the kernels' loops"""
+KEEP_STARTS = True
+"""forward keeps each segment's starting carried sums for backward (bfloat16 for 16-bit inputs, float32 for float32:
+(segments x heads, M, dh) values, 16.5 MiB at T = 16k with 8 heads and M = 512), so backward's dq walk needs no
+second pass of segment sums; False: backward recomputes them"""
 PROGRAMS = 256
 """about how many (segment, head) programs run at once: two waves of an H100's 132 SMs; more segments cost more
 carried-sum memory (one (M, dh + 1) fp32 block each)"""
@@ -235,12 +239,18 @@ if triton is not None:
         return dnum, dden
 
     @triton.jit
-    def _fwd_block(fq, fk, v, s_ptr, z_ptr, row, acc, den, A, DV: tl.constexpr, BM: tl.constexpr,
-                   DT: tl.constexpr, PREC: tl.constexpr):
-        """One feature block of a forward chunk: the carried-sum term, the intra-chunk scores, the sums update."""
+    def _fwd_block(fq, fk, v, s_ptr, z_ptr, row, acc, den, A, keep_ptr, keepz_ptr, first, KEEP: tl.constexpr,
+                   DV: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+        """One feature block of a forward chunk: the carried-sum term, the intra-chunk scores, the sums update.
+        KEEP: on the segment's first chunk, also copies the block's carried sums into the kept starts."""
         sp, zp = _state_ptrs(s_ptr, z_ptr, row, DV, BM)
         s = tl.load(sp)
         z = tl.load(zp)
+        if KEEP:
+            if first:
+                kp, kzp = _state_ptrs(keep_ptr, keepz_ptr, row, DV, BM)
+                tl.store(kp, s.to(keep_ptr.dtype.element_ty))
+                tl.store(kzp, z)
         fq16 = fq.to(DT)
         fk16 = fk.to(DT)
         acc += tl.dot(fq16, s.to(DT), input_precision=PREC)
@@ -252,12 +262,13 @@ if triton is not None:
 
     @triton.jit
     def _forward_kernel(q_ptr, k_ptr, v_ptr, cw_ptr, w_ptr, bq_ptr, bk_ptr, mx_ptr, o_ptr, den_ptr, s_ptr, z_ptr,
-                        T, H, M, SEG, kcoef, inv_sqrt_m, floor,
+                        keep_ptr, keepz_ptr, T, H, M, SEG, kcoef, inv_sqrt_m, floor,
                         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, scb, sch, sct, sob, soh, sot,
-                        FEAT: tl.constexpr, HAS_CW: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
-                        DV: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
+                        FEAT: tl.constexpr, HAS_CW: tl.constexpr, KEEP: tl.constexpr, C: tl.constexpr,
+                        D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
                         FAST: tl.constexpr):
-        """Outputs of one segment: walks its chunks from the carried sums in slot seg (updated in place)."""
+        """Outputs of one segment: walks its chunks from the carried sums in slot seg (updated in place); KEEP:
+        copies slot seg (the segment's starting sums) into the kept starts for backward first."""
         seg, bh, nbh, b, h, start, stop = _program(T, H, SEG)
         row0 = _slot_row(seg, nbh, bh, M, FEAT)
         i = tl.arange(0, C)
@@ -277,13 +288,16 @@ if triton is not None:
                 ak = _exponent(k, w_ptr, bk_ptr, h, blk, M, D, BM, PREC)
                 if FEAT == 0:
                     acc, den, A = _fwd_block(tl.exp(aq - mx[:, None]), tl.exp(ak + kn[:, None]) * wt[:, None], v,
-                                             s_ptr, z_ptr, row0 + blk, acc, den, A, DV, BM, DT, PREC)
+                                             s_ptr, z_ptr, row0 + blk, acc, den, A, keep_ptr, keepz_ptr, c0 == start,
+                                             KEEP, DV, BM, DT, PREC)
                 else:
                     kw = (inv_sqrt_m * wt)[:, None]
                     acc, den, A = _fwd_block(_sin(aq, FAST) * inv_sqrt_m, _sin(ak, FAST) * kw, v, s_ptr, z_ptr,
-                                             row0 + blk, acc, den, A, DV, BM, DT, PREC)
+                                             row0 + blk, acc, den, A, keep_ptr, keepz_ptr, c0 == start, KEEP, DV, BM,
+                                             DT, PREC)
                     acc, den, A = _fwd_block(_cos(aq, FAST) * inv_sqrt_m, _cos(ak, FAST) * kw, v, s_ptr, z_ptr,
-                                             row0 + M + blk, acc, den, A, DV, BM, DT, PREC)
+                                             row0 + M + blk, acc, den, A, keep_ptr, keepz_ptr, c0 == start, KEEP, DV,
+                                             BM, DT, PREC)
             A16 = tl.where(causal, A, 0.0).to(DT)
             acc += tl.dot(A16, v, input_precision=PREC)
             den += tl.sum(A16.to(tl.float32), 1)
@@ -308,13 +322,14 @@ if triton is not None:
 
     @triton.jit
     def _dq_kernel(q_ptr, k_ptr, v_ptr, cw_ptr, w_ptr, bq_ptr, bk_ptr, mx_ptr, o_ptr, do_ptr, den_ptr, s_ptr, z_ptr,
-                   dq_ptr, ds_ptr, T, H, M, SEG, kcoef, inv_sqrt_m, floor,
+                   keep_ptr, keepz_ptr, dq_ptr, ds_ptr, T, H, M, SEG, kcoef, inv_sqrt_m, floor,
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, scb, sch, sct, sob, soh, sot, sdb, sdh, sdt,
                    sgb, sgh, sgt,
-                   FEAT: tl.constexpr, HAS_CW: tl.constexpr, NEED_DS: tl.constexpr, C: tl.constexpr,
-                   D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
-                   FAST: tl.constexpr):
-        """dq of one segment, walking its chunks forward from the carried sums S (updated in place):
+                   FEAT: tl.constexpr, HAS_CW: tl.constexpr, NEED_DS: tl.constexpr, KEEP: tl.constexpr,
+                   C: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr,
+                   DT: tl.constexpr, FAST: tl.constexpr):
+        """dq of one segment, walking its chunks forward from the carried sums S (updated in place; KEEP: the first
+        chunk reads the starts the forward kept instead of slot seg, which it then writes):
         dphi(q_t) = S_c [dnum_t, dden_t] + sum_{s in c, s <= t} (dy_t . [v_s, 1]) phi(k_s)."""
         seg, bh, nbh, b, h, start, stop = _program(T, H, SEG)
         row0 = _slot_row(seg, nbh, bh, M, FEAT)
@@ -339,17 +354,18 @@ if triton is not None:
                 if FEAT == 0:
                     fq1 = tl.exp(aq - mx[:, None])
                     fk1 = tl.exp(ak + kn[:, None]) * wt[:, None]
-                    dfq1 = _dq_block(fk1, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, DV, BM, DT, PREC)
+                    dfq1 = _dq_block(fk1, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, keep_ptr, keepz_ptr,
+                                     c0 == start, KEEP, DV, BM, DT, PREC)
                     dq, _ = _feature_grad(fq1.to(DT).to(tl.float32), fq1, dfq1, dfq1, w_ptr, h, blk, M, dq, FEAT, D,
                                           BM, PREC)
                 else:
                     kw = (inv_sqrt_m * wt)[:, None]
                     fq1 = _sin(aq, FAST) * inv_sqrt_m
                     fq2 = _cos(aq, FAST) * inv_sqrt_m
-                    dfq1 = _dq_block(_sin(ak, FAST) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, DV, BM,
-                                     DT, PREC)
-                    dfq2 = _dq_block(_cos(ak, FAST) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + M + blk, DV, BM,
-                                     DT, PREC)
+                    dfq1 = _dq_block(_sin(ak, FAST) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, keep_ptr,
+                                     keepz_ptr, c0 == start, KEEP, DV, BM, DT, PREC)
+                    dfq2 = _dq_block(_cos(ak, FAST) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + M + blk, keep_ptr,
+                                     keepz_ptr, c0 == start, KEEP, DV, BM, DT, PREC)
                     dq, da = _feature_grad(fq1, fq2, dfq1, dfq2, w_ptr, h, blk, M, dq, FEAT, D, BM, PREC)
                     if NEED_DS:
                         dscale += tl.sum(da * aq)
@@ -359,12 +375,22 @@ if triton is not None:
             tl.store(ds_ptr + seg * nbh + bh, dscale)
 
     @triton.jit
-    def _dq_block(fk, v, dn16, dden, dA, s_ptr, z_ptr, row, DV: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr,
-                  PREC: tl.constexpr):
-        """dL/dphi(q) of one feature block (C, BM) fp32; adds the chunk's phi(k) [v, 1]^T to the carried sums."""
+    def _dq_block(fk, v, dn16, dden, dA, s_ptr, z_ptr, row, keep_ptr, keepz_ptr, first, KEEP: tl.constexpr,
+                  DV: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+        """dL/dphi(q) of one feature block (C, BM) fp32; adds the chunk's phi(k) [v, 1]^T to the carried sums (read
+        from the kept starts on the segment's first chunk when KEEP)."""
         sp, zp = _state_ptrs(s_ptr, z_ptr, row, DV, BM)
-        s = tl.load(sp)
-        z = tl.load(zp)
+        if KEEP:
+            if first:
+                kp, kzp = _state_ptrs(keep_ptr, keepz_ptr, row, DV, BM)
+                s = tl.load(kp).to(tl.float32)
+                z = tl.load(kzp)
+            else:
+                s = tl.load(sp)
+                z = tl.load(zp)
+        else:
+            s = tl.load(sp)
+            z = tl.load(zp)
         fk16 = fk.to(DT)
         df = tl.dot(dn16, tl.trans(s.to(DT)), input_precision=PREC) + dden[:, None] * z[None, :]
         df += tl.dot(dA, fk16, input_precision=PREC)
@@ -463,6 +489,32 @@ if triton is not None:
             tl.store(ds_ptr + (NSEG + seg) * nbh + bh, dscale)
 
 
+if triton is not None:
+    @triton.jit
+    def _cumsum_kernel(x_ptr, n_slots, n_cols, BLOCK: tl.constexpr):
+        """In-place cumulative sum over the slots of a (n_slots, n_cols) fp32 tensor, BLOCK columns per program."""
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < n_cols
+        acc = tl.zeros((BLOCK,), tl.float32)
+        ptr = x_ptr + cols
+        for _ in range(0, n_slots):
+            acc += tl.load(ptr, mask=ok, other=0.0)
+            tl.store(ptr, acc, mask=ok)
+            ptr += n_cols                               # 64-bit pointer arithmetic: no int32 slot offsets
+
+
+CUMSUM_BLOCK = 512
+"""columns per program of the carried sums' cumsum over segments (one fp32 read and write of every slot)"""
+
+
+def _cumsum_(x: Tensor) -> Tensor:
+    """x.cumsum_(0) for the contiguous fp32 (slots, ...) carried sums, in one pass (torch's scan over the slot axis
+    took 56 us for 33 slots x 1 MiB at 16k on an H100, BENCHMARKS.md session 14)."""
+    n_cols = x[0].numel()
+    _cumsum_kernel[(triton.cdiv(n_cols, CUMSUM_BLOCK),)](x, x.shape[0], n_cols, BLOCK=CUMSUM_BLOCK, num_warps=4)
+    return x
+
+
 def _strides(x: Optional[Tensor]) -> tuple:
     """(batch, head, token) strides of a (B, H, T, ...) tensor; a key weight (B, H or 1, T) broadcasts heads."""
     if x is None:
@@ -497,9 +549,11 @@ class _Plan:
         """The segment-sums kernel's grid: one program per (segment, head, feature block)."""
         return self.nseg, self.bh, self.m // self.consts["BM"]
 
-    def sums(self, device) -> tuple[Tensor, Tensor]:
-        return (torch.empty(self.nseg + 1, self.bh, self.ms, self.dv, device=device, dtype=torch.float32),
-                torch.empty(self.nseg + 1, self.bh, self.ms, device=device, dtype=torch.float32))
+    def sums(self, device, slots: Optional[int] = None, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """Uninitialised carried sums (slots (default nseg + 1), BH, MS, DV) in ``dtype`` and (slots, BH, MS) fp32."""
+        slots = self.nseg + 1 if slots is None else slots
+        return (torch.empty(slots, self.bh, self.ms, self.dv, device=device, dtype=dtype),
+                torch.empty(slots, self.bh, self.ms, device=device, dtype=torch.float32))
 
 
 def _segment_starts(p: _Plan, q, k, v, cw, w, bq, bk, s0: Tensor, z0: Tensor):
@@ -511,7 +565,7 @@ def _segment_starts(p: _Plan, q, k, v, cw, w, bq, bk, s0: Tensor, z0: Tensor):
         q, k, v, cw, w, bq, bk, s, s, s, s, s, z, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef, p.inv_sqrt_m, p.floor,
         *_strides(q), *_strides(k), *_strides(v), *_strides(cw), 0, 0, 0, 0, 0, 0,
         HAS_CW=cw is not None, REVERSE=False, **p.consts)
-    return s.cumsum_(0), z.cumsum_(0)
+    return _cumsum_(s), _cumsum_(z)
 
 
 class FusedRandomFeatureAttention(torch.autograd.Function):
@@ -532,12 +586,15 @@ class FusedRandomFeatureAttention(torch.autograd.Function):
         out = torch.empty(p.b, p.t, p.h, p.dv, device=q.device, dtype=v.dtype).transpose(1, 2)
         den = torch.empty(p.bh, p.t, device=q.device, dtype=torch.float32)
         mx = torch.zeros(p.bh, p.t, device=q.device, dtype=torch.float32)
+        keep = p.sums(q.device, p.nseg, torch.float32 if q.dtype == torch.float32 else torch.bfloat16) \
+            if KEEP_STARTS else (s, z)
         _forward_kernel[p.grid()](
-            q, k, v, cw, ws, bq, bk, mx, out, den, s, z, p.t, p.h, p.m, p.seg, p.kcoef, p.inv_sqrt_m, p.floor,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out),
-            HAS_CW=cw is not None, **p.consts)
+            q, k, v, cw, ws, bq, bk, mx, out, den, s, z, *keep, p.t, p.h, p.m, p.seg, p.kcoef, p.inv_sqrt_m,
+            p.floor, *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out),
+            HAS_CW=cw is not None, KEEP=KEEP_STARTS, **p.consts)
         del s, z
-        ctx.plan, ctx.donate = p, donate
+        # the kept starts are an intermediate, held on ctx (not saved) so backward can free them after the dq walk
+        ctx.plan, ctx.donate, ctx.keep = p, donate, keep if KEEP_STARTS else None
         ctx.save_for_backward(q, k, v, cw, ws, scale, bq, bk, s0, z0, out, den, mx)
         ctx.mark_non_differentiable(s_end, z_end)
         return out, s_end, z_end
@@ -550,13 +607,17 @@ class FusedRandomFeatureAttention(torch.autograd.Function):
         g = g_out if g_out.stride(-1) == 1 else g_out.contiguous()
         ds = torch.empty(2, p.nseg, p.b, p.h, device=q.device, dtype=torch.float32) if need_ds else den
         common = dict(HAS_CW=cw is not None, NEED_DS=need_ds, **p.consts)
-        s, z = _segment_starts(p, q, k, v, cw, ws, bq, bk, s0, z0)
+        keep = ctx.keep
+        s, z = p.sums(q.device, p.nseg) if keep is not None else _segment_starts(p, q, k, v, cw, ws, bq, bk, s0, z0)
         dq = torch.empty_like(q)
         _dq_kernel[p.grid()](
-            q, k, v, cw, ws, bq, bk, mx, out, g, den, s, z, dq, ds, p.t, p.h, p.m, p.seg, p.kcoef, p.inv_sqrt_m,
-            p.floor, *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out), *_strides(g),
-            *_strides(dq), **common)
-        del s, z
+            q, k, v, cw, ws, bq, bk, mx, out, g, den, s, z, *(keep or (s, z)), dq, ds, p.t, p.h, p.m, p.seg,
+            p.kcoef, p.inv_sqrt_m, p.floor, *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out),
+            *_strides(g), *_strides(dq), KEEP=keep is not None, **common)
+        del s, z, keep
+        kept = _graph_kept()
+        if not kept:
+            ctx.keep = None
         r, rz = p.sums(q.device)
         r[0].zero_()
         rz[0].zero_()
@@ -564,9 +625,9 @@ class FusedRandomFeatureAttention(torch.autograd.Function):
             q, k, v, cw, ws, bq, bk, mx, out, g, den, r, rz, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef, p.inv_sqrt_m,
             p.floor, *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out), *_strides(g),
             HAS_CW=cw is not None, REVERSE=True, **p.consts)
-        r.cumsum_(0)
-        rz.cumsum_(0)
-        donate = ctx.donate and not _graph_kept()
+        _cumsum_(r)
+        _cumsum_(rz)
+        donate = ctx.donate and not kept
         dk, dv = (k, v) if donate else (torch.empty_like(k), torch.empty_like(v))
         _dkdv_kernel[p.grid()](
             q, k, v, cw, ws, bq, bk, mx, out, g, den, r, rz, dk, dv, ds, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef,
