@@ -239,18 +239,12 @@ if triton is not None:
         return dnum, dden
 
     @triton.jit
-    def _fwd_block(fq, fk, v, s_ptr, z_ptr, row, acc, den, A, keep_ptr, keepz_ptr, first, KEEP: tl.constexpr,
-                   DV: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-        """One feature block of a forward chunk: the carried-sum term, the intra-chunk scores, the sums update.
-        KEEP: on the segment's first chunk, also copies the block's carried sums into the kept starts."""
+    def _fwd_block(fq, fk, v, s_ptr, z_ptr, row, acc, den, A, DV: tl.constexpr, BM: tl.constexpr,
+                   DT: tl.constexpr, PREC: tl.constexpr):
+        """One feature block of a forward chunk: the carried-sum term, the intra-chunk scores, the sums update."""
         sp, zp = _state_ptrs(s_ptr, z_ptr, row, DV, BM)
         s = tl.load(sp)
         z = tl.load(zp)
-        if KEEP:
-            if first:
-                kp, kzp = _state_ptrs(keep_ptr, keepz_ptr, row, DV, BM)
-                tl.store(kp, s.to(keep_ptr.dtype.element_ty))
-                tl.store(kzp, z)
         fq16 = fq.to(DT)
         fk16 = fk.to(DT)
         acc += tl.dot(fq16, s.to(DT), input_precision=PREC)
@@ -262,13 +256,12 @@ if triton is not None:
 
     @triton.jit
     def _forward_kernel(q_ptr, k_ptr, v_ptr, cw_ptr, w_ptr, bq_ptr, bk_ptr, mx_ptr, o_ptr, den_ptr, s_ptr, z_ptr,
-                        keep_ptr, keepz_ptr, T, H, M, SEG, kcoef, inv_sqrt_m, floor,
+                        T, H, M, SEG, kcoef, inv_sqrt_m, floor,
                         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, scb, sch, sct, sob, soh, sot,
-                        FEAT: tl.constexpr, HAS_CW: tl.constexpr, KEEP: tl.constexpr, C: tl.constexpr,
-                        D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
+                        FEAT: tl.constexpr, HAS_CW: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
+                        DV: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
                         FAST: tl.constexpr):
-        """Outputs of one segment: walks its chunks from the carried sums in slot seg (updated in place); KEEP:
-        copies slot seg (the segment's starting sums) into the kept starts for backward first."""
+        """Outputs of one segment: walks its chunks from the carried sums in slot seg (updated in place)."""
         seg, bh, nbh, b, h, start, stop = _program(T, H, SEG)
         row0 = _slot_row(seg, nbh, bh, M, FEAT)
         i = tl.arange(0, C)
@@ -288,16 +281,13 @@ if triton is not None:
                 ak = _exponent(k, w_ptr, bk_ptr, h, blk, M, D, BM, PREC)
                 if FEAT == 0:
                     acc, den, A = _fwd_block(tl.exp(aq - mx[:, None]), tl.exp(ak + kn[:, None]) * wt[:, None], v,
-                                             s_ptr, z_ptr, row0 + blk, acc, den, A, keep_ptr, keepz_ptr, c0 == start,
-                                             KEEP, DV, BM, DT, PREC)
+                                             s_ptr, z_ptr, row0 + blk, acc, den, A, DV, BM, DT, PREC)
                 else:
                     kw = (inv_sqrt_m * wt)[:, None]
                     acc, den, A = _fwd_block(_sin(aq, FAST) * inv_sqrt_m, _sin(ak, FAST) * kw, v, s_ptr, z_ptr,
-                                             row0 + blk, acc, den, A, keep_ptr, keepz_ptr, c0 == start, KEEP, DV, BM,
-                                             DT, PREC)
+                                             row0 + blk, acc, den, A, DV, BM, DT, PREC)
                     acc, den, A = _fwd_block(_cos(aq, FAST) * inv_sqrt_m, _cos(ak, FAST) * kw, v, s_ptr, z_ptr,
-                                             row0 + M + blk, acc, den, A, keep_ptr, keepz_ptr, c0 == start, KEEP, DV,
-                                             BM, DT, PREC)
+                                             row0 + M + blk, acc, den, A, DV, BM, DT, PREC)
             A16 = tl.where(causal, A, 0.0).to(DT)
             acc += tl.dot(A16, v, input_precision=PREC)
             den += tl.sum(A16.to(tl.float32), 1)
@@ -328,11 +318,18 @@ if triton is not None:
                    FEAT: tl.constexpr, HAS_CW: tl.constexpr, NEED_DS: tl.constexpr, KEEP: tl.constexpr,
                    C: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr,
                    DT: tl.constexpr, FAST: tl.constexpr):
-        """dq of one segment, walking its chunks forward from the carried sums S (updated in place; KEEP: the first
-        chunk reads the starts the forward kept instead of slot seg, which it then writes):
+        """dq of one segment, walking its chunks forward from the carried sums S (updated in place; KEEP: slot seg
+        is first filled from the starts the forward kept):
         dphi(q_t) = S_c [dnum_t, dden_t] + sum_{s in c, s <= t} (dy_t . [v_s, 1]) phi(k_s)."""
         seg, bh, nbh, b, h, start, stop = _program(T, H, SEG)
         row0 = _slot_row(seg, nbh, bh, M, FEAT)
+        if KEEP:
+            for blk in range(0, M * (1 + FEAT), BM):
+                sp, zp = _state_ptrs(s_ptr, z_ptr, row0 + blk, DV, BM)
+                kp, kzp = _state_ptrs(keep_ptr, keepz_ptr, row0 + blk, DV, BM)
+                tl.store(sp, tl.load(kp).to(tl.float32))
+                tl.store(zp, tl.load(kzp))
+            tl.debug_barrier()                          # the walk's loads may map these rows to other threads
         i = tl.arange(0, C)
         causal = i[:, None] >= i[None, :]
         dscale = 0.0
@@ -354,18 +351,17 @@ if triton is not None:
                 if FEAT == 0:
                     fq1 = tl.exp(aq - mx[:, None])
                     fk1 = tl.exp(ak + kn[:, None]) * wt[:, None]
-                    dfq1 = _dq_block(fk1, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, keep_ptr, keepz_ptr,
-                                     c0 == start, KEEP, DV, BM, DT, PREC)
+                    dfq1 = _dq_block(fk1, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, DV, BM, DT, PREC)
                     dq, _ = _feature_grad(fq1.to(DT).to(tl.float32), fq1, dfq1, dfq1, w_ptr, h, blk, M, dq, FEAT, D,
                                           BM, PREC)
                 else:
                     kw = (inv_sqrt_m * wt)[:, None]
                     fq1 = _sin(aq, FAST) * inv_sqrt_m
                     fq2 = _cos(aq, FAST) * inv_sqrt_m
-                    dfq1 = _dq_block(_sin(ak, FAST) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, keep_ptr,
-                                     keepz_ptr, c0 == start, KEEP, DV, BM, DT, PREC)
-                    dfq2 = _dq_block(_cos(ak, FAST) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + M + blk, keep_ptr,
-                                     keepz_ptr, c0 == start, KEEP, DV, BM, DT, PREC)
+                    dfq1 = _dq_block(_sin(ak, FAST) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, DV, BM,
+                                     DT, PREC)
+                    dfq2 = _dq_block(_cos(ak, FAST) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + M + blk, DV, BM,
+                                     DT, PREC)
                     dq, da = _feature_grad(fq1, fq2, dfq1, dfq2, w_ptr, h, blk, M, dq, FEAT, D, BM, PREC)
                     if NEED_DS:
                         dscale += tl.sum(da * aq)
@@ -375,22 +371,12 @@ if triton is not None:
             tl.store(ds_ptr + seg * nbh + bh, dscale)
 
     @triton.jit
-    def _dq_block(fk, v, dn16, dden, dA, s_ptr, z_ptr, row, keep_ptr, keepz_ptr, first, KEEP: tl.constexpr,
-                  DV: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-        """dL/dphi(q) of one feature block (C, BM) fp32; adds the chunk's phi(k) [v, 1]^T to the carried sums (read
-        from the kept starts on the segment's first chunk when KEEP)."""
+    def _dq_block(fk, v, dn16, dden, dA, s_ptr, z_ptr, row, DV: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr,
+                  PREC: tl.constexpr):
+        """dL/dphi(q) of one feature block (C, BM) fp32; adds the chunk's phi(k) [v, 1]^T to the carried sums."""
         sp, zp = _state_ptrs(s_ptr, z_ptr, row, DV, BM)
-        if KEEP:
-            if first:
-                kp, kzp = _state_ptrs(keep_ptr, keepz_ptr, row, DV, BM)
-                s = tl.load(kp).to(tl.float32)
-                z = tl.load(kzp)
-            else:
-                s = tl.load(sp)
-                z = tl.load(zp)
-        else:
-            s = tl.load(sp)
-            z = tl.load(zp)
+        s = tl.load(sp)
+        z = tl.load(zp)
         fk16 = fk.to(DT)
         df = tl.dot(dn16, tl.trans(s.to(DT)), input_precision=PREC) + dden[:, None] * z[None, :]
         df += tl.dot(dA, fk16, input_precision=PREC)
@@ -491,28 +477,67 @@ if triton is not None:
 
 if triton is not None:
     @triton.jit
-    def _cumsum_kernel(x_ptr, n_slots, n_cols, BLOCK: tl.constexpr):
-        """In-place cumulative sum over the slots of a (n_slots, n_cols) fp32 tensor, BLOCK columns per program."""
-        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = cols < n_cols
+    def _cumsum_cols(x_ptr, keep_ptr, cols, ok, n_slots, n_cols, KEEP: tl.constexpr, BLOCK: tl.constexpr):
+        """In-place cumsum over the slots of the columns ``cols`` of (n_slots, n_cols) fp32 x, four slots per step
+        (independent loads); KEEP: also writes slots 0..n_slots-2 of the result to keep (n_slots - 1, n_cols)."""
         acc = tl.zeros((BLOCK,), tl.float32)
-        ptr = x_ptr + cols
-        for _ in range(0, n_slots):
-            acc += tl.load(ptr, mask=ok, other=0.0)
-            tl.store(ptr, acc, mask=ok)
-            ptr += n_cols                               # 64-bit pointer arithmetic: no int32 slot offsets
+        p0 = x_ptr + cols                               # pointers advance by n_cols: 64-bit, no int32 slot offsets
+        k0 = keep_ptr + cols
+        for i in range(0, n_slots, 4):
+            p1 = p0 + n_cols
+            p2 = p1 + n_cols
+            p3 = p2 + n_cols
+            slot = tl.full((BLOCK,), i, tl.int32)        # as a tensor: Triton's interpreter masks take no bools
+            ok1 = ok & (slot + 1 < n_slots)
+            ok2 = ok & (slot + 2 < n_slots)
+            ok3 = ok & (slot + 3 < n_slots)
+            acc0 = acc + tl.load(p0, mask=ok, other=0.0)
+            acc1 = acc0 + tl.load(p1, mask=ok1, other=0.0)
+            acc2 = acc1 + tl.load(p2, mask=ok2, other=0.0)
+            acc = acc2 + tl.load(p3, mask=ok3, other=0.0)
+            tl.store(p0, acc0, mask=ok)
+            tl.store(p1, acc1, mask=ok1)
+            tl.store(p2, acc2, mask=ok2)
+            tl.store(p3, acc, mask=ok3)
+            if KEEP:
+                k1 = k0 + n_cols
+                k2 = k1 + n_cols
+                k3 = k2 + n_cols
+                ty = keep_ptr.dtype.element_ty
+                tl.store(k0, acc0.to(ty), mask=ok1)
+                tl.store(k1, acc1.to(ty), mask=ok2)
+                tl.store(k2, acc2.to(ty), mask=ok3)
+                tl.store(k3, acc.to(ty), mask=ok & (slot + 4 < n_slots))
+                k0 = k3 + n_cols
+            p0 = p3 + n_cols
+
+    @triton.jit
+    def _cumsum_kernel(s_ptr, z_ptr, ks_ptr, kz_ptr, n_slots, n_s, n_z, KEEP: tl.constexpr, BLOCK: tl.constexpr):
+        """``_cumsum_cols`` of the carried sums s (n_slots, n_s) and their normalizer sums z (n_slots, n_z): the
+        first cdiv(n_s, BLOCK) programs take s, the rest z."""
+        pid = tl.program_id(0)
+        n_s_programs = tl.cdiv(n_s, BLOCK)
+        if pid < n_s_programs:
+            cols = pid * BLOCK + tl.arange(0, BLOCK)
+            _cumsum_cols(s_ptr, ks_ptr, cols, cols < n_s, n_slots, n_s, KEEP, BLOCK)
+        else:
+            cols = (pid - n_s_programs) * BLOCK + tl.arange(0, BLOCK)
+            _cumsum_cols(z_ptr, kz_ptr, cols, cols < n_z, n_slots, n_z, KEEP, BLOCK)
 
 
 CUMSUM_BLOCK = 512
 """columns per program of the carried sums' cumsum over segments (one fp32 read and write of every slot)"""
 
 
-def _cumsum_(x: Tensor) -> Tensor:
-    """x.cumsum_(0) for the contiguous fp32 (slots, ...) carried sums, in one pass (torch's scan over the slot axis
-    took 56 us for 33 slots x 1 MiB at 16k on an H100, BENCHMARKS.md session 14)."""
-    n_cols = x[0].numel()
-    _cumsum_kernel[(triton.cdiv(n_cols, CUMSUM_BLOCK),)](x, x.shape[0], n_cols, BLOCK=CUMSUM_BLOCK, num_warps=4)
-    return x
+def _cumsum_(s: Tensor, z: Tensor, keep: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+    """s.cumsum_(0), z.cumsum_(0) for the contiguous fp32 (slots, ...) carried sums in one launch (torch's scan
+    took 56 us for s alone at 16k on an H100, BENCHMARKS.md session 14); ``keep``: (s, z)-shaped buffers with one
+    slot fewer that receive slots 0..slots-2 of the result (the segment starts), in their dtype."""
+    n_s, n_z = s[0].numel(), z[0].numel()
+    grid = (triton.cdiv(n_s, CUMSUM_BLOCK) + triton.cdiv(n_z, CUMSUM_BLOCK),)
+    ks, kz = keep if keep is not None else (s, z)
+    _cumsum_kernel[grid](s, z, ks, kz, s.shape[0], n_s, n_z, KEEP=keep is not None, BLOCK=CUMSUM_BLOCK, num_warps=4)
+    return s, z
 
 
 def _strides(x: Optional[Tensor]) -> tuple:
@@ -556,8 +581,10 @@ class _Plan:
                 torch.empty(slots, self.bh, self.ms, device=device, dtype=torch.float32))
 
 
-def _segment_starts(p: _Plan, q, k, v, cw, w, bq, bk, s0: Tensor, z0: Tensor):
-    """Carried sums at the start of every segment (slots 0..nseg-1) and at the end (slot nseg)."""
+def _segment_starts(p: _Plan, q, k, v, cw, w, bq, bk, s0: Tensor, z0: Tensor,
+                    keep: Optional[tuple[Tensor, Tensor]] = None):
+    """Carried sums at the start of every segment (slots 0..nseg-1) and at the end (slot nseg); ``keep``: buffers
+    for a copy of slots 0..nseg-1 (see ``_cumsum_``)."""
     s, z = p.sums(q.device)
     s[0].copy_(s0.reshape(p.bh, p.ms, p.dv))
     z[0].copy_(z0.reshape(p.bh, p.ms))
@@ -565,7 +592,7 @@ def _segment_starts(p: _Plan, q, k, v, cw, w, bq, bk, s0: Tensor, z0: Tensor):
         q, k, v, cw, w, bq, bk, s, s, s, s, s, z, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef, p.inv_sqrt_m, p.floor,
         *_strides(q), *_strides(k), *_strides(v), *_strides(cw), 0, 0, 0, 0, 0, 0,
         HAS_CW=cw is not None, REVERSE=False, **p.consts)
-    return _cumsum_(s), _cumsum_(z)
+    return _cumsum_(s, z, keep)
 
 
 class FusedRandomFeatureAttention(torch.autograd.Function):
@@ -580,21 +607,21 @@ class FusedRandomFeatureAttention(torch.autograd.Function):
     def forward(ctx, feat: int, q, k, v, cw, w, scale, bq, bk, s0, z0, kcoef: float, floor: float, donate: bool):
         p = _Plan(feat, q, v, w, kcoef, floor)
         ws = (w * scale[:, None, None]).contiguous()
-        s, z = _segment_starts(p, q, k, v, cw, ws, bq, bk, s0, z0)
+        keep = p.sums(q.device, p.nseg, torch.float32 if q.dtype == torch.float32 else torch.bfloat16) \
+            if KEEP_STARTS else None
+        s, z = _segment_starts(p, q, k, v, cw, ws, bq, bk, s0, z0, keep)
         s_end = s[-1].view(p.b, p.h, p.ms, p.dv).clone()
         z_end = z[-1].view(p.b, p.h, p.ms).clone()
         out = torch.empty(p.b, p.t, p.h, p.dv, device=q.device, dtype=v.dtype).transpose(1, 2)
         den = torch.empty(p.bh, p.t, device=q.device, dtype=torch.float32)
         mx = torch.zeros(p.bh, p.t, device=q.device, dtype=torch.float32)
-        keep = p.sums(q.device, p.nseg, torch.float32 if q.dtype == torch.float32 else torch.bfloat16) \
-            if KEEP_STARTS else (s, z)
         _forward_kernel[p.grid()](
-            q, k, v, cw, ws, bq, bk, mx, out, den, s, z, *keep, p.t, p.h, p.m, p.seg, p.kcoef, p.inv_sqrt_m,
-            p.floor, *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out),
-            HAS_CW=cw is not None, KEEP=KEEP_STARTS, **p.consts)
+            q, k, v, cw, ws, bq, bk, mx, out, den, s, z, p.t, p.h, p.m, p.seg, p.kcoef, p.inv_sqrt_m, p.floor,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out),
+            HAS_CW=cw is not None, **p.consts)
         del s, z
         # the kept starts are an intermediate, held on ctx (not saved) so backward can free them after the dq walk
-        ctx.plan, ctx.donate, ctx.keep = p, donate, keep if KEEP_STARTS else None
+        ctx.plan, ctx.donate, ctx.keep = p, donate, keep
         ctx.save_for_backward(q, k, v, cw, ws, scale, bq, bk, s0, z0, out, den, mx)
         ctx.mark_non_differentiable(s_end, z_end)
         return out, s_end, z_end
@@ -625,8 +652,7 @@ class FusedRandomFeatureAttention(torch.autograd.Function):
             q, k, v, cw, ws, bq, bk, mx, out, g, den, r, rz, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef, p.inv_sqrt_m,
             p.floor, *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out), *_strides(g),
             HAS_CW=cw is not None, REVERSE=True, **p.consts)
-        _cumsum_(r)
-        _cumsum_(rz)
+        _cumsum_(r, rz)
         donate = ctx.donate and not kept
         dk, dv = (k, v) if donate else (torch.empty_like(k), torch.empty_like(v))
         _dkdv_kernel[p.grid()](
