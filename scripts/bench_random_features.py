@@ -83,6 +83,8 @@ def main() -> None:
     p.add_argument("--programs", type=int, nargs="+", default=[fused_rf.PROGRAMS])
     p.add_argument("--block-m", type=int, nargs="+", default=[0], help="0: the module default of each kind")
     p.add_argument("--stages", type=int, nargs="+", default=[fused_rf.NUM_STAGES])
+    p.add_argument("--sums-stages", type=int, nargs="+", default=[fused_rf.SUMS_STAGES],
+                   help="pipelining stages of the segment-sums kernel")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--profile", action="store_true", help="also print each kernel's GPU time per step "
@@ -93,20 +95,23 @@ def main() -> None:
     default_bm = dict(fused_rf.BLOCK_M)
     print(f"{torch.cuda.get_device_name()}, bfloat16, batch {args.batch} x {args.heads} heads x d_head "
           f"{args.d_head}, m = {args.features}; fused fwd+bwd median ms (round 1 / round 2), peak extra MiB")
-    print("| attention | T | warps | programs | block_m | stages | ms | MiB |\n|---|---|---|---|---|---|---|---|")
+    print("| attention | T | warps | programs | block_m | stages | sums stages | ms | MiB |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for name, t in itertools.product(args.variants, args.lengths):
         step = _step(name, t, args)
-        for warps, programs, bm, stages in itertools.product(args.warps, args.programs, args.block_m, args.stages):
+        for warps, programs, bm, stages, sums_stages in itertools.product(args.warps, args.programs, args.block_m,
+                                                                          args.stages, args.sums_stages):
             fused_rf.NUM_WARPS, fused_rf.PROGRAMS, fused_rf.NUM_STAGES = warps, programs, stages
+            fused_rf.SUMS_STAGES = sums_stages
             fused_rf.BLOCK_M = dict(default_bm) if bm == 0 else dict.fromkeys(default_bm, bm)
             rounds = [_time(step, args.warmup, args.reps) for _ in range(2)]
             row = dict(attention=name, t=t, warps=warps, programs=programs, block_m=bm, stages=stages,
-                       ms=[r[0] for r in rounds], mib=max(r[1] for r in rounds))
+                       sums_stages=sums_stages, ms=[r[0] for r in rounds], mib=max(r[1] for r in rounds))
             if args.profile:
                 row["kernel_ms"] = _kernel_ms(step)
             rows.append(row)
-            print(f"| {name} | {t} | {warps} | {programs} | {bm} | {stages} | {row['ms'][0]:.3f}/{row['ms'][1]:.3f} | "
-                  f"{row['mib']:.0f} |", flush=True)
+            print(f"| {name} | {t} | {warps} | {programs} | {bm} | {stages} | {sums_stages} | "
+                  f"{row['ms'][0]:.3f}/{row['ms'][1]:.3f} | {row['mib']:.0f} |", flush=True)
             if args.profile:
                 print("  kernels (ms per step): " + ", ".join(f"{k[:40]} {v:.3f}" for k, v in row["kernel_ms"].items()),
                       flush=True)

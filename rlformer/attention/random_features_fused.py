@@ -52,7 +52,9 @@ BLOCK_M = {FEAT_EXP: 64, FEAT_TRIG: 32}
 NUM_WARPS = 4
 """warps per program"""
 NUM_STAGES = 1
-"""software pipelining stages of the kernels' loops"""
+"""software pipelining stages of the walks' loops"""
+SUMS_STAGES = 2
+"""software pipelining stages of the segment-sums kernel's loop over chunks (its loads feed its dots)"""
 KEEP_STARTS = True
 """forward keeps each segment's starting carried sums for backward (bfloat16 for 16-bit inputs, float32 for float32:
 (segments x heads, M, dh) values, 16.5 MiB at T = 16k with 8 heads and M = 512), so backward's dq walk needs no
@@ -312,24 +314,16 @@ if triton is not None:
 
     @triton.jit
     def _dq_kernel(q_ptr, k_ptr, v_ptr, cw_ptr, w_ptr, bq_ptr, bk_ptr, mx_ptr, o_ptr, do_ptr, den_ptr, s_ptr, z_ptr,
-                   keep_ptr, keepz_ptr, dq_ptr, ds_ptr, T, H, M, SEG, kcoef, inv_sqrt_m, floor,
+                   dq_ptr, ds_ptr, T, H, M, SEG, kcoef, inv_sqrt_m, floor,
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, scb, sch, sct, sob, soh, sot, sdb, sdh, sdt,
                    sgb, sgh, sgt,
-                   FEAT: tl.constexpr, HAS_CW: tl.constexpr, NEED_DS: tl.constexpr, KEEP: tl.constexpr,
-                   C: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr,
-                   DT: tl.constexpr, FAST: tl.constexpr):
-        """dq of one segment, walking its chunks forward from the carried sums S (updated in place; KEEP: slot seg
-        is first filled from the starts the forward kept):
+                   FEAT: tl.constexpr, HAS_CW: tl.constexpr, NEED_DS: tl.constexpr, C: tl.constexpr,
+                   D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
+                   FAST: tl.constexpr):
+        """dq of one segment, walking its chunks forward from the carried sums S (updated in place):
         dphi(q_t) = S_c [dnum_t, dden_t] + sum_{s in c, s <= t} (dy_t . [v_s, 1]) phi(k_s)."""
         seg, bh, nbh, b, h, start, stop = _program(T, H, SEG)
         row0 = _slot_row(seg, nbh, bh, M, FEAT)
-        if KEEP:
-            for blk in range(0, M * (1 + FEAT), BM):
-                sp, zp = _state_ptrs(s_ptr, z_ptr, row0 + blk, DV, BM)
-                kp, kzp = _state_ptrs(keep_ptr, keepz_ptr, row0 + blk, DV, BM)
-                tl.store(sp, tl.load(kp).to(tl.float32))
-                tl.store(zp, tl.load(kzp))
-            tl.debug_barrier()                          # the walk's loads may map these rows to other threads
         i = tl.arange(0, C)
         causal = i[:, None] >= i[None, :]
         dscale = 0.0
@@ -581,6 +575,11 @@ class _Plan:
                 torch.empty(slots, self.bh, self.ms, device=device, dtype=torch.float32))
 
 
+def _sums_consts(p: _Plan) -> dict:
+    """The plan's launch constants with the segment-sums kernel's pipelining stages (``SUMS_STAGES``)."""
+    return dict(p.consts, num_stages=SUMS_STAGES)
+
+
 def _segment_starts(p: _Plan, q, k, v, cw, w, bq, bk, s0: Tensor, z0: Tensor,
                     keep: Optional[tuple[Tensor, Tensor]] = None):
     """Carried sums at the start of every segment (slots 0..nseg-1) and at the end (slot nseg); ``keep``: buffers
@@ -591,7 +590,7 @@ def _segment_starts(p: _Plan, q, k, v, cw, w, bq, bk, s0: Tensor, z0: Tensor,
     _segment_sums_kernel[p.sums_grid()](
         q, k, v, cw, w, bq, bk, s, s, s, s, s, z, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef, p.inv_sqrt_m, p.floor,
         *_strides(q), *_strides(k), *_strides(v), *_strides(cw), 0, 0, 0, 0, 0, 0,
-        HAS_CW=cw is not None, REVERSE=False, **p.consts)
+        HAS_CW=cw is not None, REVERSE=False, **_sums_consts(p))
     return _cumsum_(s, z, keep)
 
 
@@ -634,24 +633,26 @@ class FusedRandomFeatureAttention(torch.autograd.Function):
         g = g_out if g_out.stride(-1) == 1 else g_out.contiguous()
         ds = torch.empty(2, p.nseg, p.b, p.h, device=q.device, dtype=torch.float32) if need_ds else den
         common = dict(HAS_CW=cw is not None, NEED_DS=need_ds, **p.consts)
-        keep = ctx.keep
-        s, z = p.sums(q.device, p.nseg) if keep is not None else _segment_starts(p, q, k, v, cw, ws, bq, bk, s0, z0)
+        kept = _graph_kept()
+        if ctx.keep is None:
+            s, z = _segment_starts(p, q, k, v, cw, ws, bq, bk, s0, z0)
+        else:               # the walk updates its slots in place: the kept starts are used up unless kept for later
+            s, z = (x.to(torch.float32, copy=kept) for x in ctx.keep)
+            if not kept:
+                ctx.keep = None                         # the bfloat16 copy is freed before dq is allocated
         dq = torch.empty_like(q)
         _dq_kernel[p.grid()](
-            q, k, v, cw, ws, bq, bk, mx, out, g, den, s, z, *(keep or (s, z)), dq, ds, p.t, p.h, p.m, p.seg,
-            p.kcoef, p.inv_sqrt_m, p.floor, *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out),
-            *_strides(g), *_strides(dq), KEEP=keep is not None, **common)
-        del s, z, keep
-        kept = _graph_kept()
-        if not kept:
-            ctx.keep = None
+            q, k, v, cw, ws, bq, bk, mx, out, g, den, s, z, dq, ds, p.t, p.h, p.m, p.seg, p.kcoef, p.inv_sqrt_m,
+            p.floor, *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out), *_strides(g),
+            *_strides(dq), **common)
+        del s, z
         r, rz = p.sums(q.device)
         r[0].zero_()
         rz[0].zero_()
         _segment_sums_kernel[p.sums_grid()](
             q, k, v, cw, ws, bq, bk, mx, out, g, den, r, rz, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef, p.inv_sqrt_m,
             p.floor, *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out), *_strides(g),
-            HAS_CW=cw is not None, REVERSE=True, **p.consts)
+            HAS_CW=cw is not None, REVERSE=True, **_sums_consts(p))
         _cumsum_(r, rz)
         donate = ctx.donate and not kept
         dk, dv = (k, v) if donate else (torch.empty_like(k), torch.empty_like(v))
