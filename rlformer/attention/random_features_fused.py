@@ -53,8 +53,9 @@ NUM_WARPS = 4
 """warps per program"""
 NUM_STAGES = 1
 """software pipelining stages of the walks' loops"""
-SUMS_STAGES = 2
-"""software pipelining stages of the segment-sums kernel's loop over chunks (its loads feed its dots)"""
+SUMS_STAGES = 1
+"""software pipelining stages of the segment-sums kernel's loop over chunks (1, 2, 3 measured alike at 16k, session
+14 call 5)"""
 KEEP_STARTS = True
 """forward keeps each segment's starting carried sums for backward (bfloat16 for 16-bit inputs, float32 for float32:
 (segments x heads, M, dh) values, 16.5 MiB at T = 16k with 8 heads and M = 512), so backward's dq walk needs no
