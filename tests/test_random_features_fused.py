@@ -76,6 +76,9 @@ def compare(name: str, weights: bool, state: bool, programs: int, donate: bool =
         w, scale, bq, bk, kcoef, feat = layer.fused_weights()
         out, s_end, z_end = fused_rf.fused_random_features(feat, q, kd, vd, weight, w, scale, bq, bk, s0[..., :d],
                                                            s0[..., d], kcoef, floor, donate_kv=donate)
+        with torch.no_grad():                   # inference: no kept starts, the same output
+            out_no_grad = fused_rf.fused_random_features(feat, q, k, v, weight, w, scale, bq, bk, s0[..., :d],
+                                                         s0[..., d], kcoef, floor)[0]
         inputs = [q, kd, vd] + params[3:]
         if donate:
             kept = torch.autograd.grad(out, inputs, probe, retain_graph=True)
@@ -92,6 +95,7 @@ def compare(name: str, weights: bool, state: bool, programs: int, donate: bool =
         return e
 
     errors = all_errors(out, s_end, z_end, grads, ref, ref_end, ref_grads)
+    errors["out_no_grad"] = rel(out_no_grad, ref)
     if donate:
         errors.update({f"kept_{key}": e for key, e in all_errors(out, s_end, z_end, kept, ref, ref_end,
                                                                  ref_grads).items()})

@@ -608,7 +608,7 @@ class FusedRandomFeatureAttention(torch.autograd.Function):
         p = _Plan(feat, q, v, w, kcoef, floor)
         ws = (w * scale[:, None, None]).contiguous()
         keep = p.sums(q.device, p.nseg, torch.float32 if q.dtype == torch.float32 else torch.bfloat16) \
-            if KEEP_STARTS else None
+            if KEEP_STARTS and any(ctx.needs_input_grad) else None             # no backward: nothing to keep
         s, z = _segment_starts(p, q, k, v, cw, ws, bq, bk, s0, z0, keep)
         s_end = s[-1].view(p.b, p.h, p.ms, p.dv).clone()
         z_end = z[-1].view(p.b, p.h, p.ms).clone()
