@@ -13,13 +13,14 @@ block of ``BLOCK_M`` features, in registers:
 the same equations as ``_chunk_pass`` (Katharopoulos et al. 2020, eq. 8-10; chunked as in GLA / fla's chunk
 kernels). The carried sums at the start of each segment come from one parallel pass of segment sums (a program per
 segment, head and feature block) and a cumsum over segments (``_segment_starts``), so all segments of all heads run
-at once. Backward recomputes everything
-from q, k, v, the output and the normalizer: one forward walk for dq (from the carried sums S), one reverse walk
-for dk, dv (from the reverse sums R_c = sum_{t after c} phi(q_t) dy_t^T), each with its own segment pass.
+at once. Backward recomputes the features from q, k, v, the output and the normalizer: one forward walk for dq from
+the segments' starting sums S (which the forward's cumsum also wrote to a kept copy, ``KEEP_STARTS``), and a reverse
+walk for dk, dv from the reverse sums R_c = sum_{t after c} phi(q_t) dy_t^T (a reverse pass of segment sums first).
 Kept for backward: q, k, v, the output (stored in (B, T, H, dh) order, so it is the same storage as the output
-projection's input), and per token the normalizer and (Performer) the query shift; transient: the (segments x
-heads, M, dh + 1) carried sums. Never O(T * M), never O(T^2). When the caller donates k and v (``donate_kv``), the
-dk, dv walk writes each chunk's dk, dv over its k, v rows after reading them (no other program reads those rows).
+projection's input), per token the normalizer and (Performer) the query shift, and the segments' starting sums
+(bf16 for 16-bit inputs); transient: the (segments x heads, M, dh + 1) fp32 carried sums. Never O(T * M), never
+O(T^2). When the caller donates k and v (``donate_kv``), the dk, dv walk writes each chunk's dk, dv over its k, v
+rows after reading them (no other program reads those rows).
 
 Features, as in ``PerformerAttention`` / ``RFAAttention`` (exponents in fp32 from a TF32 product with 16-bit
 inputs, features rounded to the 16-bit dtype for the tensor-core products, sums in fp32):
