@@ -10,7 +10,7 @@ import torch
 from rlformer.attention.full import FullAttention
 from rlformer.attention.reference import dense_attention
 from rlformer.context import AttentionContext
-from rlformer.registry import lookup
+from rlformer.registry import available, lookup
 from variants import base_config
 
 torch.set_num_threads(1)
@@ -228,6 +228,16 @@ def test_rope_scores_depend_only_on_offsets():
         sq, sk = pos.rotate(q, k, qi + shift, ki + shift)
         torch.testing.assert_close(sq @ sk.transpose(-1, -2), base, rtol=0, atol=1e-9)
     assert not torch.allclose(base, q @ k.transpose(-1, -2))             # positions do change scores
+
+
+@pytest.mark.parametrize("name", [n for n in available()["position"] if "rotary" in lookup("position", n).hooks])
+def test_rotate_one_is_rotate_of_a_query(name):
+    """``rotate_one`` (shared-QK heads: routing's routed heads rotate their queries once) equals ``rotate``'s
+    rotated query, at arbitrary positions, for every registered rotary encoding."""
+    pos = make_position(name)
+    q, _, _ = qkv(tq=T, tk=T)
+    idx = torch.arange(T) * 2 + 3
+    torch.testing.assert_close(pos.rotate_one(q, idx), pos.rotate(q, q, idx, idx)[0], rtol=0, atol=0)
 
 
 def test_rope_is_the_pairwise_rotation():

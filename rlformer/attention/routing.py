@@ -134,7 +134,7 @@ class RoutingAttention(Float32Buffers, Attention):
             if local:
                 local = (*self.position.rotate(local[0], local[1], ctx.q_index, ctx.k_index), local[2])
             if routed:
-                routed = (self.position.rotate(routed[0], routed[0], ctx.q_index, ctx.k_index)[0], routed[1])
+                routed = (self.position.rotate_one(routed[0], ctx.q_index), routed[1])     # shared-QK: once
         out, state = self._attend_fast(local, routed, ctx)
         return self.out_proj(merge_heads(out)), state
 

@@ -43,6 +43,11 @@ class Position(nn.Module):
         """q: (B, H, Tq, dh), k: (B, H, Tk, dh)."""
         return q, k
 
+    def rotate_one(self, x: Tensor, index: Tensor) -> Tensor:
+        """x (B, H, T, dh) rotated as ``rotate`` rotates a query (or key) at ``index``: for shared-QK heads, whose
+        keys are their queries, one rotation instead of two."""
+        return self.rotate(x, x, index, index)[0]
+
     def score(self, scores: Tensor, q: Tensor, k: Tensor, q_index: Tensor, k_index: Tensor,
               scale: float) -> Tensor:
         """scores: (B, H, Tq, Tk) = scale * q k^T, before masking and softmax."""

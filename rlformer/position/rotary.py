@@ -47,3 +47,6 @@ class RotaryPosition(Position):
 
     def rotate(self, q, k, q_index, k_index):
         return self._rot(q, q_index), self._rot(k, k_index)
+
+    def rotate_one(self, x, index):
+        return self._rot(x, index)
