@@ -587,8 +587,8 @@ def _segment_starts(p: _Plan, q, k, v, cw, w, bq, bk, s0: Tensor, z0: Tensor,
     """Carried sums at the start of every segment (slots 0..nseg-1) and at the end (slot nseg); ``keep``: buffers
     for a copy of slots 0..nseg-1 (see ``_cumsum_``)."""
     s, z = p.sums(q.device)
-    s[0].copy_(s0.reshape(p.bh, p.ms, p.dv))
-    z[0].copy_(z0.reshape(p.bh, p.ms))
+    s[0].view(p.b, p.h, p.ms, p.dv).copy_(s0)                  # one strided copy each (s0, z0 may be slices)
+    z[0].view(p.b, p.h, p.ms).copy_(z0)
     _segment_sums_kernel[p.sums_grid()](
         q, k, v, cw, w, bq, bk, s, s, s, s, s, z, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef, p.inv_sqrt_m, p.floor,
         *_strides(q), *_strides(k), *_strides(v), *_strides(cw), 0, 0, 0, 0, 0, 0,
@@ -615,7 +615,7 @@ class FusedRandomFeatureAttention(torch.autograd.Function):
         z_end = z[-1].view(p.b, p.h, p.ms).clone()
         out = torch.empty(p.b, p.t, p.h, p.dv, device=q.device, dtype=v.dtype).transpose(1, 2)
         den = torch.empty(p.bh, p.t, device=q.device, dtype=torch.float32)
-        mx = torch.zeros(p.bh, p.t, device=q.device, dtype=torch.float32)
+        mx = torch.empty(p.bh, p.t, device=q.device, dtype=torch.float32)     # Performer: written, read per token
         _forward_kernel[p.grid()](
             q, k, v, cw, ws, bq, bk, mx, out, den, s, z, p.t, p.h, p.m, p.seg, p.kcoef, p.inv_sqrt_m, p.floor,
             *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out),
