@@ -96,6 +96,18 @@ def compare(name: str, weights: bool, state: bool, programs: int, donate: bool =
 
     errors = all_errors(out, s_end, z_end, grads, ref, ref_end, ref_grads)
     errors["out_no_grad"] = rel(out_no_grad, ref)
+    if keep:                                    # under saved-tensor hooks (checkpointing): starts recomputed instead
+        fused_rf.PROGRAMS, fused_rf.CHUNK = programs, chunk
+        try:
+            w, scale, bq, bk, kcoef, feat = layer.fused_weights()
+            with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
+                out_h = fused_rf.fused_random_features(feat, q, k, v, weight, w, scale, bq, bk, s0[..., :d],
+                                                       s0[..., d], kcoef, floor)[0]
+            errors["hooks_keep_nothing"] = out_h.grad_fn.keep is None
+            grads_h = torch.autograd.grad(out_h, params, probe)
+        finally:
+            fused_rf.PROGRAMS, fused_rf.CHUNK = old[:2]
+        errors.update({f"hooks_d{n}": rel(a, r) for n, a, r in zip(("q", "k", "v", "log_tau"), grads_h, ref_grads)})
     if donate:
         errors.update({f"kept_{key}": e for key, e in all_errors(out, s_end, z_end, kept, ref, ref_end,
                                                                  ref_grads).items()})
@@ -120,6 +132,7 @@ def test_interpreted_kernels_match_the_chunk_form():
     for case, errors in zip(CASES, results):
         assert errors["out_storage_is_bthd"], case
         assert errors.get("dk_dv_in_kv_storage", True), case
+        assert errors.get("hooks_keep_nothing", True), case
         for key, value in errors.items():
             if isinstance(value, float):
                 assert value < 1e-4, (case, key, value)

@@ -609,7 +609,7 @@ class FusedRandomFeatureAttention(torch.autograd.Function):
         p = _Plan(feat, q, v, w, kcoef, floor)
         ws = (w * scale[:, None, None]).contiguous()
         keep = p.sums(q.device, p.nseg, torch.float32 if q.dtype == torch.float32 else torch.bfloat16) \
-            if KEEP_STARTS and any(ctx.needs_input_grad) else None             # no backward: nothing to keep
+            if KEEP_STARTS and any(ctx.needs_input_grad) and not _saved_tensor_hooks() else None
         s, z = _segment_starts(p, q, k, v, cw, ws, bq, bk, s0, z0, keep)
         s_end = s[-1].view(p.b, p.h, p.ms, p.dv).clone()
         z_end = z[-1].view(p.b, p.h, p.ms).clone()
@@ -621,7 +621,9 @@ class FusedRandomFeatureAttention(torch.autograd.Function):
             *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out),
             HAS_CW=cw is not None, **p.consts)
         del s, z
-        # the kept starts are an intermediate, held on ctx (not saved) so backward can free them after the dq walk
+        # the kept starts are an intermediate, held on ctx (not saved) so backward can free them after the dq walk;
+        # not kept without a backward to come, nor under saved-tensor hooks (activation checkpointing, offloading:
+        # those would not see a ctx attribute, so backward recomputes the starts)
         ctx.plan, ctx.donate, ctx.keep = p, donate, keep
         ctx.save_for_backward(q, k, v, cw, ws, scale, bq, bk, s0, z0, out, den, mx)
         ctx.mark_non_differentiable(s_end, z_end)
@@ -664,6 +666,12 @@ class FusedRandomFeatureAttention(torch.autograd.Function):
             *_strides(g), *_strides(dk), *_strides(dv), **common)
         dscale = ds.sum((0, 1, 2)) / scale if need_ds else None
         return None, dq, dk.detach(), dv.detach(), None, None, dscale, None, None, None, None, None, None, None
+
+
+def _saved_tensor_hooks() -> bool:
+    """Whether saved-tensor hooks are active (``torch.utils.checkpoint``, ``save_on_cpu``)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
 
 
 def _graph_kept() -> bool:
