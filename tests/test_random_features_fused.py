@@ -72,13 +72,14 @@ def compare(name: str, weights: bool, state: bool, programs: int, donate: bool =
     old = fused_rf.PROGRAMS, fused_rf.CHUNK, fused_rf.KEEP_STARTS
     fused_rf.PROGRAMS, fused_rf.CHUNK, fused_rf.KEEP_STARTS = programs, chunk, keep
     kd, vd = (x.detach().clone().requires_grad_() for x in (k, v)) if donate else (k, v)
+    start = (s0[..., :d], s0[..., d]) if state else (None, None)          # a fresh start is given as None
     try:
         w, scale, bq, bk, kcoef, feat = layer.fused_weights()
-        out, s_end, z_end = fused_rf.fused_random_features(feat, q, kd, vd, weight, w, scale, bq, bk, s0[..., :d],
-                                                           s0[..., d], kcoef, floor, donate_kv=donate)
+        out, s_end, z_end = fused_rf.fused_random_features(feat, q, kd, vd, weight, w, scale, bq, bk, *start, kcoef,
+                                                           floor, donate_kv=donate)
         with torch.no_grad():                   # inference: no kept starts, the same output
-            out_no_grad = fused_rf.fused_random_features(feat, q, k, v, weight, w, scale, bq, bk, s0[..., :d],
-                                                         s0[..., d], kcoef, floor)[0]
+            out_no_grad = fused_rf.fused_random_features(feat, q, k, v, weight, w, scale, bq, bk, *start, kcoef,
+                                                         floor)[0]
         inputs = [q, kd, vd] + params[3:]
         if donate:
             kept = torch.autograd.grad(out, inputs, probe, retain_graph=True)
@@ -101,8 +102,8 @@ def compare(name: str, weights: bool, state: bool, programs: int, donate: bool =
         try:
             w, scale, bq, bk, kcoef, feat = layer.fused_weights()
             with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
-                out_h = fused_rf.fused_random_features(feat, q, k, v, weight, w, scale, bq, bk, s0[..., :d],
-                                                       s0[..., d], kcoef, floor)[0]
+                out_h = fused_rf.fused_random_features(feat, q, k, v, weight, w, scale, bq, bk, *start, kcoef,
+                                                       floor)[0]
             errors["hooks_keep_nothing"] = out_h.grad_fn.keep is None
             grads_h = torch.autograd.grad(out_h, params, probe)
         finally:

@@ -586,17 +586,19 @@ class RandomFeatureAttention(Float32Buffers, Attention):
             return out, {name: t.detach() for name, t in state.items()}
         b, h, t, dh = v.shape
         m = self.feature_multiplier * self.n_features
-        s0 = _carried_sums(ctx.state, b, h, m, dh, acc, q.device)
         weight = None if ctx.key_valid is None else ctx.key_valid[:, None, :].to(acc)
         if log_gate is not None:
             gate_in = -torch.expm1(log_gate.to(acc))                                    # (1 - g_t)
             weight = gate_in if weight is None else weight * gate_in
-        if log_gate is None and fused_rf.available(q, self.n_features) and not s0.requires_grad:
+        state = ctx.state or {}
+        if (log_gate is None and fused_rf.available(q, self.n_features)
+                and not any(x.requires_grad for x in state.values())):
             w, scale, bq, bk, kcoef, feat = self.fused_weights()
             out, s_end, z_end = fused_rf.fused_random_features(feat, q, k, v, weight, w, scale, bq, bk,
-                                                               s0[..., :dh], s0[..., dh], kcoef, floor,
+                                                               state.get("S"), state.get("z"), kcoef, floor,
                                                                donate_kv=donate_kv)
             return out, {"S": s_end, "z": z_end}
+        s0 = _carried_sums(ctx.state, b, h, m, dh, acc, q.device)
         wq, wk = self.feature_weights(acc)
         spec = (type(self), self.feature_consts)
         out, s_end = _LinearAttention.apply(spec, self.groups(t), rf.chunk_size, floor, s0, q, k, v, weight,

@@ -587,8 +587,12 @@ def _segment_starts(p: _Plan, q, k, v, cw, w, bq, bk, s0: Tensor, z0: Tensor,
     """Carried sums at the start of every segment (slots 0..nseg-1) and at the end (slot nseg); ``keep``: buffers
     for a copy of slots 0..nseg-1 (see ``_cumsum_``)."""
     s, z = p.sums(q.device)
-    s[0].view(p.b, p.h, p.ms, p.dv).copy_(s0)                  # one strided copy each (s0, z0 may be slices)
-    z[0].view(p.b, p.h, p.ms).copy_(z0)
+    if s0 is None:                                               # no carried state: start from zeros
+        s[0].zero_()
+        z[0].zero_()
+    else:
+        s[0].view(p.b, p.h, p.ms, p.dv).copy_(s0)
+        z[0].view(p.b, p.h, p.ms).copy_(z0)
     _segment_sums_kernel[p.sums_grid()](
         q, k, v, cw, w, bq, bk, s, s, s, s, s, z, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef, p.inv_sqrt_m, p.floor,
         *_strides(q), *_strides(k), *_strides(v), *_strides(cw), 0, 0, 0, 0, 0, 0,
@@ -681,10 +685,11 @@ def _graph_kept() -> bool:
 
 
 def fused_random_features(feat: int, q: Tensor, k: Tensor, v: Tensor, cw: Optional[Tensor], w: Tensor,
-                          scale: Tensor, bq: Tensor, bk: Tensor, s0: Tensor, z0: Tensor, kcoef: float, floor: float,
-                          donate_kv: bool = False):
+                          scale: Tensor, bq: Tensor, bk: Tensor, s0: Optional[Tensor], z0: Optional[Tensor],
+                          kcoef: float, floor: float, donate_kv: bool = False):
     """Causal random-feature attention by the fused kernels; see ``FusedRandomFeatureAttention``. Returns
-    (out (B, H, T, dv), S_end (B, H, M, dv), z_end (B, H, M)), M = m (Performer) or 2m (RFA).
+    (out (B, H, T, dv), S_end (B, H, M, dv), z_end (B, H, M)), M = m (Performer) or 2m (RFA). The carried sums
+    s0 (B, H, M, dv), z0 (B, H, M): both None for a fresh start.
 
     ``donate_kv``: the caller hands k and v over (nothing else reads them after this call, as the fresh projections
     inside a layer's forward): backward then writes dk, dv into their storage instead of two new tensors, so the
@@ -696,7 +701,8 @@ def fused_random_features(feat: int, q: Tensor, k: Tensor, v: Tensor, cw: Option
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     donate_kv = donate_kv and len({x.untyped_storage().data_ptr() for x in (q, k, v)}) == 3
     return FusedRandomFeatureAttention.apply(feat, q, k, v, cw, w.detach().float(), scale.float(),
-                                             bq.float().contiguous(), bk.float().contiguous(), s0.detach().float(),
-                                             z0.detach().float(), kcoef, floor, donate_kv)
+                                             bq.float().contiguous(), bk.float().contiguous(),
+                                             *(None if x is None else x.detach().float() for x in (s0, z0)), kcoef,
+                                             floor, donate_kv)
 
 
