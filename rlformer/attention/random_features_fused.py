@@ -526,9 +526,10 @@ CUMSUM_BLOCK = 512
 
 
 def _cumsum_(s: Tensor, z: Tensor, keep: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
-    """s.cumsum_(0), z.cumsum_(0) for the contiguous fp32 (slots, ...) carried sums in one launch (torch's scan
-    took 56 us for s alone at 16k on an H100, BENCHMARKS.md session 14); ``keep``: (s, z)-shaped buffers with one
-    slot fewer that receive slots 0..slots-2 of the result (the segment starts), in their dtype."""
+    """s.cumsum_(0), z.cumsum_(0) for the contiguous fp32 (slots, ...) carried sums in one launch (an rfa step at
+    16k on an H100: two launches, 0.049 ms; torch's scans took 0.112 ms, BENCHMARKS.md session 14); ``keep``:
+    (s, z)-shaped buffers with one slot fewer that receive slots 0..slots-2 of the result (the segment starts), in
+    their dtype."""
     n_s, n_z = s[0].numel(), z[0].numel()
     grid = (triton.cdiv(n_s, CUMSUM_BLOCK) + triton.cdiv(n_z, CUMSUM_BLOCK),)
     ks, kz = keep if keep is not None else (s, z)
