@@ -78,19 +78,22 @@ def main() -> None:
     p.add_argument("--block-m", type=int, nargs="+", default=[0], help="0: the module default of each kind")
     p.add_argument("--stages", type=int, default=fused_rf.NUM_STAGES)
     p.add_argument("--d-head", type=int, default=64)
+    p.add_argument("--chunk", type=int, nargs="+", default=[fused_rf.CHUNK], help="tokens per chunk (C)")
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100 / H200)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     args = p.parse_args()
-    print(f"Triton {triton.__version__}, sm_{args.arch}, {args.dtype}, d_head {args.d_head}, chunk {fused_rf.CHUNK}")
-    print("| features | kernel | warps | block_m | registers | stack bytes | shared bytes |\n|---|---|---|---|---|---|---|")
-    for feat_name, name, warps, bm in itertools.product(args.feat, args.kernels, args.warps, args.block_m):
+    print(f"Triton {triton.__version__}, sm_{args.arch}, {args.dtype}, d_head {args.d_head}")
+    print("| features | kernel | chunk | warps | block_m | registers | stack bytes | shared bytes |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for feat_name, name, chunk, warps, bm in itertools.product(args.feat, args.kernels, args.chunk, args.warps,
+                                                                args.block_m):
         feat = fused_rf.FEAT_TRIG if feat_name == "rfa" else fused_rf.FEAT_EXP
         kernel, extra = KERNELS[name]
-        consts = dict(FEAT=feat, HAS_CW=False, C=fused_rf.CHUNK, D=args.d_head, DV=args.d_head,
+        consts = dict(FEAT=feat, HAS_CW=False, C=chunk, D=args.d_head, DV=args.d_head,
                       BM=bm or fused_rf.BLOCK_M[feat], PREC="tf32", FAST=True,
                       DT=tl.bfloat16 if args.dtype == "bf16" else tl.float16, **extra)
         r = resources(kernel, consts, args.arch, warps, args.stages, args.dtype)
-        print(f"| {feat_name} | {name} | {warps} | {consts['BM']} | {r['registers']} | {r['stack']} | {r['shared']} |",
+        print(f"| {feat_name} | {name} | {chunk} | {warps} | {consts['BM']} | {r['registers']} | {r['stack']} | {r['shared']} |",
               flush=True)
 
 
