@@ -84,6 +84,13 @@ def compare(name: str, weights: bool, state: bool, programs: int, donate: bool =
         if donate:
             kept = torch.autograd.grad(out, inputs, probe, retain_graph=True)
         grads = torch.autograd.grad(out, inputs, probe)
+        if keep:                                # under saved-tensor hooks (checkpointing): starts recomputed instead
+            w, scale, bq, bk, kcoef, feat = layer.fused_weights()
+            with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
+                out_h = fused_rf.fused_random_features(feat, q, k, v, weight, w, scale, bq, bk, *start, kcoef,
+                                                       floor)[0]
+            hooks_keep_nothing = out_h.grad_fn.keep is None
+            grads_h = torch.autograd.grad(out_h, params, probe)
     finally:
         fused_rf.PROGRAMS, fused_rf.CHUNK, fused_rf.KEEP_STARTS = old
 
@@ -97,17 +104,8 @@ def compare(name: str, weights: bool, state: bool, programs: int, donate: bool =
 
     errors = all_errors(out, s_end, z_end, grads, ref, ref_end, ref_grads)
     errors["out_no_grad"] = rel(out_no_grad, ref)
-    if keep:                                    # under saved-tensor hooks (checkpointing): starts recomputed instead
-        fused_rf.PROGRAMS, fused_rf.CHUNK = programs, chunk
-        try:
-            w, scale, bq, bk, kcoef, feat = layer.fused_weights()
-            with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
-                out_h = fused_rf.fused_random_features(feat, q, k, v, weight, w, scale, bq, bk, *start, kcoef,
-                                                       floor)[0]
-            errors["hooks_keep_nothing"] = out_h.grad_fn.keep is None
-            grads_h = torch.autograd.grad(out_h, params, probe)
-        finally:
-            fused_rf.PROGRAMS, fused_rf.CHUNK = old[:2]
+    if keep:
+        errors["hooks_keep_nothing"] = hooks_keep_nothing
         errors.update({f"hooks_d{n}": rel(a, r) for n, a, r in zip(("q", "k", "v", "log_tau"), grads_h, ref_grads)})
     if donate:
         errors.update({f"kept_{key}": e for key, e in all_errors(out, s_end, z_end, kept, ref, ref_end,
