@@ -2,11 +2,15 @@
 
     python scripts/bench_random_features.py --lengths 16384 --warps 4 8 --programs 256 528 --block-m 32 64 --stages 1 2
     python scripts/bench_random_features.py --variants rfa --lengths 16384 --profile    # GPU time per kernel
+    python scripts/bench_random_features.py --variants rfa --lengths 16384 --configs "" SUMS_CHUNK=32,SUMS_BLOCK_M=16
 
 For Performer and RFA (causal, bf16, batch x heads x d_head as in bench_attention): q, k, v laid out as slices
 of (B, T, H, dh) projections, one forward + backward of ``fused_random_features`` per step captured as a CUDA
 graph, median of ``--reps`` CUDA-event timed replays after ``--warmup``, twice (two rounds), and the peak memory
-of the captured step. Each setting of (NUM_WARPS, PROGRAMS, BLOCK_M, NUM_STAGES) is one compile of the kernels.
+of the captured step. Each setting of (NUM_WARPS, PROGRAMS, BLOCK_M, NUM_STAGES, --configs) is one compile of the
+kernels. ``--configs``: settings of the module's launch constants, each ``NAME=VALUE[,NAME=VALUE...]`` (``""``: the
+defaults), e.g. ``CHUNK=32``, ``SUMS_CHUNK=16``, ``SUMS_WARPS=8``; ``BLOCK_M`` / ``SUMS_BLOCK_M`` take one size for
+both kinds.
 The layer-level comparison against full attention is ``bench_attention.py``; this script picks the defaults.
 """
 from __future__ import annotations
@@ -71,6 +75,21 @@ def _kernel_ms(step, steps: int = 5) -> dict:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
+TUNABLE = ("CHUNK", "NUM_WARPS", "NUM_STAGES", "PROGRAMS", "BLOCK_M", "SUMS_CHUNK", "SUMS_WARPS", "SUMS_STAGES",
+           "SUMS_BLOCK_M")
+
+
+def parse_config(text: str) -> dict:
+    """``NAME=VALUE,...`` -> {NAME: value} for the module constants in ``TUNABLE`` (block sizes: one per kind)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name not in TUNABLE or not value.isdigit():
+            raise SystemExit(f"--configs item {item!r}: expected NAME=INTEGER with NAME one of {', '.join(TUNABLE)}")
+        out[name] = dict.fromkeys(fused_rf.BLOCK_M, int(value)) if name.endswith("BLOCK_M") else int(value)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=["performer", "rfa"])
@@ -85,6 +104,8 @@ def main() -> None:
     p.add_argument("--stages", type=int, nargs="+", default=[fused_rf.NUM_STAGES])
     p.add_argument("--sums-stages", type=int, nargs="+", default=[fused_rf.SUMS_STAGES],
                    help="pipelining stages of the segment-sums kernel")
+    p.add_argument("--configs", nargs="+", default=[""], help="launch-constant settings, NAME=VALUE[,...] each "
+                   "(\"\": the defaults); crossed with the options above")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--profile", action="store_true", help="also print each kernel's GPU time per step "
@@ -92,25 +113,31 @@ def main() -> None:
     p.add_argument("--out", default="bench_random_features.json")
     args = p.parse_args()
     rows = []
-    default_bm = dict(fused_rf.BLOCK_M)
+    configs = [(c, parse_config(c)) for c in args.configs]
+    defaults = {name: getattr(fused_rf, name) for name in TUNABLE}
     print(f"{torch.cuda.get_device_name()}, bfloat16, batch {args.batch} x {args.heads} heads x d_head "
           f"{args.d_head}, m = {args.features}; fused fwd+bwd median ms (round 1 / round 2), peak extra MiB")
-    print("| attention | T | warps | programs | block_m | stages | sums stages | ms | MiB |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+    print("| attention | T | warps | programs | block_m | stages | sums stages | config | ms | MiB |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for name, t in itertools.product(args.variants, args.lengths):
         step = _step(name, t, args)
-        for warps, programs, bm, stages, sums_stages in itertools.product(args.warps, args.programs, args.block_m,
-                                                                          args.stages, args.sums_stages):
+        for warps, programs, bm, stages, sums_stages, (text, config) in itertools.product(
+                args.warps, args.programs, args.block_m, args.stages, args.sums_stages, configs):
+            for key, value in defaults.items():
+                setattr(fused_rf, key, value)
             fused_rf.NUM_WARPS, fused_rf.PROGRAMS, fused_rf.NUM_STAGES = warps, programs, stages
             fused_rf.SUMS_STAGES = sums_stages
-            fused_rf.BLOCK_M = dict(default_bm) if bm == 0 else dict.fromkeys(default_bm, bm)
+            if bm:
+                fused_rf.BLOCK_M = dict.fromkeys(defaults["BLOCK_M"], bm)
+            for key, value in config.items():
+                setattr(fused_rf, key, value)
             rounds = [_time(step, args.warmup, args.reps) for _ in range(2)]
             row = dict(attention=name, t=t, warps=warps, programs=programs, block_m=bm, stages=stages,
-                       sums_stages=sums_stages, ms=[r[0] for r in rounds], mib=max(r[1] for r in rounds))
+                       sums_stages=sums_stages, config=text, ms=[r[0] for r in rounds], mib=max(r[1] for r in rounds))
             if args.profile:
                 row["kernel_ms"] = _kernel_ms(step)
             rows.append(row)
-            print(f"| {name} | {t} | {warps} | {programs} | {bm} | {stages} | {sums_stages} | "
+            print(f"| {name} | {t} | {warps} | {programs} | {bm} | {stages} | {sums_stages} | {text or '-'} | "
                   f"{row['ms'][0]:.3f}/{row['ms'][1]:.3f} | {row['mib']:.0f} |", flush=True)
             if args.profile:
                 print("  kernels (ms per step): " + ", ".join(f"{k[:40]} {v:.3f}" for k, v in row["kernel_ms"].items()),

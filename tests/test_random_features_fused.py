@@ -19,16 +19,18 @@ from rlformer.attention.random_features import _carried_sums, _LinearAttention
 
 torch.set_num_threads(1)
 needs_triton = pytest.mark.skipif(fused_rf.triton is None, reason="Triton does not import here")
-CASES = [(name, weights, state, programs, donate, keep) for name in ("performer", "rfa")
-         for weights, state, programs, donate, keep in ((False, False, 1, False, False), (True, True, 256, True, True),
-                                                        (False, True, 16, True, True), (False, True, 16, False, False))]
-"""(attention, key weights, carried state, ``PROGRAMS``, k and v donated, ``KEEP_STARTS``): at T = 150 with 16-token
-chunks and 4 heads, 1 = one segment per head, 256 = one chunk per segment (10), 16 = four segments of three chunks,
-the last one ragged"""
+CASES = [(name, weights, state, programs, donate, keep, sums) for name in ("performer", "rfa")
+         for weights, state, programs, donate, keep, sums in (
+             (False, False, 1, False, False, False), (True, True, 256, True, True, False),
+             (False, True, 16, True, True, False), (False, True, 16, False, False, True))]
+"""(attention, key weights, carried state, ``PROGRAMS``, k and v donated, ``KEEP_STARTS``, segment sums launched
+their own way: half the walks' chunk per step and 16 features per program): at T = 150 with 16-token chunks and 4
+heads, 1 = one segment per head, 256 = one chunk per segment (10), 16 = four segments of three chunks, the last one
+ragged"""
 
 
 def compare(name: str, weights: bool, state: bool, programs: int, donate: bool = False, keep: bool = True,
-            device: str = "cpu",
+            sums: bool = False, device: str = "cpu",
             dtype: torch.dtype = torch.float32, t: int = 150, d: int = 16, m: int = 32, chunk: int = 16,
             seed: int = 0) -> dict:
     """Largest errors of the fused kernels against ``_LinearAttention`` (relative to the reference's largest
@@ -69,8 +71,11 @@ def compare(name: str, weights: bool, state: bool, programs: int, donate: bool =
 
     probe = torch.randn(b, h, t, d, generator=g).to(device, dtype)
     ref, ref_end, ref_grads = chunk_form(dtype)
-    old = fused_rf.PROGRAMS, fused_rf.CHUNK, fused_rf.KEEP_STARTS
+    settings = ("PROGRAMS", "CHUNK", "KEEP_STARTS", "SUMS_CHUNK", "SUMS_BLOCK_M")
+    old = [getattr(fused_rf, key) for key in settings]
     fused_rf.PROGRAMS, fused_rf.CHUNK, fused_rf.KEEP_STARTS = programs, chunk, keep
+    if sums:
+        fused_rf.SUMS_CHUNK, fused_rf.SUMS_BLOCK_M = chunk // 2, dict.fromkeys(fused_rf.BLOCK_M, 16)
     kd, vd = (x.detach().clone().requires_grad_() for x in (k, v)) if donate else (k, v)
     start = (s0[..., :d], s0[..., d]) if state else (None, None)          # a fresh start is given as None
     try:
@@ -92,7 +97,8 @@ def compare(name: str, weights: bool, state: bool, programs: int, donate: bool =
             hooks_keep_nothing = out_h.grad_fn.keep is None
             grads_h = torch.autograd.grad(out_h, params, probe)
     finally:
-        fused_rf.PROGRAMS, fused_rf.CHUNK, fused_rf.KEEP_STARTS = old
+        for key, value in zip(settings, old):
+            setattr(fused_rf, key, value)
 
     def rel(x, y):
         return ((x.double() - y.double()).abs().max() / y.double().abs().max()).item()

@@ -57,6 +57,12 @@ NUM_STAGES = 1
 SUMS_STAGES = 1
 """software pipelining stages of the segment-sums kernel's loop over chunks (1, 2, 3 measured alike at 16k, session
 14 call 5)"""
+SUMS_CHUNK: Optional[int] = None
+"""tokens per step of the segment-sums kernel (None: ``CHUNK``); it only sums, so it may step by less than the walks"""
+SUMS_WARPS: Optional[int] = None
+"""warps per program of the segment-sums kernel (None: ``NUM_WARPS``)"""
+SUMS_BLOCK_M: Optional[dict] = None
+"""features per program of the segment-sums kernel per kind (None: ``BLOCK_M``)"""
 KEEP_STARTS = True
 """forward keeps each segment's starting carried sums for backward (bfloat16 for 16-bit inputs, float32 for float32:
 (segments x heads, M, dh) values, 16.5 MiB at T = 16k with 8 heads and M = 512), so backward's dq walk needs no
@@ -66,9 +72,10 @@ PROGRAMS = 256
 carried-sum memory (one (M, dh + 1) fp32 block each)"""
 
 
-def block_m(m: int, feat: int = 0) -> Optional[int]:
-    """Feature block size for m random features of kind ``feat``, or None when the kernels cannot take m."""
-    for bm in (BLOCK_M[feat], 32, 16):
+def block_m(m: int, feat: int = 0, table: Optional[dict] = None) -> Optional[int]:
+    """Feature block size for m random features of kind ``feat`` (preferred: ``table`` (default ``BLOCK_M``)[feat]),
+    or None when the kernels cannot take m."""
+    for bm in ((table or BLOCK_M)[feat], 32, 16):
         if m % bm == 0:
             return bm
     return None
@@ -563,24 +570,21 @@ class _Plan:
                            PREC=("tf32x3" if q.is_cuda else "ieee") if exact else "tf32",
                            DT=tl.float32 if exact else (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16),
                            num_warps=NUM_WARPS, num_stages=NUM_STAGES, FAST=q.is_cuda)
+        self.sums_consts = dict(self.consts, C=SUMS_CHUNK or CHUNK, BM=block_m(self.m, feat, SUMS_BLOCK_M),
+                                num_warps=SUMS_WARPS or NUM_WARPS, num_stages=SUMS_STAGES)
 
     def grid(self):
         return self.nseg, self.bh
 
     def sums_grid(self):
         """The segment-sums kernel's grid: one program per (segment, head, feature block)."""
-        return self.nseg, self.bh, self.m // self.consts["BM"]
+        return self.nseg, self.bh, self.m // self.sums_consts["BM"]
 
     def sums(self, device, slots: Optional[int] = None, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """Uninitialised carried sums (slots (default nseg + 1), BH, MS, DV) in ``dtype`` and (slots, BH, MS) fp32."""
         slots = self.nseg + 1 if slots is None else slots
         return (torch.empty(slots, self.bh, self.ms, self.dv, device=device, dtype=dtype),
                 torch.empty(slots, self.bh, self.ms, device=device, dtype=torch.float32))
-
-
-def _sums_consts(p: _Plan) -> dict:
-    """The plan's launch constants with the segment-sums kernel's pipelining stages (``SUMS_STAGES``)."""
-    return dict(p.consts, num_stages=SUMS_STAGES)
 
 
 def _segment_starts(p: _Plan, q, k, v, cw, w, bq, bk, s0: Tensor, z0: Tensor,
@@ -597,7 +601,7 @@ def _segment_starts(p: _Plan, q, k, v, cw, w, bq, bk, s0: Tensor, z0: Tensor,
     _segment_sums_kernel[p.sums_grid()](
         q, k, v, cw, w, bq, bk, s, s, s, s, s, z, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef, p.inv_sqrt_m, p.floor,
         *_strides(q), *_strides(k), *_strides(v), *_strides(cw), 0, 0, 0, 0, 0, 0,
-        HAS_CW=cw is not None, REVERSE=False, **_sums_consts(p))
+        HAS_CW=cw is not None, REVERSE=False, **p.sums_consts)
     return _cumsum_(s, z, keep)
 
 
@@ -661,7 +665,7 @@ class FusedRandomFeatureAttention(torch.autograd.Function):
         _segment_sums_kernel[p.sums_grid()](
             q, k, v, cw, ws, bq, bk, mx, out, g, den, r, rz, p.t, p.h, p.m, p.seg, p.nseg, p.kcoef, p.inv_sqrt_m,
             p.floor, *_strides(q), *_strides(k), *_strides(v), *_strides(cw), *_strides(out), *_strides(g),
-            HAS_CW=cw is not None, REVERSE=True, **_sums_consts(p))
+            HAS_CW=cw is not None, REVERSE=True, **p.sums_consts)
         _cumsum_(r, rz)
         donate = ctx.donate and not kept
         dk, dv = (k, v) if donate else (torch.empty_like(k), torch.empty_like(v))
