@@ -115,11 +115,16 @@ if triton is not None:
         return tl.cos(x)
 
     @triton.jit
-    def _exponent(x, w_ptr, b_ptr, h, blk, M, D: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
-        """x (C, D) fp32 times the feature directions blk..blk+BM of head h, plus their biases: (C, BM) fp32."""
-        r = blk + tl.arange(0, BM)
-        w = tl.load(w_ptr + (h * M + r)[:, None] * D + tl.arange(0, D)[None, :])
-        return tl.dot(x, tl.trans(w), input_precision=PREC) + tl.load(b_ptr + h * M + r)[None, :]
+    def _directions(w_ptr, h, blk, M, D: tl.constexpr, BM: tl.constexpr):
+        """The feature directions blk..blk+BM of head h: (BM, D) fp32, loaded once per block and used by the
+        exponents and (backward) the feature gradient."""
+        return tl.load(w_ptr + (h * M + blk + tl.arange(0, BM))[:, None] * D + tl.arange(0, D)[None, :])
+
+    @triton.jit
+    def _exponent(x, w, b_ptr, h, blk, M, BM: tl.constexpr, PREC: tl.constexpr):
+        """x (C, D) fp32 times the feature directions w (BM, D) (block blk of head h), plus their biases: (C, BM)
+        fp32."""
+        return tl.dot(x, tl.trans(w), input_precision=PREC) + tl.load(b_ptr + h * M + blk + tl.arange(0, BM))[None, :]
 
     @triton.jit
     def _load_rows(ptr, b, h, t, ok, sb, sh, st, D: tl.constexpr):
@@ -150,7 +155,8 @@ if triton is not None:
             if SHIFT == 1:
                 mx = tl.full(mx.shape, float("-inf"), tl.float32)
                 for blk in range(0, M, BM):
-                    mx = tl.maximum(mx, tl.max(_exponent(q, w_ptr, bq_ptr, h, blk, M, D, BM, PREC), 1))
+                    w = _directions(w_ptr, h, blk, M, D, BM)
+                    mx = tl.maximum(mx, tl.max(_exponent(q, w, bq_ptr, h, blk, M, BM, PREC), 1))
             elif SHIFT == 2:
                 mx = tl.load(mx_ptr + t, mask=ok, other=0.0)
         else:
@@ -191,6 +197,7 @@ if triton is not None:
         seg, bh, nbh, b, h, start, stop = _program(T, H, SEG)
         row0 = _slot_row(NSEG - seg if REVERSE else seg + 1, nbh, bh, M, FEAT)
         blk = tl.program_id(2) * BM
+        w = _directions(w_ptr, h, blk, M, D, BM)
         acc1 = tl.zeros((BM, DV), tl.float32)
         z1 = tl.zeros((BM,), tl.float32)
         acc2 = tl.zeros((BM, DV), tl.float32)
@@ -204,7 +211,7 @@ if triton is not None:
             if REVERSE:
                 dnum, dden = _dy(o_ptr, do_ptr, den_ptr + bh * T, b, h, t, ok, floor, sob, soh, sot,
                                  sdb, sdh, sdt, DV)
-                a = _exponent(q, w_ptr, bq_ptr, h, blk, M, D, BM, PREC)
+                a = _exponent(q, w, bq_ptr, h, blk, M, BM, PREC)
                 rhs = dnum.to(DT)
                 rs = dden
                 if FEAT == 0:
@@ -214,7 +221,7 @@ if triton is not None:
                     f1 = _sin(a, FAST) * inv_sqrt_m
                     f2 = _cos(a, FAST) * inv_sqrt_m
             else:
-                a = _exponent(k, w_ptr, bk_ptr, h, blk, M, D, BM, PREC)
+                a = _exponent(k, w, bk_ptr, h, blk, M, BM, PREC)
                 rhs = _load_rows(v_ptr, b, h, t, ok, svb, svh, svt, DV).to(DT)
                 rs = tl.full(wt.shape, 1.0, tl.float32)
                 if FEAT == 0:
@@ -288,8 +295,9 @@ if triton is not None:
             den = tl.zeros((C,), tl.float32)
             A = tl.zeros((C, C), tl.float32)
             for blk in range(0, M, BM):
-                aq = _exponent(q, w_ptr, bq_ptr, h, blk, M, D, BM, PREC)
-                ak = _exponent(k, w_ptr, bk_ptr, h, blk, M, D, BM, PREC)
+                w = _directions(w_ptr, h, blk, M, D, BM)
+                aq = _exponent(q, w, bq_ptr, h, blk, M, BM, PREC)
+                ak = _exponent(k, w, bk_ptr, h, blk, M, BM, PREC)
                 if FEAT == 0:
                     acc, den, A = _fwd_block(tl.exp(aq - mx[:, None]), tl.exp(ak + kn[:, None]) * wt[:, None], v,
                                              s_ptr, z_ptr, row0 + blk, acc, den, A, DV, BM, DT, PREC)
@@ -309,16 +317,13 @@ if triton is not None:
                 tl.store(mx_ptr + bh * T + t, mx, mask=ok)
 
     @triton.jit
-    def _feature_grad(f1, f2, df1, df2, w_ptr, h, blk, M, dx, FEAT: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-                      PREC: tl.constexpr):
+    def _feature_grad(f1, f2, df1, df2, w, dx, FEAT: tl.constexpr, PREC: tl.constexpr):
         """dL/da of one feature block from dL/dphi (Performer: phi da; RFA: cos a dphi_sin - sin a dphi_cos, over
-        sqrt(m) folded into f1, f2), and dx (C, D) plus da W. Returns (dx, da)."""
+        sqrt(m) folded into f1, f2), and dx (C, D) plus da W (the block's directions w (BM, D)). Returns (dx, da)."""
         if FEAT == 0:
             da = df1 * f1
         else:
             da = df1 * f2 - df2 * f1                  # f1 = sin a / sqrt(m), f2 = cos a / sqrt(m)
-        r = blk + tl.arange(0, BM)
-        w = tl.load(w_ptr + (h * M + r)[:, None] * D + tl.arange(0, D)[None, :])
         return dx + tl.dot(da, w, input_precision=PREC), da
 
     @triton.jit
@@ -349,14 +354,14 @@ if triton is not None:
             dA = tl.where(causal, dA, 0.0).to(DT)
             dq = tl.zeros((C, D), tl.float32)
             for blk in range(0, M, BM):
-                aq = _exponent(q, w_ptr, bq_ptr, h, blk, M, D, BM, PREC)
-                ak = _exponent(k, w_ptr, bk_ptr, h, blk, M, D, BM, PREC)
+                w = _directions(w_ptr, h, blk, M, D, BM)
+                aq = _exponent(q, w, bq_ptr, h, blk, M, BM, PREC)
+                ak = _exponent(k, w, bk_ptr, h, blk, M, BM, PREC)
                 if FEAT == 0:
                     fq1 = tl.exp(aq - mx[:, None])
                     fk1 = tl.exp(ak + kn[:, None]) * wt[:, None]
                     dfq1 = _dq_block(fk1, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, DV, BM, DT, PREC)
-                    dq, _ = _feature_grad(fq1.to(DT).to(tl.float32), fq1, dfq1, dfq1, w_ptr, h, blk, M, dq, FEAT, D,
-                                          BM, PREC)
+                    dq, _ = _feature_grad(fq1.to(DT).to(tl.float32), fq1, dfq1, dfq1, w, dq, FEAT, PREC)
                 else:
                     kw = (inv_sqrt_m * wt)[:, None]
                     fq1 = _sin(aq, FAST) * inv_sqrt_m
@@ -365,7 +370,7 @@ if triton is not None:
                                      DT, PREC)
                     dfq2 = _dq_block(_cos(ak, FAST) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + M + blk, DV, BM,
                                      DT, PREC)
-                    dq, da = _feature_grad(fq1, fq2, dfq1, dfq2, w_ptr, h, blk, M, dq, FEAT, D, BM, PREC)
+                    dq, da = _feature_grad(fq1, fq2, dfq1, dfq2, w, dq, FEAT, PREC)
                     if NEED_DS:
                         dscale += tl.sum(da * aq)
             _store_rows(dq_ptr, _input_grad(q_ptr, dq, b, h, t, ok, sqb, sqh, sqt, tl.zeros_like(wt), 0.0, FEAT,
@@ -450,14 +455,14 @@ if triton is not None:
             AT = tl.zeros((C, C), tl.float32)
             dsq = tl.zeros_like(wt)
             for blk in range(0, M, BM):
-                aq = _exponent(q, w_ptr, bq_ptr, h, blk, M, D, BM, PREC)
-                ak = _exponent(k, w_ptr, bk_ptr, h, blk, M, D, BM, PREC)
+                w = _directions(w_ptr, h, blk, M, D, BM)
+                aq = _exponent(q, w, bq_ptr, h, blk, M, BM, PREC)
+                ak = _exponent(k, w, bk_ptr, h, blk, M, BM, PREC)
                 if FEAT == 0:
                     fk1 = tl.exp(ak + kn[:, None]) * wt[:, None]
                     dfk1, dv, AT = _dkdv_block(tl.exp(aq - mx[:, None]), fk1, v, dn16, dden, dAT, r_ptr, rz_ptr,
                                                row0 + blk, dv, AT, DV, BM, DT, PREC)
-                    dk, da = _feature_grad(fk1.to(DT).to(tl.float32), fk1, dfk1, dfk1, w_ptr, h, blk, M, dk, FEAT,
-                                           D, BM, PREC)
+                    dk, da = _feature_grad(fk1.to(DT).to(tl.float32), fk1, dfk1, dfk1, w, dk, FEAT, PREC)
                     dsq += tl.sum(da, 1)
                 else:
                     kw = (inv_sqrt_m * wt)[:, None]
@@ -467,7 +472,7 @@ if triton is not None:
                                                row0 + blk, dv, AT, DV, BM, DT, PREC)
                     dfk2, dv, AT = _dkdv_block(_cos(aq, FAST) * inv_sqrt_m, fk2, v, dn16, dden, dAT, r_ptr, rz_ptr,
                                                row0 + M + blk, dv, AT, DV, BM, DT, PREC)
-                    dk, da = _feature_grad(fk1, fk2, dfk1, dfk2, w_ptr, h, blk, M, dk, FEAT, D, BM, PREC)
+                    dk, da = _feature_grad(fk1, fk2, dfk1, dfk2, w, dk, FEAT, PREC)
                     if NEED_DS:
                         dscale += tl.sum(da * ak)
             dv += tl.dot(tl.where(causal_t, AT, 0.0).to(DT), dn16, input_precision=PREC)
