@@ -75,10 +75,12 @@ def main() -> None:
     p.add_argument("--feat", nargs="+", default=["rfa", "performer"], choices=["rfa", "performer"])
     p.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     p.add_argument("--warps", type=int, nargs="+", default=[fused_rf.NUM_WARPS])
-    p.add_argument("--block-m", type=int, nargs="+", default=[0], help="0: the module default of each kind")
+    p.add_argument("--block-m", type=int, nargs="+", default=[0],
+                   help="0: the module default of each kind and kernel (SUMS_BLOCK_M for segment_sums)")
     p.add_argument("--stages", type=int, default=fused_rf.NUM_STAGES)
     p.add_argument("--d-head", type=int, default=64)
-    p.add_argument("--chunk", type=int, nargs="+", default=[fused_rf.CHUNK], help="tokens per chunk (C)")
+    p.add_argument("--chunk", type=int, nargs="+", default=[0],
+                   help="tokens per chunk (C); 0: the module default of each kernel (SUMS_CHUNK for segment_sums)")
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100 / H200)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     args = p.parse_args()
@@ -89,11 +91,14 @@ def main() -> None:
                                                                 args.block_m):
         feat = fused_rf.FEAT_TRIG if feat_name == "rfa" else fused_rf.FEAT_EXP
         kernel, extra = KERNELS[name]
-        consts = dict(FEAT=feat, HAS_CW=False, C=chunk, D=args.d_head, DV=args.d_head,
-                      BM=bm or fused_rf.BLOCK_M[feat], PREC="tf32", FAST=True,
+        sums = name == "segment_sums"
+        default_chunk = (fused_rf.SUMS_CHUNK or fused_rf.CHUNK) if sums else fused_rf.CHUNK
+        default_bm = ((fused_rf.SUMS_BLOCK_M or fused_rf.BLOCK_M) if sums else fused_rf.BLOCK_M)[feat]
+        consts = dict(FEAT=feat, HAS_CW=False, C=chunk or default_chunk, D=args.d_head, DV=args.d_head,
+                      BM=bm or default_bm, PREC="tf32", FAST=True,
                       DT=tl.bfloat16 if args.dtype == "bf16" else tl.float16, **extra)
         r = resources(kernel, consts, args.arch, warps, args.stages, args.dtype)
-        print(f"| {feat_name} | {name} | {chunk} | {warps} | {consts['BM']} | {r['registers']} | {r['stack']} | {r['shared']} |",
+        print(f"| {feat_name} | {name} | {consts['C']} | {warps} | {consts['BM']} | {r['registers']} | {r['stack']} | {r['shared']} |",
               flush=True)
 
 

@@ -57,11 +57,13 @@ NUM_STAGES = 1
 SUMS_STAGES = 1
 """software pipelining stages of the segment-sums kernel's loop over chunks (1, 2, 3 measured alike at 16k, session
 14 call 5)"""
-SUMS_CHUNK: Optional[int] = None
-"""tokens per step of the segment-sums kernel (None: ``CHUNK``); it only sums, so it may step by less than the walks"""
+SUMS_CHUNK: Optional[int] = 32
+"""tokens per step of the segment-sums kernel (None: ``CHUNK``); it only sums, so it may step by less than the walks.
+32 tokens x 64 features: rfa's two segment-sum launches at 16k 0.418 -> 0.323 ms (no register spills; performer
+0.268 -> 0.257 ms), H100, session 15 calls 1-2; 16 tokens or 8 warps were slower"""
 SUMS_WARPS: Optional[int] = None
 """warps per program of the segment-sums kernel (None: ``NUM_WARPS``)"""
-SUMS_BLOCK_M: Optional[dict] = None
+SUMS_BLOCK_M: Optional[dict] = {FEAT_EXP: 64, FEAT_TRIG: 64}
 """features per program of the segment-sums kernel per kind (None: ``BLOCK_M``)"""
 KEEP_STARTS = True
 """forward keeps each segment's starting carried sums for backward (bfloat16 for 16-bit inputs, float32 for float32:
@@ -184,6 +186,13 @@ if triton is not None:
         return s_ptr + r[:, None] * DV + tl.arange(0, DV)[None, :], z_ptr + r
 
     @triton.jit
+    def _carry(sp, zp, s, z, more):
+        """Store the updated carried sums s (BM, DV), z (BM,) where ``more`` (BM,) holds: a later chunk of the
+        segment reads them (the last chunk's update is not stored: 1 / 8 of a walk's sum stores at 16k)."""
+        tl.store(sp, s, mask=more[:, None])
+        tl.store(zp, z, mask=more)
+
+    @triton.jit
     def _segment_sums_kernel(q_ptr, k_ptr, v_ptr, cw_ptr, w_ptr, bq_ptr, bk_ptr, mx_ptr, o_ptr, do_ptr, den_ptr,
                              s_ptr, z_ptr, T, H, M, SEG, NSEG, kcoef, inv_sqrt_m, floor,
                              sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, scb, sch, sct, sob, soh, sot,
@@ -257,7 +266,7 @@ if triton is not None:
         return dnum, dden
 
     @triton.jit
-    def _fwd_block(fq, fk, v, s_ptr, z_ptr, row, acc, den, A, DV: tl.constexpr, BM: tl.constexpr,
+    def _fwd_block(fq, fk, v, s_ptr, z_ptr, row, acc, den, A, more, DV: tl.constexpr, BM: tl.constexpr,
                    DT: tl.constexpr, PREC: tl.constexpr):
         """One feature block of a forward chunk: the carried-sum term, the intra-chunk scores, the sums update."""
         sp, zp = _state_ptrs(s_ptr, z_ptr, row, DV, BM)
@@ -268,8 +277,7 @@ if triton is not None:
         acc += tl.dot(fq16, s.to(DT), input_precision=PREC)
         den += tl.sum(fq16.to(tl.float32) * z[None, :], 1)
         A += tl.dot(fq16, tl.trans(fk16), input_precision=PREC)
-        tl.store(sp, s + tl.dot(tl.trans(fk16), v, input_precision=PREC))
-        tl.store(zp, z + tl.sum(fk16.to(tl.float32), 0))
+        _carry(sp, zp, s + tl.dot(tl.trans(fk16), v, input_precision=PREC), z + tl.sum(fk16.to(tl.float32), 0), more)
         return acc, den, A
 
     @triton.jit
@@ -291,6 +299,7 @@ if triton is not None:
                                        sqb, sqh, sqt, skb, skh, skt, scb, sch, sct, FEAT, HAS_CW, True, 1, D, BM,
                                        PREC)
             v = _load_rows(v_ptr, b, h, t, ok, svb, svh, svt, DV).to(DT)
+            more = tl.zeros((BM,), tl.int32) + c0 + C < stop                  # a later chunk reads the sums
             acc = tl.zeros((C, DV), tl.float32)
             den = tl.zeros((C,), tl.float32)
             A = tl.zeros((C, C), tl.float32)
@@ -300,13 +309,13 @@ if triton is not None:
                 ak = _exponent(k, w, bk_ptr, h, blk, M, BM, PREC)
                 if FEAT == 0:
                     acc, den, A = _fwd_block(tl.exp(aq - mx[:, None]), tl.exp(ak + kn[:, None]) * wt[:, None], v,
-                                             s_ptr, z_ptr, row0 + blk, acc, den, A, DV, BM, DT, PREC)
+                                             s_ptr, z_ptr, row0 + blk, acc, den, A, more, DV, BM, DT, PREC)
                 else:
                     kw = (inv_sqrt_m * wt)[:, None]
                     acc, den, A = _fwd_block(_sin(aq, FAST) * inv_sqrt_m, _sin(ak, FAST) * kw, v, s_ptr, z_ptr,
-                                             row0 + blk, acc, den, A, DV, BM, DT, PREC)
+                                             row0 + blk, acc, den, A, more, DV, BM, DT, PREC)
                     acc, den, A = _fwd_block(_cos(aq, FAST) * inv_sqrt_m, _cos(ak, FAST) * kw, v, s_ptr, z_ptr,
-                                             row0 + M + blk, acc, den, A, DV, BM, DT, PREC)
+                                             row0 + M + blk, acc, den, A, more, DV, BM, DT, PREC)
             A16 = tl.where(causal, A, 0.0).to(DT)
             acc += tl.dot(A16, v, input_precision=PREC)
             den += tl.sum(A16.to(tl.float32), 1)
@@ -352,6 +361,7 @@ if triton is not None:
             dn16 = dnum.to(DT)
             dA = tl.dot(dn16, tl.trans(v), input_precision=PREC) + dden[:, None]         # dy_t . [v_s, 1]
             dA = tl.where(causal, dA, 0.0).to(DT)
+            more = tl.zeros((BM,), tl.int32) + c0 + C < stop
             dq = tl.zeros((C, D), tl.float32)
             for blk in range(0, M, BM):
                 w = _directions(w_ptr, h, blk, M, D, BM)
@@ -360,16 +370,16 @@ if triton is not None:
                 if FEAT == 0:
                     fq1 = tl.exp(aq - mx[:, None])
                     fk1 = tl.exp(ak + kn[:, None]) * wt[:, None]
-                    dfq1 = _dq_block(fk1, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, DV, BM, DT, PREC)
+                    dfq1 = _dq_block(fk1, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, more, DV, BM, DT, PREC)
                     dq, _ = _feature_grad(fq1.to(DT).to(tl.float32), fq1, dfq1, dfq1, w, dq, FEAT, PREC)
                 else:
                     kw = (inv_sqrt_m * wt)[:, None]
                     fq1 = _sin(aq, FAST) * inv_sqrt_m
                     fq2 = _cos(aq, FAST) * inv_sqrt_m
-                    dfq1 = _dq_block(_sin(ak, FAST) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, DV, BM,
-                                     DT, PREC)
-                    dfq2 = _dq_block(_cos(ak, FAST) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + M + blk, DV, BM,
-                                     DT, PREC)
+                    dfq1 = _dq_block(_sin(ak, FAST) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, more, DV,
+                                     BM, DT, PREC)
+                    dfq2 = _dq_block(_cos(ak, FAST) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + M + blk, more,
+                                     DV, BM, DT, PREC)
                     dq, da = _feature_grad(fq1, fq2, dfq1, dfq2, w, dq, FEAT, PREC)
                     if NEED_DS:
                         dscale += tl.sum(da * aq)
@@ -379,8 +389,8 @@ if triton is not None:
             tl.store(ds_ptr + seg * nbh + bh, dscale)
 
     @triton.jit
-    def _dq_block(fk, v, dn16, dden, dA, s_ptr, z_ptr, row, DV: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr,
-                  PREC: tl.constexpr):
+    def _dq_block(fk, v, dn16, dden, dA, s_ptr, z_ptr, row, more, DV: tl.constexpr, BM: tl.constexpr,
+                  DT: tl.constexpr, PREC: tl.constexpr):
         """dL/dphi(q) of one feature block (C, BM) fp32; adds the chunk's phi(k) [v, 1]^T to the carried sums."""
         sp, zp = _state_ptrs(s_ptr, z_ptr, row, DV, BM)
         s = tl.load(sp)
@@ -388,8 +398,7 @@ if triton is not None:
         fk16 = fk.to(DT)
         df = tl.dot(dn16, tl.trans(s.to(DT)), input_precision=PREC) + dden[:, None] * z[None, :]
         df += tl.dot(dA, fk16, input_precision=PREC)
-        tl.store(sp, s + tl.dot(tl.trans(fk16), v, input_precision=PREC))
-        tl.store(zp, z + tl.sum(fk16.to(tl.float32), 0))
+        _carry(sp, zp, s + tl.dot(tl.trans(fk16), v, input_precision=PREC), z + tl.sum(fk16.to(tl.float32), 0), more)
         return df
 
     @triton.jit
@@ -405,8 +414,8 @@ if triton is not None:
         return (dx - xh * proj[:, None]) / tl.maximum(norm, 1e-12)[:, None]
 
     @triton.jit
-    def _dkdv_block(fq, fk, v, dn16, dden, dAT, r_ptr, rz_ptr, row, dv, AT, DV: tl.constexpr, BM: tl.constexpr,
-                    DT: tl.constexpr, PREC: tl.constexpr):
+    def _dkdv_block(fq, fk, v, dn16, dden, dAT, r_ptr, rz_ptr, row, dv, AT, more, DV: tl.constexpr,
+                    BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
         """dL/dphi(k) of one feature block (C, BM) fp32 and the carried-sum part of dv from the reverse sums R
         (then adds the chunk's phi(q) [dnum, dden]^T to R); accumulates phi(k) phi(q)^T into AT."""
         sp, zp = _state_ptrs(r_ptr, rz_ptr, row, DV, BM)
@@ -418,8 +427,8 @@ if triton is not None:
         df = tl.dot(v, tl.trans(r16), input_precision=PREC) + rz[None, :] + tl.dot(dAT, fq16, input_precision=PREC)
         dv += tl.dot(fk16, r16, input_precision=PREC)
         AT += tl.dot(fk16, tl.trans(fq16), input_precision=PREC)
-        tl.store(sp, r + tl.dot(tl.trans(fq16), dn16, input_precision=PREC))
-        tl.store(zp, rz + tl.sum(fq16.to(tl.float32) * dden[:, None], 0))
+        _carry(sp, zp, r + tl.dot(tl.trans(fq16), dn16, input_precision=PREC),
+               rz + tl.sum(fq16.to(tl.float32) * dden[:, None], 0), more)
         return df, dv, AT
 
     @triton.jit
@@ -450,6 +459,7 @@ if triton is not None:
             dn16 = dnum.to(DT)
             dAT = tl.dot(v, tl.trans(dn16), input_precision=PREC) + dden[None, :]         # [v_s, 1] . dy_t
             dAT = tl.where(causal_t, dAT, 0.0).to(DT)
+            more = tl.zeros((BM,), tl.int32) + j < n - 1                       # an earlier chunk reads the sums
             dk = tl.zeros((C, D), tl.float32)
             dv = tl.zeros((C, DV), tl.float32)
             AT = tl.zeros((C, C), tl.float32)
@@ -461,7 +471,7 @@ if triton is not None:
                 if FEAT == 0:
                     fk1 = tl.exp(ak + kn[:, None]) * wt[:, None]
                     dfk1, dv, AT = _dkdv_block(tl.exp(aq - mx[:, None]), fk1, v, dn16, dden, dAT, r_ptr, rz_ptr,
-                                               row0 + blk, dv, AT, DV, BM, DT, PREC)
+                                               row0 + blk, dv, AT, more, DV, BM, DT, PREC)
                     dk, da = _feature_grad(fk1.to(DT).to(tl.float32), fk1, dfk1, dfk1, w, dk, FEAT, PREC)
                     dsq += tl.sum(da, 1)
                 else:
@@ -469,9 +479,9 @@ if triton is not None:
                     fk1 = _sin(ak, FAST) * kw
                     fk2 = _cos(ak, FAST) * kw
                     dfk1, dv, AT = _dkdv_block(_sin(aq, FAST) * inv_sqrt_m, fk1, v, dn16, dden, dAT, r_ptr, rz_ptr,
-                                               row0 + blk, dv, AT, DV, BM, DT, PREC)
+                                               row0 + blk, dv, AT, more, DV, BM, DT, PREC)
                     dfk2, dv, AT = _dkdv_block(_cos(aq, FAST) * inv_sqrt_m, fk2, v, dn16, dden, dAT, r_ptr, rz_ptr,
-                                               row0 + M + blk, dv, AT, DV, BM, DT, PREC)
+                                               row0 + M + blk, dv, AT, more, DV, BM, DT, PREC)
                     dk, da = _feature_grad(fk1, fk2, dfk1, dfk2, w, dk, FEAT, PREC)
                     if NEED_DS:
                         dscale += tl.sum(da * ak)
