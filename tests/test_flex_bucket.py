@@ -594,3 +594,42 @@ def test_automatic_head_groups_under_graph_capture(monkeypatch):
         results.append((out.detach(), qq.grad, vv.grad))
     for name, a, c in zip(("out", "dq", "dv"), *results):
         torch.testing.assert_close(a, c, rtol=0, atol=1e-12, msg=name)
+
+
+@cuda
+def test_cuda_graph_capture_with_automatic_groups_after_eager_warmup(monkeypatch):
+    """Warm-up eagerly (one call), then capture: the captured step runs in groups (compiled for the group shapes
+    inside the first capture) and its replays give the eager outputs and gradients."""
+    monkeypatch.setattr(flex_bucket, "GROUP_ROWS_CAPTURED", 4096)          # 8 heads x 2 rounds x 2048: 8 groups
+    g = torch.Generator().manual_seed(5)
+    b, h, t, dh = 1, 8, 2000, 64
+    q, v, probe = (torch.randn(b, t, h, dh, generator=g).transpose(1, 2).to("cuda", torch.bfloat16) for _ in range(3))
+    buckets = torch.randint(0, 8, (b, h, 2, t), generator=g).cuda()
+    qq, vv = (x.detach().clone().requires_grad_() for x in (q, v))
+    kinds = []
+
+    def step():
+        qq.grad = vv.grad = None
+        out = flex_bucket_attention(qq, None, vv, buckets, 8, 32, 0.125, causal=True, self_penalty=True, dedup=True,
+                                    head_groups=0)
+        kinds.append(out.grad_fn.name())
+        (out.float() * probe).sum().backward()
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            eager = step()
+        eager_grads = [x.grad.clone() for x in (qq, vv)]
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(2):                           # the first capture compiles the group shapes; the second is timed
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert kinds[0] != "_HeadGroupsBackward" and kinds[-1] == "_HeadGroupsBackward"
+    torch.testing.assert_close(captured.float(), eager.float(), rtol=0, atol=2e-2)
+    for a, c in zip((qq.grad, vv.grad), eager_grads):
+        torch.testing.assert_close(a.float(), c.float(), rtol=0, atol=2e-2 * max(1.0, c.abs().max().item()))
