@@ -122,10 +122,9 @@ class LSHConfig:
     head_groups: int = 0
     """CUDA (FlexAttention) path: the heads run in this many groups, one kernel call each, recomputed group by
     group in backward, so the sorted copies and their gradients exist for one group at a time and are not kept
-    from forward to backward (lower peak memory for one more forward kernel call and more launches); 0 =
-    automatic (``flex_bucket.auto_head_groups``): run eagerly, one group up to 2^19 sorted rows (heads x hash
-    rounds x T), else about 2^18 per group; under CUDA-graph capture (no host time per group) about 2^16 per group;
-    1 = one call"""
+    from forward to backward (lower peak memory for one more forward kernel call and more launches); 0 = one
+    group up to 2^19 sorted rows (heads x hash rounds x T), else about 2^18 per group
+    (``flex_bucket.auto_head_groups``); 1 = one call"""
 
 
 @dataclass

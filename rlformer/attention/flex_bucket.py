@@ -43,9 +43,9 @@ from torch import Tensor
 from rlformer.attention import row_gather
 from rlformer.attention.chunked import SELF_PENALTY
 from rlformer.attention.compiled import fused
-from rlformer.attention.flex import BLOCK, _cached, _flex, capturing, flex_eligible, flex_with_lse, with_mask_mod
+from rlformer.attention.flex import BLOCK, _cached, _flex, flex_eligible, flex_with_lse, with_mask_mod
 
-__all__ = ["BLOCK", "GROUP_ROWS_CAPTURED", "auto_head_groups", "band_block_mask", "bucket_slots", "flex_bucket_attention", "gather_sorted",
+__all__ = ["BLOCK", "auto_head_groups", "band_block_mask", "bucket_slots", "flex_bucket_attention", "gather_sorted",
            "sum_sorted", "use_flex_bucket"]
 
 
@@ -414,22 +414,11 @@ rounds) 4 groups: 9.6 ms, 594 MiB in a CUDA graph and 12-15 ms eagerly, vs 8 gro
 eagerly (each group's calls cost host time; H100, session 13)"""
 
 
-GROUP_ROWS_CAPTURED = 1 << 16
-"""Sorted rows per group while a CUDA graph is being captured: a replay launches no Python, so the groups' host
-time, which makes them slow eagerly, is gone, and memory decides (T = 16k, 8 heads, two rounds: 4 groups, 2.17 ms,
-148 MiB per layer step vs one call's 1.67 ms, 200 MiB; T = 64k: 8 groups, 9.85 ms, 472 MiB vs 4 groups' 9.59 ms,
-594 MiB; H100, session 13)"""
-
-
-def auto_head_groups(n_heads: int, n_rounds: int, length: int, captured: bool = False) -> int:
-    """Head groups for ``flex_bucket_attention``'s ``head_groups=0``, at most one head per group. Run eagerly
-    (``captured`` False), where each group's calls cost host time: one (a single kernel call, no recomputation) up
-    to 2 ``GROUP_ROWS`` sorted rows in all (T = 16k with 8 heads and two rounds), else about ``GROUP_ROWS`` per
-    group (4 groups at T = 64k). Under CUDA-graph capture, where replays cost no host time: about
-    ``GROUP_ROWS_CAPTURED`` per group (4 groups at 16k, 8 at 64k; one group up to T = 4k)."""
+def auto_head_groups(n_heads: int, n_rounds: int, length: int) -> int:
+    """Head groups for ``flex_bucket_attention``'s ``head_groups=0``: one (a single kernel call, no recomputation)
+    up to 2 ``GROUP_ROWS`` sorted rows in all (T = 16k with 8 heads and two rounds), else about ``GROUP_ROWS`` per
+    group, at most one head per group (4 groups at T = 64k)."""
     rows = n_heads * n_rounds * length
-    if captured:
-        return min(n_heads, -(-rows // GROUP_ROWS_CAPTURED))
     return 1 if rows <= 2 * GROUP_ROWS else min(n_heads, -(-rows // GROUP_ROWS))
 
 
@@ -457,7 +446,7 @@ def flex_bucket_attention(q: Tensor, k: Tensor | None, v: Tensor, buckets: Tenso
     call = _BucketCall(q, k, buckets, n_buckets, chunk_size, scale, causal, before, after, self_penalty, key_valid,
                        window, dedup, compile)
     h, r = q.shape[1], buckets.shape[2]
-    groups = auto_head_groups(h, r, call.length, capturing(q)) if head_groups == 0 else min(max(1, head_groups), h)
+    groups = auto_head_groups(h, r, call.length) if head_groups == 0 else min(max(1, head_groups), h)
     wants_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v))
     if groups > 1 and wants_grad and not call.identity:
         size = -(-h // groups)

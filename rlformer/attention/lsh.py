@@ -96,8 +96,7 @@ class LSHAttention(Float32Buffers, Attention):
     ``flex_bucket.flex_bucket_attention``, one compiled FlexAttention call over the bucket-sorted order of all
     rounds (``lsh.max_scores`` unused there), or one per group of heads recomputed in backward when the sorted
     rows are many (``lsh.head_groups``: at T = 64k, 8 heads, 2 rounds, 803 -> 594 MiB per layer step with the
-    automatic 4 groups; under CUDA-graph capture, where groups cost no host time, about 2^16 sorted rows per group:
-    4 groups at 16k, 200 -> 148 MiB). Hashing on CUDA: one Triton kernel (``lsh_hashing``). Other devices (and CUDA dtypes /
+    automatic 4 groups). Hashing on CUDA: one Triton kernel (``lsh_hashing``). Other devices (and CUDA dtypes /
     head sizes flex does not compile): ``chunked_softmax.bucket_softmax_attention`` (fused attention kernels per
     group of chunks, rounds combined online, probabilities recomputed in backward): activation memory
     O(T * (dh + n_hashes))
