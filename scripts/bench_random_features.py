@@ -9,8 +9,8 @@ of (B, T, H, dh) projections, one forward + backward of ``fused_random_features`
 graph, median of ``--reps`` CUDA-event timed replays after ``--warmup``, twice (two rounds), and the peak memory
 of the captured step. Each setting of (NUM_WARPS, PROGRAMS, BLOCK_M, NUM_STAGES, --configs) is one compile of the
 kernels. ``--configs``: settings of the module's launch constants, each ``NAME=VALUE[,NAME=VALUE...]`` (``""``: the
-defaults), e.g. ``CHUNK=32``, ``SUMS_CHUNK=16``, ``SUMS_WARPS=8``; ``BLOCK_M`` / ``SUMS_BLOCK_M`` take one size for
-both kinds.
+defaults), e.g. ``CHUNK=32``, ``SUMS_CHUNK=16``, ``SUMS_WARPS=8``; ``BLOCK_M``, ``SUMS_BLOCK_M`` and ``SUMS_CHUNK``
+take one size for both kinds.
 The layer-level comparison against full attention is ``bench_attention.py``; this script picks the defaults.
 """
 from __future__ import annotations
@@ -80,13 +80,15 @@ TUNABLE = ("CHUNK", "NUM_WARPS", "NUM_STAGES", "PROGRAMS", "BLOCK_M", "SUMS_CHUN
 
 
 def parse_config(text: str) -> dict:
-    """``NAME=VALUE,...`` -> {NAME: value} for the module constants in ``TUNABLE`` (block sizes: one per kind)."""
+    """``NAME=VALUE,...`` -> {NAME: value} for the module constants in ``TUNABLE`` (block sizes, sums chunk: the value
+    for both kinds)."""
     out = {}
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
         if name not in TUNABLE or not value.isdigit():
             raise SystemExit(f"--configs item {item!r}: expected NAME=INTEGER with NAME one of {', '.join(TUNABLE)}")
-        out[name] = dict.fromkeys(fused_rf.BLOCK_M, int(value)) if name.endswith("BLOCK_M") else int(value)
+        per_kind = name.endswith("BLOCK_M") or name == "SUMS_CHUNK"
+        out[name] = dict.fromkeys(fused_rf.BLOCK_M, int(value)) if per_kind else int(value)
     return out
 
 

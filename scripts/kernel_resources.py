@@ -92,14 +92,14 @@ def main() -> None:
         feat = fused_rf.FEAT_TRIG if feat_name == "rfa" else fused_rf.FEAT_EXP
         kernel, extra = KERNELS[name]
         sums = name == "segment_sums"
-        default_chunk = (fused_rf.SUMS_CHUNK or fused_rf.CHUNK) if sums else fused_rf.CHUNK
+        default_chunk = fused_rf.SUMS_CHUNK[feat] if sums and fused_rf.SUMS_CHUNK else fused_rf.CHUNK
         default_bm = ((fused_rf.SUMS_BLOCK_M or fused_rf.BLOCK_M) if sums else fused_rf.BLOCK_M)[feat]
         consts = dict(FEAT=feat, HAS_CW=False, C=chunk or default_chunk, D=args.d_head, DV=args.d_head,
                       BM=bm or default_bm, PREC="tf32", FAST=True,
                       DT=tl.bfloat16 if args.dtype == "bf16" else tl.float16, **extra)
         r = resources(kernel, consts, args.arch, warps, args.stages, args.dtype)
-        print(f"| {feat_name} | {name} | {consts['C']} | {warps} | {consts['BM']} | {r['registers']} | {r['stack']} | {r['shared']} |",
-              flush=True)
+        cells = (feat_name, name, consts["C"], warps, consts["BM"], r["registers"], r["stack"], r["shared"])
+        print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
 
 if __name__ == "__main__":

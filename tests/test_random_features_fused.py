@@ -75,7 +75,7 @@ def compare(name: str, weights: bool, state: bool, programs: int, donate: bool =
     old = [getattr(fused_rf, key) for key in settings]
     fused_rf.PROGRAMS, fused_rf.CHUNK, fused_rf.KEEP_STARTS = programs, chunk, keep
     if sums:
-        fused_rf.SUMS_CHUNK, fused_rf.SUMS_BLOCK_M = chunk // 2, dict.fromkeys(fused_rf.BLOCK_M, 16)
+        fused_rf.SUMS_CHUNK, fused_rf.SUMS_BLOCK_M = (dict.fromkeys(fused_rf.BLOCK_M, x) for x in (chunk // 2, 16))
     kd, vd = (x.detach().clone().requires_grad_() for x in (k, v)) if donate else (k, v)
     start = (s0[..., :d], s0[..., d]) if state else (None, None)          # a fresh start is given as None
     try:

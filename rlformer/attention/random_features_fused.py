@@ -57,10 +57,11 @@ NUM_STAGES = 1
 SUMS_STAGES = 1
 """software pipelining stages of the segment-sums kernel's loop over chunks (1, 2, 3 measured alike at 16k, session
 14 call 5)"""
-SUMS_CHUNK: Optional[int] = 32
-"""tokens per step of the segment-sums kernel (None: ``CHUNK``); it only sums, so it may step by less than the walks.
-32 tokens x 64 features: rfa's two segment-sum launches at 16k 0.418 -> 0.323 ms (no register spills; performer
-0.268 -> 0.257 ms), H100, session 15 calls 1-2; 16 tokens or 8 warps were slower"""
+SUMS_CHUNK: Optional[dict] = {FEAT_EXP: 32, FEAT_TRIG: 64}
+"""tokens per step of the segment-sums kernel per kind (None: ``CHUNK``); it only sums, so it may step by less than
+the walks. With 64 features per program (``SUMS_BLOCK_M``): Performer 32 tokens (no register spills; its segment
+sums at 16k 0.268 -> 0.257 ms), RFA 64 (0.286 ms at 16k, 1.017 at 64k, vs 0.316 / 1.129 by 32 tokens and 0.418 at 16k
+before, 64 x 32); H100, session 15 calls 1-5; 16 tokens or 8 warps were slower"""
 SUMS_WARPS: Optional[int] = None
 """warps per program of the segment-sums kernel (None: ``NUM_WARPS``)"""
 SUMS_BLOCK_M: Optional[dict] = {FEAT_EXP: 64, FEAT_TRIG: 64}
@@ -594,7 +595,8 @@ class _Plan:
                            PREC=("tf32x3" if q.is_cuda else "ieee") if exact else "tf32",
                            DT=tl.float32 if exact else (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16),
                            num_warps=NUM_WARPS, num_stages=NUM_STAGES, FAST=q.is_cuda)
-        self.sums_consts = dict(self.consts, C=SUMS_CHUNK or CHUNK, BM=block_m(self.m, feat, SUMS_BLOCK_M),
+        self.sums_consts = dict(self.consts, C=SUMS_CHUNK[feat] if SUMS_CHUNK else CHUNK,
+                                BM=block_m(self.m, feat, SUMS_BLOCK_M),
                                 num_warps=SUMS_WARPS or NUM_WARPS, num_stages=SUMS_STAGES)
 
     def grid(self):
