@@ -187,20 +187,20 @@ if triton is not None:
         return s_ptr + r[:, None] * DV + tl.arange(0, DV)[None, :], z_ptr + r
 
     @triton.jit
-    def _more(pos, end, FEAT: tl.constexpr, BM: tl.constexpr):
-        """Mask (BM,) for ``_carry``: whether a later chunk of the walk reads the sums (pos < end). RFA skips the last
-        chunk's stores (1 / 8 of a walk's sum stores at 16k: rfa's three walks 1.613 -> 1.568 ms); Performer stores
-        always (a constant mask, compiled away: its three walks were slower masked, 1.179 -> 1.225 ms; H100, session
-        15 calls 2-3)."""
-        if FEAT == 1:
-            return tl.zeros((BM,), tl.int32) + pos < end
-        return tl.full((BM,), 1, tl.int1)
+    def _more(pos, end, BM: tl.constexpr):
+        """Mask (BM,) for ``_carry``: whether a later chunk of the walk reads the sums (pos < end)."""
+        return tl.zeros((BM,), tl.int32) + pos < end
 
     @triton.jit
-    def _carry(sp, zp, s, z, more):
-        """Store the updated carried sums s (BM, DV), z (BM,) where ``more`` (BM,) holds (``_more``)."""
-        tl.store(sp, s, mask=more[:, None])
-        tl.store(zp, z, mask=more)
+    def _carry(ptr, x, more, FEAT: tl.constexpr):
+        """Store updated carried sums x (s (BM, DV) with ``more[:, None]``, or z (BM,) with ``more``): RFA only where
+        ``more`` (``_more``) holds, so the last chunk's update is not stored (1 / 8 of a walk's sum stores at 16k:
+        rfa's three walks 1.613 -> 1.568 ms); Performer always (its walks were slower masked, 1.179 -> 1.225 ms;
+        H100, session 15 calls 2-3)."""
+        if FEAT == 1:
+            tl.store(ptr, x, mask=more)
+        else:
+            tl.store(ptr, x)
 
     @triton.jit
     def _segment_sums_kernel(q_ptr, k_ptr, v_ptr, cw_ptr, w_ptr, bq_ptr, bk_ptr, mx_ptr, o_ptr, do_ptr, den_ptr,
@@ -276,8 +276,8 @@ if triton is not None:
         return dnum, dden
 
     @triton.jit
-    def _fwd_block(fq, fk, v, s_ptr, z_ptr, row, acc, den, A, more, DV: tl.constexpr, BM: tl.constexpr,
-                   DT: tl.constexpr, PREC: tl.constexpr):
+    def _fwd_block(fq, fk, v, s_ptr, z_ptr, row, acc, den, A, more, FEAT: tl.constexpr, DV: tl.constexpr,
+                   BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
         """One feature block of a forward chunk: the carried-sum term, the intra-chunk scores, the sums update."""
         sp, zp = _state_ptrs(s_ptr, z_ptr, row, DV, BM)
         s = tl.load(sp)
@@ -287,7 +287,8 @@ if triton is not None:
         acc += tl.dot(fq16, s.to(DT), input_precision=PREC)
         den += tl.sum(fq16.to(tl.float32) * z[None, :], 1)
         A += tl.dot(fq16, tl.trans(fk16), input_precision=PREC)
-        _carry(sp, zp, s + tl.dot(tl.trans(fk16), v, input_precision=PREC), z + tl.sum(fk16.to(tl.float32), 0), more)
+        _carry(sp, s + tl.dot(tl.trans(fk16), v, input_precision=PREC), more[:, None], FEAT)
+        _carry(zp, z + tl.sum(fk16.to(tl.float32), 0), more, FEAT)
         return acc, den, A
 
     @triton.jit
@@ -309,7 +310,7 @@ if triton is not None:
                                        sqb, sqh, sqt, skb, skh, skt, scb, sch, sct, FEAT, HAS_CW, True, 1, D, BM,
                                        PREC)
             v = _load_rows(v_ptr, b, h, t, ok, svb, svh, svt, DV).to(DT)
-            more = _more(c0 + C, stop, FEAT, BM)                              # a later chunk reads the sums
+            more = _more(c0 + C, stop, BM)                              # a later chunk reads the sums
             acc = tl.zeros((C, DV), tl.float32)
             den = tl.zeros((C,), tl.float32)
             A = tl.zeros((C, C), tl.float32)
@@ -319,13 +320,13 @@ if triton is not None:
                 ak = _exponent(k, w, bk_ptr, h, blk, M, BM, PREC)
                 if FEAT == 0:
                     acc, den, A = _fwd_block(tl.exp(aq - mx[:, None]), tl.exp(ak + kn[:, None]) * wt[:, None], v,
-                                             s_ptr, z_ptr, row0 + blk, acc, den, A, more, DV, BM, DT, PREC)
+                                             s_ptr, z_ptr, row0 + blk, acc, den, A, more, FEAT, DV, BM, DT, PREC)
                 else:
                     kw = (inv_sqrt_m * wt)[:, None]
                     acc, den, A = _fwd_block(_sin(aq, FAST) * inv_sqrt_m, _sin(ak, FAST) * kw, v, s_ptr, z_ptr,
-                                             row0 + blk, acc, den, A, more, DV, BM, DT, PREC)
+                                             row0 + blk, acc, den, A, more, FEAT, DV, BM, DT, PREC)
                     acc, den, A = _fwd_block(_cos(aq, FAST) * inv_sqrt_m, _cos(ak, FAST) * kw, v, s_ptr, z_ptr,
-                                             row0 + M + blk, acc, den, A, more, DV, BM, DT, PREC)
+                                             row0 + M + blk, acc, den, A, more, FEAT, DV, BM, DT, PREC)
             A16 = tl.where(causal, A, 0.0).to(DT)
             acc += tl.dot(A16, v, input_precision=PREC)
             den += tl.sum(A16.to(tl.float32), 1)
@@ -371,7 +372,7 @@ if triton is not None:
             dn16 = dnum.to(DT)
             dA = tl.dot(dn16, tl.trans(v), input_precision=PREC) + dden[:, None]         # dy_t . [v_s, 1]
             dA = tl.where(causal, dA, 0.0).to(DT)
-            more = _more(c0 + C, stop, FEAT, BM)
+            more = _more(c0 + C, stop, BM)
             dq = tl.zeros((C, D), tl.float32)
             for blk in range(0, M, BM):
                 w = _directions(w_ptr, h, blk, M, D, BM)
@@ -380,16 +381,16 @@ if triton is not None:
                 if FEAT == 0:
                     fq1 = tl.exp(aq - mx[:, None])
                     fk1 = tl.exp(ak + kn[:, None]) * wt[:, None]
-                    dfq1 = _dq_block(fk1, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, more, DV, BM, DT, PREC)
+                    dfq1 = _dq_block(fk1, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, more, FEAT, DV, BM, DT, PREC)
                     dq, _ = _feature_grad(fq1.to(DT).to(tl.float32), fq1, dfq1, dfq1, w, dq, FEAT, PREC)
                 else:
                     kw = (inv_sqrt_m * wt)[:, None]
                     fq1 = _sin(aq, FAST) * inv_sqrt_m
                     fq2 = _cos(aq, FAST) * inv_sqrt_m
-                    dfq1 = _dq_block(_sin(ak, FAST) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, more, DV,
-                                     BM, DT, PREC)
-                    dfq2 = _dq_block(_cos(ak, FAST) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + M + blk, more,
+                    dfq1 = _dq_block(_sin(ak, FAST) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + blk, more, FEAT,
                                      DV, BM, DT, PREC)
+                    dfq2 = _dq_block(_cos(ak, FAST) * kw, v, dn16, dden, dA, s_ptr, z_ptr, row0 + M + blk, more,
+                                     FEAT, DV, BM, DT, PREC)
                     dq, da = _feature_grad(fq1, fq2, dfq1, dfq2, w, dq, FEAT, PREC)
                     if NEED_DS:
                         dscale += tl.sum(da * aq)
@@ -399,8 +400,8 @@ if triton is not None:
             tl.store(ds_ptr + seg * nbh + bh, dscale)
 
     @triton.jit
-    def _dq_block(fk, v, dn16, dden, dA, s_ptr, z_ptr, row, more, DV: tl.constexpr, BM: tl.constexpr,
-                  DT: tl.constexpr, PREC: tl.constexpr):
+    def _dq_block(fk, v, dn16, dden, dA, s_ptr, z_ptr, row, more, FEAT: tl.constexpr, DV: tl.constexpr,
+                  BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
         """dL/dphi(q) of one feature block (C, BM) fp32; adds the chunk's phi(k) [v, 1]^T to the carried sums."""
         sp, zp = _state_ptrs(s_ptr, z_ptr, row, DV, BM)
         s = tl.load(sp)
@@ -408,7 +409,8 @@ if triton is not None:
         fk16 = fk.to(DT)
         df = tl.dot(dn16, tl.trans(s.to(DT)), input_precision=PREC) + dden[:, None] * z[None, :]
         df += tl.dot(dA, fk16, input_precision=PREC)
-        _carry(sp, zp, s + tl.dot(tl.trans(fk16), v, input_precision=PREC), z + tl.sum(fk16.to(tl.float32), 0), more)
+        _carry(sp, s + tl.dot(tl.trans(fk16), v, input_precision=PREC), more[:, None], FEAT)
+        _carry(zp, z + tl.sum(fk16.to(tl.float32), 0), more, FEAT)
         return df
 
     @triton.jit
@@ -424,8 +426,8 @@ if triton is not None:
         return (dx - xh * proj[:, None]) / tl.maximum(norm, 1e-12)[:, None]
 
     @triton.jit
-    def _dkdv_block(fq, fk, v, dn16, dden, dAT, r_ptr, rz_ptr, row, dv, AT, more, DV: tl.constexpr,
-                    BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    def _dkdv_block(fq, fk, v, dn16, dden, dAT, r_ptr, rz_ptr, row, dv, AT, more, FEAT: tl.constexpr,
+                    DV: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
         """dL/dphi(k) of one feature block (C, BM) fp32 and the carried-sum part of dv from the reverse sums R
         (then adds the chunk's phi(q) [dnum, dden]^T to R); accumulates phi(k) phi(q)^T into AT."""
         sp, zp = _state_ptrs(r_ptr, rz_ptr, row, DV, BM)
@@ -437,8 +439,8 @@ if triton is not None:
         df = tl.dot(v, tl.trans(r16), input_precision=PREC) + rz[None, :] + tl.dot(dAT, fq16, input_precision=PREC)
         dv += tl.dot(fk16, r16, input_precision=PREC)
         AT += tl.dot(fk16, tl.trans(fq16), input_precision=PREC)
-        _carry(sp, zp, r + tl.dot(tl.trans(fq16), dn16, input_precision=PREC),
-               rz + tl.sum(fq16.to(tl.float32) * dden[:, None], 0), more)
+        _carry(sp, r + tl.dot(tl.trans(fq16), dn16, input_precision=PREC), more[:, None], FEAT)
+        _carry(zp, rz + tl.sum(fq16.to(tl.float32) * dden[:, None], 0), more, FEAT)
         return df, dv, AT
 
     @triton.jit
@@ -469,7 +471,7 @@ if triton is not None:
             dn16 = dnum.to(DT)
             dAT = tl.dot(v, tl.trans(dn16), input_precision=PREC) + dden[None, :]         # [v_s, 1] . dy_t
             dAT = tl.where(causal_t, dAT, 0.0).to(DT)
-            more = _more(j, n - 1, FEAT, BM)                                   # an earlier chunk reads the sums
+            more = _more(j, n - 1, BM)                                   # an earlier chunk reads the sums
             dk = tl.zeros((C, D), tl.float32)
             dv = tl.zeros((C, DV), tl.float32)
             AT = tl.zeros((C, C), tl.float32)
@@ -481,7 +483,7 @@ if triton is not None:
                 if FEAT == 0:
                     fk1 = tl.exp(ak + kn[:, None]) * wt[:, None]
                     dfk1, dv, AT = _dkdv_block(tl.exp(aq - mx[:, None]), fk1, v, dn16, dden, dAT, r_ptr, rz_ptr,
-                                               row0 + blk, dv, AT, more, DV, BM, DT, PREC)
+                                               row0 + blk, dv, AT, more, FEAT, DV, BM, DT, PREC)
                     dk, da = _feature_grad(fk1.to(DT).to(tl.float32), fk1, dfk1, dfk1, w, dk, FEAT, PREC)
                     dsq += tl.sum(da, 1)
                 else:
@@ -489,9 +491,9 @@ if triton is not None:
                     fk1 = _sin(ak, FAST) * kw
                     fk2 = _cos(ak, FAST) * kw
                     dfk1, dv, AT = _dkdv_block(_sin(aq, FAST) * inv_sqrt_m, fk1, v, dn16, dden, dAT, r_ptr, rz_ptr,
-                                               row0 + blk, dv, AT, more, DV, BM, DT, PREC)
+                                               row0 + blk, dv, AT, more, FEAT, DV, BM, DT, PREC)
                     dfk2, dv, AT = _dkdv_block(_cos(aq, FAST) * inv_sqrt_m, fk2, v, dn16, dden, dAT, r_ptr, rz_ptr,
-                                               row0 + M + blk, dv, AT, more, DV, BM, DT, PREC)
+                                               row0 + M + blk, dv, AT, more, FEAT, DV, BM, DT, PREC)
                     dk, da = _feature_grad(fk1, fk2, dfk1, dfk2, w, dk, FEAT, PREC)
                     if NEED_DS:
                         dscale += tl.sum(da * ak)
