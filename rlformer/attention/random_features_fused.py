@@ -202,6 +202,16 @@ if triton is not None:
         tl.store(zp, z, mask=more)
 
     @triton.jit
+    def _add_keys(sp, zp, s, z, fk16, v, more, FEAT: tl.constexpr, PREC: tl.constexpr):
+        """The forward and dq walks' sums update: s + phi(k)^T v, z + sum phi(k), stored to sp, zp (``_carry``)."""
+        s = s + tl.dot(tl.trans(fk16), v, input_precision=PREC)
+        if FEAT == 1:
+            _carry(sp, zp, s, z + tl.sum(fk16.to(tl.float32), 0), more)
+        else:
+            tl.store(sp, s)
+            tl.store(zp, z + tl.sum(fk16.to(tl.float32), 0))
+
+    @triton.jit
     def _segment_sums_kernel(q_ptr, k_ptr, v_ptr, cw_ptr, w_ptr, bq_ptr, bk_ptr, mx_ptr, o_ptr, do_ptr, den_ptr,
                              s_ptr, z_ptr, T, H, M, SEG, NSEG, kcoef, inv_sqrt_m, floor,
                              sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, scb, sch, sct, sob, soh, sot,
@@ -286,12 +296,7 @@ if triton is not None:
         acc += tl.dot(fq16, s.to(DT), input_precision=PREC)
         den += tl.sum(fq16.to(tl.float32) * z[None, :], 1)
         A += tl.dot(fq16, tl.trans(fk16), input_precision=PREC)
-        s = s + tl.dot(tl.trans(fk16), v, input_precision=PREC)
-        if FEAT == 1:
-            _carry(sp, zp, s, z + tl.sum(fk16.to(tl.float32), 0), more)
-        else:
-            tl.store(sp, s)
-            tl.store(zp, z + tl.sum(fk16.to(tl.float32), 0))
+        _add_keys(sp, zp, s, z, fk16, v, more, FEAT, PREC)
         return acc, den, A
 
     @triton.jit
@@ -412,12 +417,7 @@ if triton is not None:
         fk16 = fk.to(DT)
         df = tl.dot(dn16, tl.trans(s.to(DT)), input_precision=PREC) + dden[:, None] * z[None, :]
         df += tl.dot(dA, fk16, input_precision=PREC)
-        s = s + tl.dot(tl.trans(fk16), v, input_precision=PREC)
-        if FEAT == 1:
-            _carry(sp, zp, s, z + tl.sum(fk16.to(tl.float32), 0), more)
-        else:
-            tl.store(sp, s)
-            tl.store(zp, z + tl.sum(fk16.to(tl.float32), 0))
+        _add_keys(sp, zp, s, z, fk16, v, more, FEAT, PREC)
         return df
 
     @triton.jit
