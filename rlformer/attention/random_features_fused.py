@@ -194,16 +194,18 @@ if triton is not None:
     @triton.jit
     def _carry(sp, zp, s, z, more):
         """RFA's store of the updated carried sums s (BM, DV), z (BM,) where ``more`` (``_more``) holds: the last
-        chunk's update is not stored (1 / 8 of a walk's sum stores at 16k: rfa's three walks 1.613 -> 1.568 ms).
-        Performer's walks store unmasked, s before z is summed: masked they were slower (1.179 -> 1.225 ms), and
-        RFA's kernels compile best with both sums formed first (in Performer's order rfa's dq walk took 0.527
-        instead of 0.475 ms); H100, session 15 calls 2, 3, 6, 7."""
+        chunk's update is not stored (1 / 8 of a walk's sum stores at 16k: rfa's three walks 1.613 -> 1.568 ms;
+        H100, session 15 calls 2-3). Performer stores unmasked (``_add_keys``)."""
         tl.store(sp, s, mask=more[:, None])
         tl.store(zp, z, mask=more)
 
     @triton.jit
     def _add_keys(sp, zp, s, z, fk16, v, more, FEAT: tl.constexpr, PREC: tl.constexpr):
-        """The forward and dq walks' sums update: s + phi(k)^T v, z + sum phi(k), stored to sp, zp (``_carry``)."""
+        """The forward and dq walks' sums update: s + phi(k)^T v, z + sum phi(k), stored to sp, zp. RFA forms both
+        sums, then stores them masked (``_carry``); Performer stores s before it sums z, unmasked: masked its walks
+        were slower (1.179 -> 1.225 ms), and each kind's kernels compile best in its own order (in Performer's, rfa's
+        dq walk took 0.527 instead of 0.475 ms); H100, session 15 calls 2, 3, 6, 7. ``_dkdv_block`` stores its
+        reverse sums the same way."""
         s = s + tl.dot(tl.trans(fk16), v, input_precision=PREC)
         if FEAT == 1:
             _carry(sp, zp, s, z + tl.sum(fk16.to(tl.float32), 0), more)
