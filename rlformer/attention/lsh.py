@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rlformer.attention import lsh_hashing
+from rlformer.attention import bucket_fused, lsh_hashing
 from rlformer.attention.base import Attention, split_heads
 from rlformer.attention.chunked import bucket_attention, combine_rounds, naive_bucket_attention
 from rlformer.attention.chunked_softmax import bucket_softmax_attention
@@ -92,11 +92,14 @@ class LSHAttention(Float32Buffers, Attention):
       z(i, P_i)) o_i^r with the per-round logsumexp z, scores lowered by log N_ij (the number of
       rounds in which i and j share a bucket) so duplicates count once.
 
-    Scores use the usual 1/sqrt(dh) scale. Time O(T * n_hashes * chunk_size). CUDA fast path:
-    ``flex_bucket.flex_bucket_attention``, one compiled FlexAttention call over the bucket-sorted order of all
-    rounds (``lsh.max_scores`` unused there), or one per group of heads recomputed in backward when the sorted
-    rows are many (``lsh.head_groups``: at T = 64k, 8 heads, 2 rounds, 803 -> 594 MiB per layer step with the
-    automatic 4 groups). Hashing on CUDA: one Triton kernel (``lsh_hashing``). Other devices (and CUDA dtypes /
+    Scores use the usual 1/sqrt(dh) scale. Time O(T * n_hashes * chunk_size). CUDA fast path (``lsh.fused``,
+    Triton, power-of-two head sizes 16..128): ``bucket_fused.shared_qk_bucket_attention``, Triton kernels that
+    read q and v in position order through the slot tables (no sorted copies; backward memory six (B, T, D)
+    blocks for any number of rounds). Else on CUDA ``flex_bucket.flex_bucket_attention``, one compiled
+    FlexAttention call over the bucket-sorted order of all rounds (``lsh.max_scores`` unused there), or one per
+    group of heads recomputed in backward when the sorted rows are many (``lsh.head_groups``: at T = 64k, 8 heads,
+    2 rounds, 803 -> 594 MiB per layer step with the automatic 4 groups). Hashing on CUDA: one Triton kernel
+    (``lsh_hashing``). Other devices (and CUDA dtypes /
     head sizes flex does not compile): ``chunked_softmax.bucket_softmax_attention`` (fused attention kernels per
     group of chunks, rounds combined online, probabilities recomputed in backward): activation memory
     O(T * (dh + n_hashes))
@@ -147,6 +150,10 @@ class LSHAttention(Float32Buffers, Attention):
         c = self.cfg.lsh
         buckets = self.buckets(k)
         kw = {"causal": ctx.causal, "self_penalty": True, "key_valid": ctx.key_valid}
+        if c.fused and use_flex_bucket(q, self.dropout, self.training) and bucket_fused.available(q, v):
+            # CUDA: the fused kernels read q and v in place (no sorted copies; bucket_fused), k = q / |q| inside
+            return bucket_fused.shared_qk_bucket_attention(q, v, buckets, c.chunk_size, self.scale, **kw,
+                                                           dedup=True), {}
         if use_flex_bucket(q, self.dropout, self.training):     # CUDA: one FlexAttention call
             # k = q / |q| (shared-QK, ``project``): only q and v are gathered; the kernel uses the gathered q as
             # its keys with 1 / |q| on the scores (``flex_bucket._UnitKeys``; under rotary, equal up to rounding)
