@@ -483,8 +483,9 @@ def test_cuda_outputs_and_gradients_match_reference(dtype, atol, causal, n_round
 @cuda
 @pytest.mark.parametrize("name", ["lsh", "routing"])
 def test_cuda_module_attend_matches_cpu_lean_path(name):
-    """lsh / routing ``attend`` on CUDA (flex path, float32; T = 384, so routing's local heads take the
-    ungathered identity order) vs the CPU float64 lean path, with padding: outputs and q, k, v gradients."""
+    """lsh / routing ``attend`` on CUDA (their fast paths: lsh's fused kernels, routing's flex; float32; T = 384,
+    so routing's local heads take the ungathered identity order) vs the CPU float64 lean path, with padding:
+    outputs and q, k, v gradients."""
     cfg = base_config(attention=name, d_model=64, n_heads=4, causal=True)
     if name == "lsh":
         cfg.lsh = dataclasses.replace(cfg.lsh, n_buckets=4, n_hashes=2, chunk_size=16)

@@ -169,7 +169,7 @@ if triton is not None:
         d = tl.arange(0, D)
         out = acc / den[:, None]
         tl.store(out_ptr + (base + sq)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty))
-        tl.store(lse_ptr + base + sq, (m + tl.log2(den)) / 1.4426950408889634)
+        tl.store(lse_ptr + base + sq, m + tl.log2(den))      # log2 units: backward re-forms p = 2^(s - lse)
 
     @triton.jit
     def _delta_kernel(do_ptr, o_ptr, delta_ptr, T, H, sdb, sdh, sdt, sob, soh, sot,
@@ -187,8 +187,8 @@ if triton is not None:
     @triton.jit
     def _query_side(rows_ptr, do_ptr, w_ptr, delta_ptr, lse_ptr, base, wbase, bh, b, h, sq, T,
                     sdb, sdh, sdt, HAS_W: tl.constexpr, D: tl.constexpr):
-        """For query slots sq: dO_r = w_r dO (zero at padding slots), the row term w_r <dO, o> and the lse in
-        log2 units."""
+        """For query slots sq: dO_r = w_r dO (zero at padding slots), the row term w_r <dO, o> and the lse (log2
+        units, as the forward stored it)."""
         ok = sq < T
         tq = tl.load(rows_ptr + base + sq).to(tl.int64)
         g = _rows_of(do_ptr, b, h, tq, sdb, sdh, sdt, D, ok)
@@ -197,7 +197,7 @@ if triton is not None:
             w = tl.load(w_ptr + wbase + tq, mask=ok, other=0.0)
             g = (g.to(tl.float32) * w[:, None]).to(g.dtype)
             delta = delta * w
-        lse2 = tl.load(lse_ptr + base + sq) * 1.4426950408889634
+        lse2 = tl.load(lse_ptr + base + sq)
         return tq, g, delta, lse2
 
     @triton.jit
@@ -279,7 +279,7 @@ def _unit_last(x: Tensor) -> Tensor:
 
 class _SharedQKBuckets(torch.autograd.Function):
     """Forward and backward of ``shared_qk_bucket_attention`` (the kernels above); saves q, v, the output o,
-    the per-slot lse (float32, B x H R x L), the round weights and the int32 tables."""
+    the per-slot lse (float32, log2 units, B x H R x L), the round weights and the int32 tables."""
 
     @staticmethod
     def forward(ctx, q: Tensor, v: Tensor, tables: dict, settings: dict):
@@ -298,7 +298,9 @@ class _SharedQKBuckets(torch.autograd.Function):
             *q.stride()[:3], *v.stride()[:3], oth.stride(0) if others else 0, s["scale"] * LOG2E,
             R=r, N_OTHERS=len(others), BEFORE=s["before"], AFTER=s["after"], CAUSAL=s["causal"],
             PENALTY=s["penalty"] * LOG2E, IEEE=q.dtype == torch.float32, BLOCK=BLOCK, D=dh, num_warps=WARPS)
-        o, w = row_gather.combine_rounds(out, lse if r > 1 else None, slot)
+        # (natural-log lse for the round weights; the log2 one is kept: a token whose only key is its own, lowered by
+        # SELF_PENALTY, has s ~ -1443 in log2 units, where a round trip through ln would move p = 1 by ~1e-4)
+        o, w = row_gather.combine_rounds(out, lse * (1 / LOG2E) if r > 1 else None, slot)
         del out
         ctx.settings, ctx.length, ctx.n_others = s, length, len(others)
         ctx.save_for_backward(q, v, o, lse, w, rows, group, kgroup, oth)
