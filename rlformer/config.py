@@ -119,9 +119,11 @@ class LSHConfig:
     max_scores: int = 1 << 22
     """scores computed at once (forward, and the recomputing backward): bounds the scratch memory
     (about 15 bytes per score in bf16); fewer, larger groups launch fewer kernels"""
-    fused: bool = True
-    """CUDA: the fused Triton kernels (``bucket_fused``: q and v read in place, no sorted copies); False: the
-    FlexAttention path over bucket-sorted copies (``flex_bucket``, where ``head_groups`` applies)"""
+    fused: bool = False
+    """CUDA: True runs the fused Triton kernels (``bucket_fused``: q and v read in place, no sorted copies; at
+    T = 16k, 8 heads x 64 on an H100 1.42 ms / 101 MiB per layer step vs 1.67-2.06 ms / 200 MiB); False (default):
+    the FlexAttention path over bucket-sorted copies (``flex_bucket``, where ``head_groups`` applies). Opt-in until
+    the run-to-run variation of the fused backward's bf16 dq seen in session 16 is explained (BENCHMARKS.md)"""
     head_groups: int = 0
     """CUDA (FlexAttention) path: the heads run in this many groups, one kernel call each, recomputed group by
     group in backward, so the sorted copies and their gradients exist for one group at a time and are not kept

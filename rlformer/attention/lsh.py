@@ -92,10 +92,10 @@ class LSHAttention(Float32Buffers, Attention):
       z(i, P_i)) o_i^r with the per-round logsumexp z, scores lowered by log N_ij (the number of
       rounds in which i and j share a bucket) so duplicates count once.
 
-    Scores use the usual 1/sqrt(dh) scale. Time O(T * n_hashes * chunk_size). CUDA fast path (``lsh.fused``,
-    Triton, power-of-two head sizes 16..128): ``bucket_fused.shared_qk_bucket_attention``, Triton kernels that
-    read q and v in position order through the slot tables (no sorted copies; backward memory six (B, T, D)
-    blocks for any number of rounds). Else on CUDA ``flex_bucket.flex_bucket_attention``, one compiled
+    Scores use the usual 1/sqrt(dh) scale. Time O(T * n_hashes * chunk_size). CUDA fast paths: with
+    ``lsh.fused=True`` (opt-in; Triton, power-of-two head sizes 16..128) ``bucket_fused.shared_qk_bucket_attention``,
+    Triton kernels that read q and v in position order through the slot tables (no sorted copies; backward memory
+    six (B, T, D) blocks for any number of rounds). By default ``flex_bucket.flex_bucket_attention``, one compiled
     FlexAttention call over the bucket-sorted order of all rounds (``lsh.max_scores`` unused there), or one per
     group of heads recomputed in backward when the sorted rows are many (``lsh.head_groups``: at T = 64k, 8 heads,
     2 rounds, 803 -> 594 MiB per layer step with the automatic 4 groups). Hashing on CUDA: one Triton kernel
