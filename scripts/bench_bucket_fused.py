@@ -70,16 +70,9 @@ def main() -> None:
         for path, blk, warps in settings + ([] if args.no_flex else [("flex", 0, 0)]):
             bucket_fused.BLOCK, bucket_fused.WARPS = blk or bucket_fused.BLOCK, warps or bucket_fused.WARPS
             step = _step(path, t, args)
-            rounds = [bench_random_features._time(step, args.warmup, args.reps) for _ in range(2)]
-            row = dict(path=path, t=t, block=blk, warps=warps, ms=[r[0] for r in rounds], mib=max(r[1] for r in rounds))
-            if args.profile:
-                row["kernel_ms"] = bench_random_features._kernel_ms(step)
+            row = bench_random_features.measured(step, args, path=path, t=t, block=blk, warps=warps)
             rows.append(row)
-            print(f"| {path} | {t} | {blk or '-'} | {warps or '-'} | {row['ms'][0]:.3f}/{row['ms'][1]:.3f} | "
-                  f"{row['mib']:.0f} |", flush=True)
-            if args.profile:
-                print("  kernels (ms per step): " + ", ".join(f"{k[:40]} {v:.3f}" for k, v in row["kernel_ms"].items()),
-                      flush=True)
+            bench_random_features.print_row([path, t, blk or "-", warps or "-"], row)
     with open(args.out, "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
 

@@ -75,6 +75,25 @@ def _kernel_ms(step, steps: int = 5) -> dict:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
+def measured(step, args, **settings) -> dict:
+    """One table row: ``settings`` plus the graph-replay ms of two rounds, the peak MiB and, with ``--profile``,
+    each kernel's GPU ms per step."""
+    rounds = [_time(step, args.warmup, args.reps) for _ in range(2)]
+    row = dict(settings, ms=[r[0] for r in rounds], mib=max(r[1] for r in rounds))
+    if args.profile:
+        row["kernel_ms"] = _kernel_ms(step)
+    return row
+
+
+def print_row(cells: list, row: dict) -> None:
+    """``| cells | ms | MiB |`` and, when profiled, the kernels' times on the next line."""
+    print(f"| {' | '.join(str(c) for c in cells)} | {row['ms'][0]:.3f}/{row['ms'][1]:.3f} | {row['mib']:.0f} |",
+          flush=True)
+    if "kernel_ms" in row:
+        print("  kernels (ms per step): " + ", ".join(f"{k[:40]} {v:.3f}" for k, v in row["kernel_ms"].items()),
+              flush=True)
+
+
 TUNABLE = ("CHUNK", "NUM_WARPS", "NUM_STAGES", "PROGRAMS", "BLOCK_M", "SUMS_CHUNK", "SUMS_WARPS", "SUMS_STAGES",
            "SUMS_BLOCK_M")
 
@@ -133,17 +152,10 @@ def main() -> None:
                 fused_rf.BLOCK_M = dict.fromkeys(defaults["BLOCK_M"], bm)
             for key, value in config.items():
                 setattr(fused_rf, key, value)
-            rounds = [_time(step, args.warmup, args.reps) for _ in range(2)]
-            row = dict(attention=name, t=t, warps=warps, programs=programs, block_m=bm, stages=stages,
-                       sums_stages=sums_stages, config=text, ms=[r[0] for r in rounds], mib=max(r[1] for r in rounds))
-            if args.profile:
-                row["kernel_ms"] = _kernel_ms(step)
+            row = measured(step, args, attention=name, t=t, warps=warps, programs=programs, block_m=bm,
+                           stages=stages, sums_stages=sums_stages, config=text)
             rows.append(row)
-            print(f"| {name} | {t} | {warps} | {programs} | {bm} | {stages} | {sums_stages} | {text or '-'} | "
-                  f"{row['ms'][0]:.3f}/{row['ms'][1]:.3f} | {row['mib']:.0f} |", flush=True)
-            if args.profile:
-                print("  kernels (ms per step): " + ", ".join(f"{k[:40]} {v:.3f}" for k, v in row["kernel_ms"].items()),
-                      flush=True)
+            print_row([name, t, warps, programs, bm, stages, sums_stages, text or "-"], row)
     with open(args.out, "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
 

@@ -13,6 +13,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from cuda_peak import step_peak_bytes
 from triton_interpreter import compare_interpreted
 
 from rlformer.attention import bucket_fused, flex_bucket
@@ -163,17 +164,10 @@ def test_cuda_fused_peak_memory_below_the_flex_path():
     buckets = torch.randint(0, nb, (1, 8, 2, t), device="cuda", generator=g)
     kw = {"causal": True, "self_penalty": True, "dedup": True}
 
-    def peak(step):
-        step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-
-    fused = peak(lambda: bucket_fused.shared_qk_bucket_attention(q, v, buckets, 64, 0.125, **kw).backward(grad))
-    flex = peak(lambda: flex_bucket.flex_bucket_attention(q, None, v, buckets, nb, 64, 0.125, **kw).backward(grad))
+    fused = step_peak_bytes(
+        lambda: bucket_fused.shared_qk_bucket_attention(q, v, buckets, 64, 0.125, **kw).backward(grad))
+    flex = step_peak_bytes(
+        lambda: flex_bucket.flex_bucket_attention(q, None, v, buckets, nb, 64, 0.125, **kw).backward(grad))
     block = t * 8 * 64 * 2
     assert fused < flex - 2 * block, (fused / 2 ** 20, flex / 2 ** 20)
 

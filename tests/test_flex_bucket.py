@@ -14,6 +14,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from cuda_peak import step_peak_bytes
 from flex_stand_in import dense_flex
 from variants import base_config
 
@@ -561,13 +562,7 @@ def test_cuda_peak_memory_is_linear_in_length():
                                         causal=True, self_penalty=True, dedup=True)
             out.backward(torch.ones_like(out))
 
-        step()                                               # compile
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        return step_peak_bytes(step)
 
     peaks = [peak(8192), peak(16384)]
     assert peaks[1] < 2.5 * peaks[0], peaks

@@ -138,6 +138,24 @@ if triton is not None:
         return lo, hi
 
     @triton.jit
+    def _key_block(q, sq, gq, k0, q_ptr, v_ptr, rows_ptr, kgroup_ptr, oth_ptr, oth_stride, base, b, h,
+                   sqb, sqh, sqt, svb, svh, svt, scale_log2, N_OTHERS: tl.constexpr, BEFORE: tl.constexpr,
+                   AFTER: tl.constexpr, CAUSAL: tl.constexpr, PENALTY: tl.constexpr, IEEE: tl.constexpr,
+                   BLOCK: tl.constexpr, D: tl.constexpr):
+        """Key slots k0 .. k0 + BLOCK - 1 for the query rows q (slots sq, groups gq): the keys' rows x (their
+        tokens' q), their v rows, 1 / |x| and the scores (``_scores``)."""
+        sk = k0 + tl.arange(0, BLOCK)
+        tk = tl.load(rows_ptr + base + sk).to(tl.int64)
+        every = sk >= 0
+        x = _rows_of(q_ptr, b, h, tk, sqb, sqh, sqt, D, every)
+        vv = _rows_of(v_ptr, b, h, tk, svb, svh, svt, D, every)
+        kinv = _inv_norm(x)
+        qx = tl.dot(q, tl.trans(x), input_precision="ieee" if IEEE else "tf32")
+        s = _scores(qx, sq, sk, gq, tl.load(kgroup_ptr + base + sk), oth_ptr, oth_stride, base, kinv, scale_log2,
+                    N_OTHERS, BEFORE, AFTER, CAUSAL, PENALTY)
+        return x, vv, kinv, s
+
+    @triton.jit
     def _forward_kernel(q_ptr, v_ptr, rows_ptr, group_ptr, kgroup_ptr, oth_ptr, out_ptr, lse_ptr,
                         L, H, C, sqb, sqh, sqt, svb, svh, svt, oth_stride, scale_log2,
                         R: tl.constexpr, N_OTHERS: tl.constexpr, BEFORE: tl.constexpr, AFTER: tl.constexpr,
@@ -158,14 +176,9 @@ if triton is not None:
         acc = tl.zeros((BLOCK, D), tl.float32)
         lo, hi = _key_range(s0, L, C, BEFORE, AFTER, CAUSAL, BLOCK)
         for k0 in range(lo, hi, BLOCK):
-            sk = k0 + tl.arange(0, BLOCK)
-            tk = tl.load(rows_ptr + base + sk).to(tl.int64)
-            x = _rows_of(q_ptr, b, h, tk, sqb, sqh, sqt, D, every)
-            vv = _rows_of(v_ptr, b, h, tk, svb, svh, svt, D, every)
-            gk = tl.load(kgroup_ptr + base + sk)
-            qx = tl.dot(q, tl.trans(x), input_precision="ieee" if IEEE else "tf32")
-            s = _scores(qx, sq, sk, gq, gk, oth_ptr, oth_stride, base, _inv_norm(x), scale_log2,
-                        N_OTHERS, BEFORE, AFTER, CAUSAL, PENALTY)
+            _, vv, _, s = _key_block(q, sq, gq, k0, q_ptr, v_ptr, rows_ptr, kgroup_ptr, oth_ptr, oth_stride, base,
+                                     b, h, sqb, sqh, sqt, svb, svh, svt, scale_log2, N_OTHERS, BEFORE, AFTER,
+                                     CAUSAL, PENALTY, IEEE, BLOCK, D)
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m - m_new)
@@ -252,15 +265,9 @@ if triton is not None:
         dq = tl.zeros((BLOCK, D), tl.float32)
         lo, hi = _key_range(s0, L, C, BEFORE, AFTER, CAUSAL, BLOCK)
         for k0 in range(lo, hi, BLOCK):
-            sj = k0 + tl.arange(0, BLOCK)
-            tj = tl.load(rows_ptr + base + sj).to(tl.int64)
-            xj = _rows_of(q_ptr, b, h, tj, sqb, sqh, sqt, D, every)
-            vj = _rows_of(v_ptr, b, h, tj, svb, svh, svt, D, every)
-            kinv_j = _inv_norm(xj)
-            gj = tl.load(kgroup_ptr + base + sj)
-            qx = tl.dot(x, tl.trans(xj), input_precision="ieee" if IEEE else "tf32")
-            s = _scores(qx, sk, sj, gq, gj, oth_ptr, oth_stride, base, kinv_j, scale_log2,
-                        N_OTHERS, BEFORE, AFTER, CAUSAL, PENALTY)
+            xj, vj, kinv_j, s = _key_block(x, sk, gq, k0, q_ptr, v_ptr, rows_ptr, kgroup_ptr, oth_ptr, oth_stride,
+                                           base, b, h, sqb, sqh, sqt, svb, svh, svt, scale_log2, N_OTHERS, BEFORE,
+                                           AFTER, CAUSAL, PENALTY, IEEE, BLOCK, D)
             pw = tl.exp2(s - lse2[:, None]) * w[:, None]
             dp = tl.dot(g, tl.trans(vj), input_precision="ieee" if IEEE else "tf32")
             ds = pw * (dp - delta[:, None]) * kinv_j[None, :]
