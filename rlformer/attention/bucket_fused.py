@@ -31,11 +31,13 @@ Peak memory of backward: q, v, o, dO and the two gradients in position order (si
 tables, for any number of rounds (lsh at T = 16k, 8 heads x 64 on an H100: 1.42 ms / 101 MiB per layer step vs the
 FlexAttention path's 1.67 ms / 200 MiB). Opt-in (``lsh.fused=True``): in session 16 the same bf16 inputs gave dq
 errors against float64 of 4.3e-2 and 4.3e-3 in two runs (BENCHMARKS.md), unexplained so far;
-``tests/test_bucket_fused.py::test_cuda_fused_backward_is_deterministic`` checks it. Needs CUDA, Triton, a power-of-two head size 16..128 and fusion on
-(``RLFORMER_FUSED=0`` turns it off); on CPU the kernels run in Triton's interpreter for the tests.
+``tests/test_bucket_fused.py::test_cuda_fused_backward_is_deterministic`` checks it. Needs CUDA, Triton, a
+power-of-two head size 16..128 and fusion on (``RLFORMER_FUSED=0`` turns it off); on CPU the kernels run in Triton's
+interpreter for the tests.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -57,8 +59,6 @@ __all__ = ["available", "shared_qk_bucket_attention"]
 BLOCK = 64
 """Slots per program and per inner step (query and key blocks); divides the tables' length (a multiple of 128)"""
 WARPS = 4
-NORM_EPS = 1e-12
-"""As F.normalize: |x| is clamped to at least this before the division"""
 LOG2E = 1.4426950408889634
 
 
@@ -72,7 +72,6 @@ def available(q: Tensor, v: Tensor) -> bool:
 
 
 def _interpreting() -> bool:
-    import os
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -85,7 +84,7 @@ if triton is not None:
 
     @triton.jit
     def _inv_norm(x):
-        """1 / max(|x|, eps) per row, float32."""
+        """1 / max(|x|, eps) per row, float32 (eps 1e-12: F.normalize's, ``flex_bucket.NORM_EPS``)."""
         xf = x.to(tl.float32)
         return 1.0 / tl.maximum(tl.sqrt(tl.sum(xf * xf, axis=1)), 1e-12)
 
@@ -343,13 +342,12 @@ class _SharedQKBuckets(torch.autograd.Function):
 
 def shared_qk_bucket_attention(q: Tensor, v: Tensor, buckets: Tensor, chunk_size: int, scale: float, *,
                                causal: bool, before: int = 1, after: int = 0, self_penalty: bool = True,
-                               key_valid: Optional[Tensor] = None, dedup: bool = True,
-                               tables: Optional[dict] = None) -> Tensor:
+                               key_valid: Optional[Tensor] = None, dedup: bool = True) -> Tensor:
     """``flex_bucket.flex_bucket_attention(q, None, v, ...)`` with the fused kernels (see the module docstring).
 
     q, v: (B, H, T, dh) with a unit last stride (any other strides; split_heads' views as they are); the keys
     are k = q / |q|. buckets (B, H, R, T) in [0, n_buckets). Returns (B, H, T, dh) in (B, T, H, dh) storage,
-    rounds combined. ``tables``: ``bucket_slots`` of these buckets when already made."""
+    rounds combined."""
     if not available(q, v):
         raise ValueError(f"shared_qk_bucket_attention needs CUDA (or TRITON_INTERPRET=1), Triton, fusion on, q and v "
                          f"of one float dtype and shape and a power-of-two head size 16..128; got q {tuple(q.shape)} "
@@ -357,8 +355,7 @@ def shared_qk_bucket_attention(q: Tensor, v: Tensor, buckets: Tensor, chunk_size
     if before < 0 or after < 0 or chunk_size < 1:
         raise ValueError(f"before={before}, after={after}, chunk_size={chunk_size}: need before, after >= 0 and a "
                          f"positive chunk size")
-    if tables is None:
-        tables = bucket_slots(buckets, chunk_size, key_valid, dedup, reach=max(before, after))
+    tables = bucket_slots(buckets, chunk_size, key_valid, dedup, reach=max(before, after))
     settings = {"chunk": chunk_size, "scale": float(scale), "before": before, "after": after, "causal": bool(causal),
                 "penalty": float(SELF_PENALTY) if self_penalty else 0.0}
     return _SharedQKBuckets.apply(q, v, tables, settings)

@@ -150,11 +150,11 @@ class LSHAttention(Float32Buffers, Attention):
         c = self.cfg.lsh
         buckets = self.buckets(k)
         kw = {"causal": ctx.causal, "self_penalty": True, "key_valid": ctx.key_valid}
-        if c.fused and use_flex_bucket(q, self.dropout, self.training) and bucket_fused.available(q, v):
-            # CUDA: the fused kernels read q and v in place (no sorted copies; bucket_fused), k = q / |q| inside
-            return bucket_fused.shared_qk_bucket_attention(q, v, buckets, c.chunk_size, self.scale, **kw,
-                                                           dedup=True), {}
-        if use_flex_bucket(q, self.dropout, self.training):     # CUDA: one FlexAttention call
+        if use_flex_bucket(q, self.dropout, self.training):     # CUDA: one FlexAttention call, or the fused kernels
+            if c.fused and bucket_fused.available(q, v):
+                # the fused kernels read q and v in place (no sorted copies; bucket_fused), k = q / |q| inside
+                return bucket_fused.shared_qk_bucket_attention(q, v, buckets, c.chunk_size, self.scale, **kw,
+                                                               dedup=True), {}
             # k = q / |q| (shared-QK, ``project``): only q and v are gathered; the kernel uses the gathered q as
             # its keys with 1 / |q| on the scores (``flex_bucket._UnitKeys``; under rotary, equal up to rounding)
             return flex_bucket_attention(q, None, v, buckets, c.n_buckets, c.chunk_size, self.scale, dedup=True,
